@@ -1,0 +1,180 @@
+"""Public recurrences of gdn and the choice of backend that computes them.
+
+Letters: B batch, T time, H q/k heads, HV v heads (a multiple of H: grouped value attention,
+GVA), K key dim, V value dim, N sequences (B, or the documents of ``cu_seqlens``).
+
+Two recurrences, each as a chunked function (training, prefill) and a recurrent one
+(token by token; decoding):
+
+- the gated delta rule, ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ`` with the state
+  S as [K, V] (Gated DeltaNet; ``g=None`` is DeltaNet), and
+- gated linear attention, ``S_t = α_t S_{t-1} + k_t v_tᵀ``: Mamba2's SSD recurrence written
+  as linear attention (q = C, k = B, v = Δt·x, g = Δt·A), or plain linear attention with
+  ``g=None``.
+
+In both, α_t = exp(g_t) and the output is o_t = scale · S_tᵀ q_t. The names and keywords
+follow those other projects already call (``chunk_gated_delta_rule`` and friends).
+
+Backends: ``"reference"`` steps token by token (``reference.py``, the truth in tests);
+``"torch"`` runs the chunked WY algorithm in PyTorch (``chunked.py``); ``"auto"`` picks
+``"torch"`` (Triton kernels will take CUDA tensors once they exist) and logs its choice at
+debug level on the ``gdn.ops`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gdn.ops import chunked, reference
+from gdn.ops.prepare import l2_normalize
+from gdn.ops.validate import check_chunk_size, check_inputs
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "chunk_gated_linear_attention",
+    "recurrent_gated_linear_attention",
+    "BACKENDS",
+]
+
+log = logging.getLogger("gdn.ops")
+
+BACKENDS = ("auto", "reference", "torch")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _resolve_backend(backend: object, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    log.debug("backend='auto' on %s resolves to 'torch' (no Triton backend yet)", device.type)
+    return "torch"
+
+
+def _run(q, k, v, g, beta, *, needs_beta, scale, initial_state, output_final_state,
+         cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size, check_values):
+    dims = check_inputs(
+        q, k, v, g, beta, needs_beta=needs_beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, check_values=check_values,
+    )
+    name = _resolve_backend(backend, q.device)
+    if chunk_size is not None:
+        chunk_size = check_chunk_size(chunk_size)
+    if scale is None:
+        scale = dims.K ** -0.5
+    if use_qk_l2norm_in_kernel:
+        q, k = l2_normalize(q), l2_normalize(k)
+    common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
+    if name == "torch" and chunk_size is not None:
+        o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
+                                                    **common)
+    else:
+        o, final_state = reference.recurrence(q, k, v, g, beta, **common)
+    return o, (final_state if output_final_state else None)
+
+
+_ARGS_DOC = """
+    Args:
+        q: queries [B, T, H, K].
+        k: keys [B, T, H, K]; L2-normalise them (or pass ``use_qk_l2norm_in_kernel=True``):
+            the delta rule assumes unit keys.
+        v: values [B, T, HV, V]; HV a multiple of H, v head j reads q/k head j // (HV // H).
+        g: per-step log decay [B, T, HV], finite and <= 0 (not cumulated); None: no decay.{beta}
+        scale: multiplies the output; None means K ** -0.5.
+        initial_state: [N, HV, K, V], float32 (float64 for float64 inputs); None is zeros.
+        output_final_state: return the state after the last step of each sequence.
+        cu_seqlens: int32/int64 [N+1] document boundaries in a packed B=1 batch; the
+            state restarts from ``initial_state[n]`` at each document.
+        use_qk_l2norm_in_kernel: L2-normalise q and k inside the op (differentiably), as
+            x / sqrt(sum(x**2) + 1e-6).
+        backend: {backend}{chunk}
+        check_values: check value ranges (g <= 0 and finite{beta_range}, cu_seqlens starting at
+            0, non-decreasing, ending at T). These read tensor values, a device-to-host sync
+            on GPU: None means on for CPU tensors and off for CUDA tensors.
+
+    Returns:
+        ``(o, final_state)``: o [B, T, HV, V] in v's dtype; final_state [N, HV, K, V] in
+        float32 (float64 for float64 inputs), or None unless ``output_final_state``.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any computation.
+"""
+_BETA_DOC = """
+        beta: per-step write strength [B, T, HV] in [0, 2] (above 1: negative eigenvalues)."""
+_CHUNK_DOC = """
+        chunk_size: tokens per chunk of the chunked algorithm (math.md §3)."""
+_CHUNK_BACKENDS = '"auto", "reference" (token by token) or "torch" (chunked); see ``gdn.ops``.'
+_RECURRENT_BACKENDS = '"auto", "reference" or "torch": all step token by token in PyTorch.'
+
+
+def _doc(summary: str, *, delta: bool, chunk: bool) -> str:
+    args = _ARGS_DOC.format(
+        beta=_BETA_DOC if delta else "",
+        chunk=_CHUNK_DOC if chunk else "",
+        beta_range=", beta in [0, 2]" if delta else "",
+        backend=_CHUNK_BACKENDS if chunk else _RECURRENT_BACKENDS,
+    )
+    return summary + "\n" + args
+
+
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
+):
+    return _run(q, k, v, g, beta, needs_beta=True, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                backend=backend, chunk_size=chunk_size, check_values=check_values)
+
+
+def recurrent_gated_delta_rule(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, check_values=None,
+):
+    return _run(q, k, v, g, beta, needs_beta=True, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                backend=backend, chunk_size=None, check_values=check_values)
+
+
+def chunk_gated_linear_attention(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
+):
+    return _run(q, k, v, g, None, needs_beta=False, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                backend=backend, chunk_size=chunk_size, check_values=check_values)
+
+
+def recurrent_gated_linear_attention(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, check_values=None,
+):
+    return _run(q, k, v, g, None, needs_beta=False, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                backend=backend, chunk_size=None, check_values=check_values)
+
+
+chunk_gated_delta_rule.__doc__ = _doc(
+    "Gated delta rule, chunked WY algorithm (math.md §3): training and prefill.",
+    delta=True, chunk=True)
+recurrent_gated_delta_rule.__doc__ = _doc(
+    "Gated delta rule, token by token (math.md §1.2): decoding, and the reference.",
+    delta=True, chunk=False)
+chunk_gated_linear_attention.__doc__ = _doc(
+    "Gated linear attention S_t = α_t S_{t-1} + k_t v_tᵀ (Mamba2's SSD recurrence), chunked.",
+    delta=False, chunk=True)
+recurrent_gated_linear_attention.__doc__ = _doc(
+    "Gated linear attention (Mamba2's SSD recurrence), token by token (math.md §1.4).",
+    delta=False, chunk=False)
+
+fused_recurrent_gated_delta_rule = recurrent_gated_delta_rule
