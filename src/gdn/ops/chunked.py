@@ -57,10 +57,8 @@ def chunked_recurrence(
     else:
         u, w = wy_representation(k_c, v_c, beta_c, gamma, decay)
 
-    if initial_state is None:
-        state = q_c.new_zeros(layout.N, HV, K, V)
-    else:
-        state = initial_state.to(dtype)
+    no_state = initial_state is None
+    state = q_c.new_zeros(layout.N, HV, K, V) if no_state else initial_state.to(dtype)
     chunk_states, deltas, final_state = state_pass(k_c, u, w, gamma, state)
     o_c = chunk_output(q_c, k_c, deltas, chunk_states, gamma, decay, scale)
     return layout.from_chunks(o_c).to(v.dtype), final_state

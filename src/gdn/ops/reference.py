@@ -14,6 +14,8 @@ float64 inputs and float32 otherwise.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from gdn.ops.prepare import compute_dtype, expand_heads
@@ -49,7 +51,7 @@ def recurrence(
     else:
         outputs, finals = [], []
         bounds = cu_seqlens.tolist()
-        for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        for n, (start, end) in enumerate(pairwise(bounds)):
             doc = slice(start, end)
             o_n, final_n = _run_batch(
                 q[:, doc], k[:, doc], v[:, doc],

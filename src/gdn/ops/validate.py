@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -180,7 +181,7 @@ def _check_values(
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-        if any(b < a for a, b in zip(bounds, bounds[1:])):
+        if any(b < a for a, b in pairwise(bounds)):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
         if bounds[-1] != T:
             raise ValueError(f"cu_seqlens must end at T={T}, got {bounds[-1]}")
