@@ -36,6 +36,20 @@ class RecurrenceInputs:
             del args["beta"]
         return args
 
+    def slice(self, time: slice, sequences: slice | None = None) -> RecurrenceInputs:
+        """The steps ``time`` of every row, as separate sequences (``cu_seqlens`` dropped).
+
+        ``sequences`` picks the rows of ``initial_state`` that go with them (all by default).
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, x in self.tensors().items():
+            if name == "initial_state":
+                out[name] = x if sequences is None else x[sequences]
+            else:
+                out[name] = x[:, time]
+        out["cu_seqlens"] = None
+        return RecurrenceInputs(**out)
+
     def to(self, dtype: torch.dtype, requires_grad: bool = False) -> RecurrenceInputs:
         """A copy in ``dtype`` (the state stays float32 unless dtype is float64)."""
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -105,3 +119,21 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if denom == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return diff / denom
+
+
+def forward_backward(op, inputs: RecurrenceInputs, *, seed: int = 1, **kwargs):
+    """Call ``op`` on ``inputs`` and backpropagate fixed random cotangents.
+
+    Returns ``(o, final_state, grads)`` with grads keyed by argument name. The cotangents are
+    drawn in float64 from ``seed`` so that calls in different dtypes see the same ones.
+    """
+    delta = inputs.beta is not None
+    o, final_state = op(**inputs.kwargs(delta=delta), output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0.0
+    for out in (o, final_state):
+        cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        loss = loss + (out.double() * cotangent.to(out.device)).sum()
+    wrt = inputs.tensors()
+    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
+    return o.detach(), final_state.detach(), dict(zip(wrt, grads, strict=True))

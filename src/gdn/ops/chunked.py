@@ -51,7 +51,7 @@ def chunked_recurrence(
     beta_c = None if beta is None else layout.to_chunks(beta.to(dtype)[..., None])[..., 0]
 
     gamma = gate_cumsum(g_c) if g_c is not None else None
-    decay = intra_chunk_decay(gamma, chunk_size, dtype, q.device)
+    decay = intra_chunk_decay(g_c, chunk_size, dtype, q.device)
     if beta_c is None:
         u, w = v_c, None
     else:
@@ -59,7 +59,7 @@ def chunked_recurrence(
 
     no_state = initial_state is None
     state = q_c.new_zeros(layout.N, HV, K, V) if no_state else initial_state.to(dtype)
-    chunk_states, deltas, final_state = state_pass(k_c, u, w, gamma, state)
+    chunk_states, deltas, final_state = state_pass(k_c, u, w, gamma, decay, state)
     o_c = chunk_output(q_c, k_c, deltas, chunk_states, gamma, decay, scale)
     return layout.from_chunks(o_c).to(v.dtype), final_state
 
@@ -69,17 +69,21 @@ def gate_cumsum(g_c: torch.Tensor) -> torch.Tensor:
     return g_c.cumsum(dim=-1)
 
 
-def intra_chunk_decay(gamma, C: int, dtype, device) -> torch.Tensor:
+def intra_chunk_decay(g_c, C: int, dtype, device) -> torch.Tensor:
     """D_rj = e^{Γ_r − Γ_j} for j ≤ r, else 0: [N, HV, NC, C, C], or [C, C] with no gate.
 
-    The upper triangle is masked to −∞ *before* exp: there Γ_r − Γ_j ≥ 0 can reach 10⁶ and
-    overflow, and inf · 0 would poison the products that follow (math.md §5.1).
+    Each exponent Γ_r − Γ_j = Σ_{j<i≤r} g_i is summed directly (a cumsum down the columns of
+    a masked [C, C] copy of g) rather than subtracted from prefix sums: after a gate of −10⁴
+    the prefix sums sit near −10⁴, where float32 cannot resolve the −10⁻³ differences that
+    follow (math.md §5.3). The upper triangle is masked to −∞ *before* exp, so no inf·0 can
+    poison the products that follow (math.md §5.1).
     """
     causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-    if gamma is None:
+    if g_c is None:
         return causal.to(dtype)
-    diff = gamma[..., :, None] - gamma[..., None, :]
-    return diff.masked_fill(~causal, float("-inf")).exp()
+    after_column = ~causal.T  # [i, j]: i > j, the steps that decay a write made at j
+    steps = g_c[..., :, None].expand(*g_c.shape, C).masked_fill(~after_column, 0.0)
+    return steps.cumsum(dim=-2).masked_fill(~causal, float("-inf")).exp()
 
 
 def wy_representation(k_c, v_c, beta_c, gamma, decay):
@@ -97,18 +101,18 @@ def wy_representation(k_c, v_c, beta_c, gamma, decay):
     return uw[..., :V], uw[..., V:]
 
 
-def state_pass(k_c, u, w, gamma, state):
+def state_pass(k_c, u, w, gamma, decay, state):
     """Stage 3: carry the state across chunks (math.md §3.2).
 
+    A write at step j reaches the chunk's end decayed by e^{Γ_C − Γ_j}: the last row of D.
     Returns the state at the start of each chunk [N, HV, NC, K, V], the per-token writes
     Δ [N, HV, NC, C, V], and the final state [N, HV, K, V].
     """
     if gamma is None:
         k_to_end, chunk_decay = k_c, None
     else:
-        gamma_end = gamma[..., -1:]                                   # Γ_C  [N, HV, NC, 1]
-        k_to_end = k_c * (gamma_end - gamma).exp()[..., None]        # exponent ≤ 0
-        chunk_decay = gamma_end.exp()[..., None]                      # [N, HV, NC, 1, 1]
+        k_to_end = k_c * decay[..., -1, :, None]
+        chunk_decay = gamma[..., -1:, None].exp()                     # e^{Γ_C} [N, HV, NC, 1, 1]
     starts, deltas = [], []
     for n in range(k_c.shape[2]):
         starts.append(state)
