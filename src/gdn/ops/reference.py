@@ -72,17 +72,21 @@ def _run_batch(q, k, v, g, beta, scale, state):
     V = v.shape[-1]
     if state is None:
         state = q.new_zeros(B, HV, K, V)
+    # unbind once: indexing x[:, t] in the loop would make autograd write a full-size
+    # gradient per step (O(T²) work in the backward).
+    q_t, k_t, v_t = q.unbind(1), k.unbind(1), v.unbind(1)
+    alpha_t = None if g is None else g.exp().unbind(1)
+    beta_t = None if beta is None else beta.unbind(1)
     outputs = []
     for t in range(T):
-        if g is not None:
-            state = state * g[:, t].exp()[..., None, None]
-        k_t, v_t = k[:, t], v[:, t]
-        if beta is None:
-            write = v_t
+        if alpha_t is not None:
+            state = state * alpha_t[t][..., None, None]
+        if beta_t is None:
+            write = v_t[t]
         else:
-            recalled = torch.einsum("bhk,bhkv->bhv", k_t, state)
-            write = beta[:, t, :, None] * (v_t - recalled)
-        state = state + k_t[..., :, None] * write[..., None, :]
-        outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+            recalled = (k_t[t][..., None, :] @ state)[..., 0, :]
+            write = beta_t[t][..., None] * (v_t[t] - recalled)
+        state = state + k_t[t][..., :, None] * write[..., None, :]
+        outputs.append(scale * (q_t[t][..., None, :] @ state)[..., 0, :])
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, HV, V)
     return o, state
