@@ -55,22 +55,28 @@ def _resolve_backend(backend: object, device: torch.device) -> str:
     return "torch"
 
 
-def _run(q, k, v, g, beta, *, needs_beta, scale, initial_state, output_final_state,
-         cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size, check_values):
+def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
+         output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size,
+         check_values):
+    """Validate, resolve the backend, normalise q/k if asked, and run.
+
+    ``chunked_op`` is True for the chunk_* functions, whose "torch" backend is the chunked
+    algorithm; the recurrent_* functions step token by token on every backend.
+    """
     dims = check_inputs(
         q, k, v, g, beta, needs_beta=needs_beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, check_values=check_values,
     )
     name = _resolve_backend(backend, q.device)
-    if chunk_size is not None:
+    if chunked_op:
         chunk_size = check_chunk_size(chunk_size)
     if scale is None:
         scale = dims.K ** -0.5
     if use_qk_l2norm_in_kernel:
         q, k = l2_normalize(q), l2_normalize(k)
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
-    if name == "torch" and chunk_size is not None:
+    if name == "torch" and chunked_op:
         o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
                                                     **common)
     else:
@@ -81,8 +87,7 @@ def _run(q, k, v, g, beta, *, needs_beta, scale, initial_state, output_final_sta
 _ARGS_DOC = """
     Args:
         q: queries [B, T, H, K].
-        k: keys [B, T, H, K]; L2-normalise them (or pass ``use_qk_l2norm_in_kernel=True``):
-            the delta rule assumes unit keys.
+        k: keys [B, T, H, K].{k_note}
         v: values [B, T, HV, V]; HV a multiple of H, v head j reads q/k head j // (HV // H).
         g: per-step log decay [B, T, HV], finite and <= 0 (not cumulated); None: no decay.{beta}
         scale: multiplies the output; None means K ** -0.5.
@@ -106,6 +111,8 @@ _ARGS_DOC = """
 """
 _BETA_DOC = """
         beta: per-step write strength [B, T, HV] in [0, 2] (above 1: negative eigenvalues)."""
+_UNIT_KEYS_DOC = """ L2-normalise them (or pass ``use_qk_l2norm_in_kernel=True``):
+            the delta rule assumes unit keys (math.md §1.3)."""
 _CHUNK_DOC = """
         chunk_size: tokens per chunk of the chunked algorithm (math.md §3)."""
 _CHUNK_BACKENDS = '"auto", "reference" (token by token) or "torch" (chunked); see ``gdn.ops``.'
@@ -115,6 +122,7 @@ _RECURRENT_BACKENDS = '"auto", "reference" or "torch": all step token by token i
 def _doc(summary: str, *, delta: bool, chunk: bool) -> str:
     args = _ARGS_DOC.format(
         beta=_BETA_DOC if delta else "",
+        k_note=_UNIT_KEYS_DOC if delta else "",
         chunk=_CHUNK_DOC if chunk else "",
         beta_range=", beta in [0, 2]" if delta else "",
         backend=_CHUNK_BACKENDS if chunk else _RECURRENT_BACKENDS,
@@ -127,7 +135,8 @@ def chunk_gated_delta_rule(
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
     chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
 ):
-    return _run(q, k, v, g, beta, needs_beta=True, scale=scale, initial_state=initial_state,
+    return _run(q, k, v, g, beta, needs_beta=True, chunked_op=True, scale=scale,
+                initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values)
@@ -137,7 +146,8 @@ def recurrent_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, check_values=None,
 ):
-    return _run(q, k, v, g, beta, needs_beta=True, scale=scale, initial_state=initial_state,
+    return _run(q, k, v, g, beta, needs_beta=True, chunked_op=False, scale=scale,
+                initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=None, check_values=check_values)
@@ -148,7 +158,8 @@ def chunk_gated_linear_attention(
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
     chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
 ):
-    return _run(q, k, v, g, None, needs_beta=False, scale=scale, initial_state=initial_state,
+    return _run(q, k, v, g, None, needs_beta=False, chunked_op=True, scale=scale,
+                initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values)
@@ -158,7 +169,8 @@ def recurrent_gated_linear_attention(
     q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, check_values=None,
 ):
-    return _run(q, k, v, g, None, needs_beta=False, scale=scale, initial_state=initial_state,
+    return _run(q, k, v, g, None, needs_beta=False, chunked_op=False, scale=scale,
+                initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=None, check_values=check_values)

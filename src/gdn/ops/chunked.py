@@ -51,7 +51,7 @@ def chunked_recurrence(
     beta_c = None if beta is None else layout.to_chunks(beta.to(dtype)[..., None])[..., 0]
 
     gamma = gate_cumsum(g_c) if g_c is not None else None
-    decay = intra_chunk_decay(g_c, chunk_size, dtype, q.device)
+    decay = intra_chunk_decay(g_c, layout.C, dtype, q.device)
     if beta_c is None:
         u, w = v_c, None
     else:
@@ -141,7 +141,6 @@ class ChunkLayout:
     """
 
     def __init__(self, B: int, T: int, cu_seqlens, chunk_size: int, device):
-        self.C = chunk_size
         if cu_seqlens is None:
             self.N, self.length, self.gather = B, T, None
         else:
@@ -151,7 +150,9 @@ class ChunkLayout:
             steps = torch.arange(max(self.length, 1), device=device)
             self.valid = steps[None, :] < lengths[:, None]             # [N, Tmax]
             self.gather = (bounds[:-1, None] + steps[None, :]).clamp(max=T - 1)
-        self.NC = -(-max(self.length, 1) // chunk_size)
+        # A chunk longer than every sequence would only add padding: cap it.
+        self.C = min(chunk_size, max(self.length, 1))
+        self.NC = -(-max(self.length, 1) // self.C)
 
     def to_chunks(self, x_BTHD: torch.Tensor) -> torch.Tensor:
         if self.gather is not None:

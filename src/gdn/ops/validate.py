@@ -13,9 +13,11 @@ default for CPU tensors and off for CUDA tensors, and ``check_values`` overrides
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from itertools import pairwise
 
+import numpy
 import torch
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -61,7 +63,7 @@ def _require_float(name: str, x: torch.Tensor) -> None:
 
 def _require_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a Python bool, got {value!r} of {type(value)}")
 
 
 def check_inputs(
@@ -111,8 +113,7 @@ def check_inputs(
     per_step = {"g": g, "beta": beta}
     if needs_beta and beta is None:
         raise TypeError("beta must be a tensor of shape [B, T, HV] for the delta rule, got None")
-    if not needs_beta and beta is not None:
-        raise TypeError("beta is not an argument of gated linear attention (no delta term)")
+    assert needs_beta or beta is None, "gated linear attention takes no beta"
     for name, x in per_step.items():
         if x is None:
             continue
@@ -148,8 +149,11 @@ def check_inputs(
                              "all tensors must share one device")
 
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
+            hint = ("" if needs_beta or not isinstance(scale, torch.Tensor) else
+                    " (gated linear attention has no beta: its fifth argument is scale)")
+            raise TypeError(f"scale must be a real number or None, got "
+                            f"{type(scale).__name__}{hint}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
     _require_flag("output_final_state", output_final_state)
@@ -171,9 +175,13 @@ def _check_values(
     cu_seqlens: torch.Tensor | None,
 ) -> None:
     """Range checks that read tensor values (a host sync on GPU)."""
-    if g is not None and not bool(torch.all(torch.isfinite(g) & (g <= 0))):
-        raise ValueError("g must be a finite log decay <= 0 at every step "
-                         f"(found max {g.max().item():.3g}, or a non-finite value)")
+    if g is not None:
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("g must be a finite log decay <= 0 at every step "
+                             "(found a NaN or infinite value)")
+        if not bool((g <= 0).all()):
+            raise ValueError("g must be a finite log decay <= 0 at every step "
+                             f"(found max {g.max().item():.3g})")
     if beta is not None and not bool(torch.all((beta >= 0) & (beta <= BETA_MAX))):
         raise ValueError(f"beta must lie in [0, {BETA_MAX:g}] at every step "
                          f"(found range [{beta.min().item():.3g}, {beta.max().item():.3g}])")
@@ -188,6 +196,8 @@ def _check_values(
 
 
 def check_chunk_size(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    return int(chunk_size)
