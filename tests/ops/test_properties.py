@@ -54,7 +54,9 @@ def problems(draw):
     )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same 300 configs every run, so a red CI is reproducible.
+@settings(max_examples=300, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_chunked_matches_reference_and_stays_finite(p):
     delta = p["kind"] == "delta"
