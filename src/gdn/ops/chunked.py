@@ -112,15 +112,19 @@ def state_pass(k_c, u, w, gamma, decay, state):
         k_to_end, chunk_decay = k_c, None
     else:
         k_to_end = k_c * decay[..., -1, :, None]
-        chunk_decay = gamma[..., -1:, None].exp()                     # e^{Γ_C} [N, HV, NC, 1, 1]
+        chunk_decay = gamma[..., -1:, None].exp().unbind(2)          # e^{Γ_C} [N, HV, 1, 1]
+    # unbind once: indexing x[:, :, n] per chunk would make autograd write a full-size
+    # gradient per chunk (O(NC²) work in the backward).
+    u_n, k_n = u.unbind(2), k_to_end.unbind(2)
+    w_n = None if w is None else w.unbind(2)
     starts, deltas = [], []
     for n in range(k_c.shape[2]):
         starts.append(state)
-        delta = u[:, :, n] if w is None else u[:, :, n] - w[:, :, n] @ state
+        delta = u_n[n] if w_n is None else u_n[n] - w_n[n] @ state
         deltas.append(delta)
         if chunk_decay is not None:
-            state = chunk_decay[:, :, n] * state
-        state = state + k_to_end[:, :, n].transpose(-1, -2) @ delta
+            state = chunk_decay[n] * state
+        state = state + k_n[n].transpose(-1, -2) @ delta
     return torch.stack(starts, dim=2), torch.stack(deltas, dim=2), state
 
 
