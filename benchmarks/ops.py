@@ -388,6 +388,12 @@ def header(device: torch.device) -> dict:
     }
 
 
+def results_stem(head: dict) -> str:
+    """<device>-<date>-<commit>: the name of a results file, from its header."""
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", head["device"].lower()))
+    return f"{slug.strip('-')}-{head['date'][:10]}-{head['commit'].replace('+', '-')}"
+
+
 def parse_cases(shapes: list[str], variants: list[str]) -> list[Case]:
     """Names from CASES, or ad-hoc `B,T,H,K,V[,HV]` shapes, one case per variant."""
     cases = []
@@ -465,8 +471,7 @@ def main() -> None:
     print("\n".join(render.table(rows)))
     if args.no_save:
         return
-    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", head["device"].lower()))
-    stem = f"{slug.strip('-')}-{head['date'][:10]}-{head['commit'].replace('+', '-')}"
+    stem = results_stem(head)
     path = args.out / f"{stem}-{args.tag}.json" if args.tag else args.out / f"{stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

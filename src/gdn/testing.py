@@ -106,16 +106,19 @@ def random_inputs(
     return RecurrenceInputs(cu_seqlens=cu_seqlens, **made)
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ (Frobenius, i.e. RMS over RMS) in float64.
+def rel_error(actual: torch.Tensor, expected: torch.Tensor, *, floor_rms: float = 0.0) -> float:
+    """‖actual − expected‖ / max(‖expected‖, floor_rms·√n) (Frobenius: RMS over RMS), in float64.
 
+    ``floor_rms`` measures against an RMS of at least that much: use the scale of the inputs
+    (1 for ``random_inputs``) where the reference can be exactly zero, e.g. a gradient that
+    vanishes in float64 while float32 leaves the residue of two cancelling order-one terms.
     Both zero gives 0; a non-finite value anywhere in ``actual`` gives inf.
     """
     actual, expected = actual.detach().double(), expected.detach().double()
     if not torch.isfinite(actual).all():
         return float("inf")
-    denom = expected.norm().item()
-    diff = (actual - expected).norm().item()
+    denom = max(expected.norm().item(), floor_rms * expected.numel() ** 0.5)
+    diff = (actual - expected.to(actual.device)).norm().item()
     if denom == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return diff / denom

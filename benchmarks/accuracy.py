@@ -1,0 +1,131 @@
+"""Accuracy sweep: the chunked path against the float64 token loop over seeded configs.
+
+    python benchmarks/accuracy.py                 # 200 configs, T up to 8192 (a few minutes)
+    python benchmarks/accuracy.py --configs 20 --max-tokens 500 --no-save
+
+The sweep RELIABILITY.md item 1 asks for: T from 1 to 8192 (never a multiple of the chunk),
+head dims 32–256 including 60 and 100, GVA ratios 1/2/4, packed documents with 1-token
+ones, log gates from 0 to −10⁴ (mixed within a chunk), β at 0, 1e-6, 1, 2 or uniform in
+[0, 2], with and without an initial state, for the gated delta rule, DeltaNet and gated
+linear attention. Each config runs forward+backward in float64 (reference and chunked) and
+float32 (chunked); errors are relative RMS against the float64 reference with an RMS floor of
+1, the inputs' scale (gdn.testing.rel_error). Prints the worst error per dtype and quantity and
+writes benchmarks/results/accuracy/<device>-<date>-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.testing import forward_backward, random_inputs, rel_error
+from ops import ROOT, header, results_stem
+
+GATES = {"zero": 0.0, "realistic": None, "strong": -1e4}
+BETAS = {"zero": 0.0, "tiny": 1e-6, "one": 1.0, "two": 2.0, "uniform": None}
+MIXED_GATES = torch.tensor([0.0, -1e-3, -1.0, -30.0, -1e4], dtype=torch.float64)
+
+
+def draw_config(rng: random.Random, max_tokens: int, budget: float) -> dict:
+    """One config; the state size times T is kept under ``budget`` so each runs in seconds."""
+    variant = rng.choice(["gated_delta_rule", "deltanet", "gated_linear_attention"])
+    K, V = rng.choice([32, 60, 64, 100, 128, 256]), rng.choice([32, 60, 64, 100, 128, 256])
+    H = rng.choice([1, 2])
+    HV = H * rng.choice([1, 2, 4])
+    T_cap = max(1, min(max_tokens, int(budget // (HV * K * V))))
+    T = min(T_cap, round(2 ** rng.uniform(0, 13)))
+    if T % 64 == 0:
+        T = max(1, T - rng.randint(1, 63))
+    docs = None
+    if T > 2 and rng.random() < 0.3:
+        cuts = sorted(rng.sample(range(1, T), min(rng.randint(1, 6), T - 1)))
+        docs = [b - a for a, b in zip([0, *cuts], [*cuts, T], strict=True)]
+        if rng.random() < 0.5:
+            docs = [1, *docs[1:]] if docs[0] > 1 else docs
+            docs[-1] = T - sum(docs[:-1])
+    return dict(variant=variant, T=T, H=H, HV=HV, K=K, V=V, docs=docs,
+                gate=rng.choice([*GATES, "mixed"]) if variant != "deltanet" else "none",
+                beta=rng.choice(list(BETAS)) if variant != "gated_linear_attention" else "none",
+                initial_state=rng.random() < 0.5, chunk_size=64, seed=rng.randrange(2**16))
+
+
+def build_inputs(c: dict):
+    delta = c["variant"] != "gated_linear_attention"
+    x = random_inputs(T=c["T"], H=c["H"], HV=c["HV"], K=c["K"], V=c["V"],
+                      gate=c["gate"] != "none", delta=delta, initial_state=c["initial_state"],
+                      doc_lengths=c["docs"], seed=c["seed"])
+    gen = torch.Generator().manual_seed(c["seed"])
+    if c["gate"] == "mixed":
+        x.g = MIXED_GATES[torch.randint(len(MIXED_GATES), x.g.shape, generator=gen)]
+    elif GATES.get(c["gate"]) is not None:
+        x.g = torch.full_like(x.g, GATES[c["gate"]])
+    if delta and BETAS[c["beta"]] is not None:
+        x.beta = torch.full_like(x.beta, BETAS[c["beta"]])
+    elif delta:
+        x.beta = 2 * torch.rand(x.beta.shape, generator=gen, dtype=torch.float64)
+    return x, chunk_gated_delta_rule if delta else chunk_gated_linear_attention
+
+
+def errors(actual, expected) -> dict[str, float]:
+    out = {"output": rel_error(actual[0], expected[0], floor_rms=1.0),
+           "state": rel_error(actual[1], expected[1], floor_rms=1.0)}
+    for name, grad in expected[2].items():
+        out[f"d{name}"] = rel_error(actual[2][name], grad, floor_rms=1.0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--budget", type=float, default=2**27,
+                        help="cap on T·HV·K·V per config (keeps each config to seconds)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    rows, worst = [], {}
+    start = time.perf_counter()
+    for i in range(args.configs):
+        c = draw_config(rng, args.max_tokens, args.budget)
+        x, op = build_inputs(c)
+        truth = forward_backward(op, x.to(torch.float64, True), backend="reference")
+        row = {"config": c}
+        for dtype in (torch.float64, torch.float32):
+            got = forward_backward(op, x.to(dtype, True), chunk_size=c["chunk_size"])
+            errs = errors(got, truth)
+            row[str(dtype).removeprefix("torch.")] = errs
+            for quantity, value in errs.items():
+                key = (str(dtype).removeprefix("torch."), "grads" if quantity[0] == "d"
+                       else quantity)
+                worst[key] = max(worst.get(key, 0.0), value)
+        rows.append(row)
+        print(f"[{i + 1}/{args.configs}] {c['variant']} T={c['T']} HV={c['HV']} K={c['K']} "
+              f"V={c['V']} docs={c['docs'] is not None} gate={c['gate']} beta={c['beta']}: "
+              f"fp32 worst {max(row['float32'].values()):.2e}", flush=True)
+    seconds = time.perf_counter() - start
+
+    summary = {f"{dtype} {quantity}": value for (dtype, quantity), value in sorted(worst.items())}
+    print(f"\n{args.configs} configs in {seconds:.0f} s; worst relative RMS error "
+          "(floor RMS 1) against the float64 reference:")
+    for key, value in summary.items():
+        print(f"  {key:<18} {value:.2e}")
+    if args.no_save:
+        return
+    head = header(torch.device("cpu"))
+    path = ROOT / "benchmarks" / "results" / "accuracy" / f"{results_stem(head)}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"header": head, "args": vars(args), "seconds": seconds,
+                                "worst": summary, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
