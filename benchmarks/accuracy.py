@@ -84,7 +84,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--budget", type=float, default=2**27,
+    parser.add_argument("--budget", type=float, default=2**29,
                         help="cap on T·HV·K·V per config (keeps each config to seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true")
