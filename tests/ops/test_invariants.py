@@ -88,9 +88,10 @@ def test_chunk_size_does_not_change_the_result(kind):
         assert rel_error(o_c, o) <= TOL and rel_error(s_c, s) <= TOL
 
 
+@pytest.mark.parametrize("T", [16, 23])  # a whole number of chunks, and a ragged one
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_equals_contiguous(backend):
-    x = random_inputs(B=2, T=23, H=2, K=8, V=8, initial_state=True, seed=13)
+def test_non_contiguous_equals_contiguous(backend, T):
+    x = random_inputs(B=2, T=T, H=2, K=8, V=8, initial_state=True, seed=13)
     o, s = _call(chunk_gated_delta_rule, x, "delta", backend=backend, chunk_size=8)
     # [B, H, T, K] storage viewed as [B, T, H, K]: same values, non-unit strides.
     for name in ("q", "k", "v"):

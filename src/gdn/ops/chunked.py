@@ -164,7 +164,7 @@ class ChunkLayout:
         padding = self.NC * self.C - x_BTHD.shape[1]
         x_BTHD = torch.nn.functional.pad(x_BTHD, (0, 0, 0, 0, 0, padding))
         N, _, HV, D = x_BTHD.shape
-        return x_BTHD.view(N, self.NC, self.C, HV, D).permute(0, 3, 1, 2, 4)
+        return x_BTHD.reshape(N, self.NC, self.C, HV, D).permute(0, 3, 1, 2, 4)
 
     def from_chunks(self, x_c: torch.Tensor) -> torch.Tensor:
         N, HV, NC, C, D = x_c.shape
