@@ -97,6 +97,7 @@ CASES = {c.name: c for c in [
     Case("1x65536-h16", 1, 65536, 16, 128, 128),
     Case("8x4096-h6-k256v512", 8, 4096, 6, 256, 512),
     Case("8x4096-h32", 8, 4096, 32, 128, 128),
+    Case("8x4096-h16-gva32", 8, 4096, 16, 128, 128, HV=32),
 ]}
 DEFAULT_CASES = {"cpu": ["cpu-gdn"], "cuda": [n for n in CASES if not n.startswith("cpu")]}
 
@@ -172,6 +173,7 @@ class Backend:
     name: str
     call: Callable[[str, RecurrenceInputs], torch.Tensor]  # (variant, inputs) -> o [B,T,HV,V]
     why_not: Callable[[Case, torch.dtype], str | None] = lambda case, dtype: None
+    same_function: bool = True  # False: a yardstick of another function (attention)
 
 
 def _gdn_op(backend: str) -> Callable[[str, RecurrenceInputs], torch.Tensor]:
@@ -182,9 +184,62 @@ def _gdn_op(backend: str) -> Callable[[str, RecurrenceInputs], torch.Tensor]:
     return call
 
 
+def _needs_cuda(case: Case, dtype: torch.dtype) -> str | None:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    return "Triton kernels take float32, float16, bfloat16" if dtype == torch.float64 else None
+
+
+def _fla_call(variant: str, x: RecurrenceInputs) -> torch.Tensor:
+    """flash-linear-attention 0.6.0, the yardstick (installed from wheels on the GPU box).
+
+    On Triton 3.4–3.7.0 fla refuses its own gated backward (a guarded wrong-result bug); the
+    guard is lifted here for timing only, as ANCHORS.md did; its errors are reported as is.
+    """
+    import fla.ops.common.chunk_o as fla_chunk_o
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    if variant == "gated_delta_rule":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_op
+        return fla_op(x.q, x.k, x.v, x.g, x.beta)[0]
+    if variant == "deltanet":
+        from fla.ops.delta_rule import chunk_delta_rule as fla_op
+        return fla_op(x.q, x.k, x.v, x.beta)[0]
+    from fla.ops.simple_gla import chunk_simple_gla as fla_op
+    return fla_op(x.q, x.k, x.v, g=x.g)[0]
+
+
+def _fla_why_not(case: Case, dtype: torch.dtype) -> str | None:
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        return "fla not installed"
+    if case.HV != case.H:
+        return "fla 0.6.0 has no separate v heads in this op"
+    return _needs_cuda(case, dtype)
+
+
+def _sdpa_call(variant: str, x: RecurrenceInputs) -> torch.Tensor:
+    """Causal softmax attention at the same (B, T, H, K, V): the quadratic yardstick."""
+    q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         enable_gqa=q.shape[1] != v.shape[1])
+    return o.transpose(1, 2)
+
+
+def _sdpa_why_not(case: Case, dtype: torch.dtype) -> str | None:
+    if case.K != case.V:
+        return "SDPA's fast kernels need equal q/k and v head dims"
+    if case.variant != "gated_delta_rule":
+        return "timed once per shape"
+    return _needs_cuda(case, dtype)
+
+
 BACKENDS = {b.name: b for b in [
     Backend("torch", _gdn_op("torch")),
     Backend("reference", _gdn_op("reference"), why_not=reference_too_big),
+    Backend("triton", _gdn_op("triton"), why_not=_needs_cuda),
+    Backend("fla", _fla_call, why_not=_fla_why_not),
+    Backend("sdpa", _sdpa_call, why_not=_sdpa_why_not, same_function=False),
 ]}
 
 
@@ -323,12 +378,15 @@ def measure(case, backend, dtype, device, args, truths) -> dict:
     fwd_ms, fwd_n, timer = median_ms(forward, **timing)
     fb_ms, fb_n, _ = median_ms(forward_backward, grads=list(x.tensors().values()), **timing)
 
-    key = (case, dtype)
-    if key not in truths:
-        truths[key] = float64_truth(case, x, dO)
-    o64, grads64, err_vs = truths[key]
-    errors = {"o": rel_error(last["o"], o64)}
-    errors |= {f"d{n}": rel_error(t.grad, grads64[n]) for n, t in x.tensors().items()}
+    errors, err_vs = None, None
+    if backend.same_function:
+        key = (case, dtype)
+        if key not in truths:
+            truths[key] = float64_truth(case, x, dO)
+        o64, grads64, err_vs = truths[key]
+        errors = {"o": rel_error(last["o"], o64)}
+        errors |= {f"d{n}": rel_error(t.grad, grads64[n]) for n, t in x.tensors().items()
+                   if t.grad is not None}
 
     flops_fwd, flops_bwd = model_flops(case)
     bytes_fwd, bytes_bwd = model_bytes(case, dtype.itemsize)

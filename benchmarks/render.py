@@ -79,16 +79,17 @@ def table(rows: list[dict]) -> list[str]:
         if r.get("skipped"):
             cells += [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 5)
         else:
-            errors = r["rel_err"]
+            errors = r["rel_err"] or {}
             grads = [e for name, e in errors.items() if name != "o"]
-            mark = "" if r["err_vs"].startswith("reference") else " †"
+            mark = "" if (r["err_vs"] or "reference").startswith("reference") else " †"
             cells += [
                 _sig(r["fwd_ms"]),
                 _sig(r["fwd_bwd_ms"]),
                 f"{_sig(r['fwd_tflops'])} / {_sig(r['fwd_bwd_tflops'])}",
                 f"{_sig(r['fwd_gbps'])} / {_sig(r['fwd_bwd_gbps'])}",
                 _peak(r),
-                f"{_err(errors['o'])} / {_err(max(grads) if grads else None)}{mark}",
+                (f"{_err(errors['o'])} / {_err(max(grads) if grads else None)}{mark}"
+                 if errors else "— (another function)"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

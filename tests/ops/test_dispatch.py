@@ -23,8 +23,9 @@ def test_auto_resolves_to_torch_and_logs_it(caplog, monkeypatch):
     assert any("resolves to 'torch'" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_every_backend_computes_the_same_function(backend):
+    # float64 inputs: the Triton kernels take float32 and below (tests/ops/test_triton.py)
     x = random_inputs(B=2, T=40, H=2, HV=4, K=8, V=6, initial_state=True, seed=1)
     o, s = chunk_gated_delta_rule(**x.kwargs(), output_final_state=True, backend=backend)
     o_ref, s_ref = chunk_gated_delta_rule(**x.kwargs(), output_final_state=True,
@@ -43,7 +44,7 @@ def test_torch_path_on_cuda_matches_the_cpu_reference():
                                       backend="reference")
     x32 = x.to(torch.float32)
     on_gpu = {name: (None if t is None else t.cuda()) for name, t in x32.kwargs().items()}
-    o, s = chunk_gated_delta_rule(**on_gpu, output_final_state=True)
+    o, s = chunk_gated_delta_rule(**on_gpu, output_final_state=True, backend="torch")
     assert o.is_cuda and s.dtype == torch.float32
     # TF32 may be on for CUDA matmuls; the bound allows it (2^-10 rounding of the operands).
     tol = 1e-5 if not torch.backends.cuda.matmul.allow_tf32 else 5e-3

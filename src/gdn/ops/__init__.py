@@ -16,13 +16,16 @@ In both, α_t = exp(g_t) and the output is o_t = scale · S_tᵀ q_t. The names 
 follow those other projects already call (``chunk_gated_delta_rule`` and friends).
 
 Backends: ``"reference"`` steps token by token (``reference.py``, the truth in tests);
-``"torch"`` runs the chunked WY algorithm in PyTorch (``chunked.py``); ``"auto"`` picks
-``"torch"`` (Triton kernels will take CUDA tensors once they exist) and logs its choice at
-debug level on the ``gdn.ops`` logger.
+``"torch"`` runs the chunked WY algorithm in PyTorch (``chunked.py``); ``"triton"`` runs the
+same algorithm as Triton kernels (``triton/``, chunked functions only; CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``). ``"auto"`` picks ``"triton"`` for CUDA tensors when it
+can run them and ``"torch"`` otherwise, and logs its choice and the reason at debug level on
+the ``gdn.ops`` logger.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -42,22 +45,57 @@ __all__ = [
 
 log = logging.getLogger("gdn.ops")
 
-BACKENDS = ("auto", "reference", "torch")
+BACKENDS = ("auto", "reference", "torch", "triton")
 DEFAULT_CHUNK_SIZE = 64
 
 
-def _resolve_backend(backend: object, device: torch.device) -> str:
+def _triton_obstacle(q: torch.Tensor, chunk_size: int) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None if they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    from gdn.ops import triton as kernels
+
+    if q.device.type == "cpu" and not kernels.interpreting():
+        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {q.device.type} tensors"
+    if q.dtype == torch.float64:
+        return "Triton kernels take float32, float16 or bfloat16, not float64"
+    if q.shape[-1] > kernels.MAX_HEAD_DIM:
+        return f"Triton kernels take K <= {kernels.MAX_HEAD_DIM}, got K = {q.shape[-1]}"
+    if chunk_size != kernels.CHUNK_SIZE:
+        return f"Triton kernels use chunk_size {kernels.CHUNK_SIZE}, got {chunk_size}"
+    return None
+
+
+def _resolve_backend(backend: object, q: torch.Tensor, chunk_size: int | None) -> str:
+    """The backend that runs; ``chunk_size`` is None for the recurrent functions."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "triton":
+        if chunk_size is None:
+            raise ValueError("backend='triton' has no recurrent (decode) kernel yet; use "
+                             "'auto', 'reference' or 'torch' for recurrent_* functions")
+        obstacle = _triton_obstacle(q, chunk_size)
+        if obstacle is not None:
+            raise ValueError(f"backend='triton' cannot run: {obstacle}")
+        return "triton"
     if backend != "auto":
         return backend
-    log.debug("backend='auto' on %s resolves to 'torch' (no Triton backend yet)", device.type)
-    return "torch"
+    if chunk_size is None or q.device.type != "cuda":
+        log.debug("backend='auto' on %s resolves to 'torch'", q.device.type)
+        return "torch"
+    obstacle = _triton_obstacle(q, chunk_size)
+    if obstacle is not None:
+        log.debug("backend='auto' resolves to 'torch': %s", obstacle)
+        return "torch"
+    log.debug("backend='auto' on cuda resolves to 'triton'")
+    return "triton"
 
 
 def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
          output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size,
-         check_values):
+         check_values, exact=False):
     """Validate, resolve the backend, normalise q/k if asked, and run.
 
     ``chunked_op`` is True for the chunk_* functions, whose "torch" backend is the chunked
@@ -68,15 +106,21 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, check_values=check_values,
     )
-    name = _resolve_backend(backend, q.device)
     if chunked_op:
         chunk_size = check_chunk_size(chunk_size)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
+    name = _resolve_backend(backend, q, chunk_size if chunked_op else None)
     if scale is None:
         scale = dims.K ** -0.5
     if use_qk_l2norm_in_kernel:
         q, k = l2_normalize(q), l2_normalize(k)
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
-    if name == "torch" and chunked_op:
+    if name == "triton":
+        from gdn.ops.triton import triton_chunked_recurrence
+
+        o, final_state = triton_chunked_recurrence(q, k, v, g, beta, exact=exact, **common)
+    elif name == "torch" and chunked_op:
         o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
                                                     **common)
     else:
@@ -114,9 +158,14 @@ _BETA_DOC = """
 _UNIT_KEYS_DOC = """ L2-normalise them (or pass ``use_qk_l2norm_in_kernel=True``):
             the delta rule assumes unit keys (math.md §1.3)."""
 _CHUNK_DOC = """
-        chunk_size: tokens per chunk of the chunked algorithm (math.md §3)."""
-_CHUNK_BACKENDS = '"auto", "reference" (token by token) or "torch" (chunked); see ``gdn.ops``.'
-_RECURRENT_BACKENDS = '"auto", "reference" or "torch": all step token by token in PyTorch.'
+        chunk_size: tokens per chunk of the chunked algorithm (math.md §3); the Triton
+            kernels use 64.
+        exact: Triton backend with float32 inputs: IEEE float32 dot products instead of
+            TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error)."""
+_CHUNK_BACKENDS = ('"auto", "reference" (token by token), "torch" (chunked) or "triton" '
+                   '(chunked kernels); see ``gdn.ops``.')
+_RECURRENT_BACKENDS = ('"auto", "reference" or "torch": all step token by token in PyTorch '
+                       '(no Triton decode kernel yet).')
 
 
 def _doc(summary: str, *, delta: bool, chunk: bool) -> str:
@@ -133,13 +182,14 @@ def _doc(summary: str, *, delta: bool, chunk: bool) -> str:
 def chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
-    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False,
 ):
     return _run(q, k, v, g, beta, needs_beta=True, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                backend=backend, chunk_size=chunk_size, check_values=check_values)
+                backend=backend, chunk_size=chunk_size, check_values=check_values,
+                exact=exact)
 
 
 def recurrent_gated_delta_rule(
@@ -156,13 +206,14 @@ def recurrent_gated_delta_rule(
 def chunk_gated_linear_attention(
     q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
-    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False,
 ):
     return _run(q, k, v, g, None, needs_beta=False, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                backend=backend, chunk_size=chunk_size, check_values=check_values)
+                backend=backend, chunk_size=chunk_size, check_values=check_values,
+                exact=exact)
 
 
 def recurrent_gated_linear_attention(

@@ -1,0 +1,20 @@
+"""Triton kernels of the chunked recurrence, by stage: wy, state, output (math.md §3, §4).
+
+Importing this package needs Triton; ``gdn.ops`` imports it lazily, so the rest of gdn works
+without it. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
+(Triton's interpreter, used by the CPU tests; it mishandles bfloat16).
+"""
+
+import os
+
+from gdn.ops.triton.function import triton_chunked_recurrence
+from gdn.ops.triton.launch import BT as CHUNK_SIZE
+
+__all__ = ["triton_chunked_recurrence", "CHUNK_SIZE", "MAX_HEAD_DIM", "interpreting"]
+
+MAX_HEAD_DIM = 256  # K: one [64, K] key tile per program
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

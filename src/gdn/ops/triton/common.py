@@ -1,0 +1,87 @@
+"""Small Triton helpers shared by the stage kernels: tile loads/stores and gate sums.
+
+Addressing: every tensor is a packed row of tokens, ``ptr`` already points at the head, and a
+token's row starts ``stride`` elements after the previous token's. Offsets are int64, so
+tensors past 2³¹ elements address correctly. Rows past ``end`` (the sequence end) and
+columns past ``n_cols`` are masked: loads give 0, which are identity steps (math.md §3.4).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """[BT, BD] float32 tile of rows t0 … t0+BT−1, columns col0 … col0+BD−1."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[:, None] * stride + o_d[None, :]
+    m = (o_t < end)[:, None] & (o_d < n_cols)[None, :]
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_rows(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[:, None] * stride + o_d[None, :]
+    m = (o_t < end)[:, None] & (o_d < n_cols)[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def load_vec(ptr, t0, end, stride, BT: tl.constexpr):
+    """[BT] float32 per-token scalars (gates, β), 0 past the end."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    return tl.load(ptr + o_t * stride, mask=o_t < end, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_vec(ptr, x, t0, end, stride, BT: tl.constexpr):
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    tl.store(ptr + o_t * stride, x.to(ptr.dtype.element_ty), mask=o_t < end)
+
+
+@triton.jit
+def load_matrix(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
+                BC: tl.constexpr):
+    """[BR, BC] float32 tile of a row-major matrix (a state [K, V])."""
+    o_r = row0 + tl.arange(0, BR)
+    o_c = col0 + tl.arange(0, BC)
+    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    return tl.load(ptr + o_r[:, None] * stride + o_c[None, :], mask=m, other=0.0).to(
+        tl.float32)
+
+
+@triton.jit
+def store_matrix(ptr, x, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
+                 BC: tl.constexpr):
+    o_r = row0 + tl.arange(0, BR)
+    o_c = col0 + tl.arange(0, BC)
+    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    tl.store(ptr + o_r[:, None] * stride + o_c[None, :], x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def segment_sums(g, BT: tl.constexpr):
+    """[r, j] = Σ_{j<i≤r} g_i (0 for r ≤ j): every exponent of the in-chunk decay.
+
+    Summed directly down the columns of a masked copy of g, never as a difference of prefix
+    sums, so a strong gate early in the chunk cannot swamp later small ones (math.md §5.3).
+    """
+    o = tl.arange(0, BT)
+    steps = tl.where(o[:, None] > o[None, :], g[:, None], 0.0)
+    return tl.cumsum(steps, axis=0)
+
+
+@triton.jit
+def causal_decay(g, BT: tl.constexpr):
+    """D_rj = e^{Γ_r − Γ_j} for j ≤ r, else 0 (math.md §3.1); exponents are ≤ 0 (§5.1)."""
+    o = tl.arange(0, BT)
+    return tl.where(o[:, None] >= o[None, :], tl.exp(segment_sums(g, BT)), 0.0)
+
+
+@triton.jit
+def decay_to_end(g_next):
+    """e^{Γ_C − Γ_j} = exp(Σ_{i>j} g_i), from g shifted by one (g_next[j] = g_{j+1})."""
+    return tl.exp(tl.cumsum(g_next, axis=0, reverse=True))

@@ -1,0 +1,54 @@
+"""Chunk tables: which chunk of which sequence each Triton program works on.
+
+Every input is flattened to one packed row of TT = B·T tokens; without ``cu_seqlens`` the
+sequences are the B rows, so both cases are the same varlen layout. Sequence n covers tokens
+[cu[n], cu[n+1]) and is cut into chunks of BT tokens from its own start (math.md §3.4: the
+ragged last chunk is masked in the kernels instead of padded).
+
+The tables are built on the device with no host sync: the grid is sized by an upper bound
+on the number of chunks (TT // BT + N), and programs past the real count find ``seq = -1``
+and return at once. This keeps varlen calls free of a device-to-host copy and traceable by
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkTable:
+    cu: torch.Tensor          # [N+1] int64 sequence boundaries in the packed row
+    offsets: torch.Tensor     # [N+1] int64 index of each sequence's first chunk
+    seq: torch.Tensor         # [NC] int32 sequence of each chunk (-1: past the end)
+    start: torch.Tensor       # [NC] int64 first token of each chunk
+    num_chunks: int           # NC, the grid bound (an upper bound when varlen)
+    num_seqs: int             # N
+
+
+def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int,
+                device: torch.device) -> ChunkTable:
+    if cu_seqlens is None:
+        cu = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int64) if T > 0 \
+            else torch.zeros(B + 1, device=device, dtype=torch.int64)
+        per_seq = -(-T // BT)
+        num_chunks = B * per_seq
+        ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
+        seq = ids // max(per_seq, 1)
+        offsets = torch.arange(0, B + 1, device=device, dtype=torch.int64) * per_seq
+        start = seq * T + (ids - seq * per_seq) * BT
+        return ChunkTable(cu, offsets, seq.to(torch.int32), start, num_chunks, B)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    N = cu.numel() - 1
+    counts = (cu[1:] - cu[:-1] + BT - 1) // BT
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    num_chunks = (B * T) // BT + N                        # ≥ Σ ceil(len_n / BT)
+    ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
+    seq = torch.searchsorted(offsets[1:], ids, right=True)
+    valid = ids < offsets[-1]
+    seq_c = seq.clamp(max=max(N - 1, 0))
+    start = cu[seq_c] + (ids - offsets[seq_c]) * BT
+    seq = torch.where(valid, seq, torch.full_like(seq, -1))
+    return ChunkTable(cu, offsets, seq.to(torch.int32), start, num_chunks, N)

@@ -1,0 +1,152 @@
+"""Stage 4, output: o = scale·(diag(e^Γ) Q S + (QKᵀ ⊙ D) Δ) (math.md §3.3), and its backward.
+
+Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk, NC
+chunks. One program per (chunk, v head); the value dimension is walked in BV blocks inside
+the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per chunk.
+"""
+
+import triton
+import triton.language as tl
+
+from gdn.ops.triton.common import (
+    causal_decay,
+    decay_to_end,
+    load_matrix,
+    load_rows,
+    load_vec,
+    store_rows,
+    store_vec,
+)
+
+
+@triton.jit
+def _chunk_start(chunk_seq, chunk_start, cu, i_c):
+    i_n = tl.load(chunk_seq + i_c)
+    t0 = tl.load(chunk_start + i_c)
+    end = tl.load(cu + tl.maximum(i_n, 0) + 1)
+    return i_n, t0, end
+
+
+@triton.jit
+def _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE: tl.constexpr,
+                        PREC: tl.constexpr, BT: tl.constexpr):
+    """QKᵀ, D and e^{Γ_r} of one chunk (D causal with its diagonal)."""
+    o = tl.arange(0, BT)
+    qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    if HAS_GATE:
+        gg = load_vec(g + i_hv, t0, end, HV, BT)
+        return qk, causal_decay(gg, BT), tl.exp(tl.cumsum(gg, axis=0))
+    return qk, tl.where(o[:, None] >= o[None, :], 1.0, 0.0), tl.full([BT], 1.0, tl.float32)
+
+
+@triton.jit
+def output_forward_kernel(
+    q, k, v_new, g,        # [TT, H, K], [TT, H, K], [TT, HV, V] the writes Δ, [TT, HV]
+    states,                # [NC, HV, K, V] state at each chunk's start
+    o,                     # out: [TT, HV, V]
+    chunk_seq, chunk_start, cu, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    P = qk * D
+    q_gated = b_q * e_gamma[:, None]
+    p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        S = load_matrix(p_state, 0, K, i_v * BV, V, V, BK, BV)
+        delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        b_o = tl.dot(q_gated, S, input_precision=PREC) + tl.dot(P, delta, input_precision=PREC)
+        store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, i_v * BV, V, BT, BV)
+
+
+@triton.jit
+def dv_local_kernel(
+    q, k, g, do,           # [TT, H, K], [TT, H, K], [TT, HV], [TT, HV, V]
+    dv_local,              # out: [TT, HV, V] scale·Pᵀ dO, the in-chunk part of dΔ (§4.1)
+    chunk_seq, chunk_start, cu, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    qk, D, _ = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    P_t = tl.trans(qk * D) * scale
+    for i_v in range(0, tl.cdiv(V, BV)):
+        b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        store_rows(dv_local + i_hv * V, tl.dot(P_t, b_do, input_precision=PREC), t0, end,
+                   HV * V, i_v * BV, V, BT, BV)
+
+
+@triton.jit
+def output_backward_kernel(
+    q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
+    v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
+    states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
+    dq, dk, dw, dg,        # out (float32, per v head): [TT, HV, K] ×3, [TT, HV]
+    chunk_seq, chunk_start, cu, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr,
+):
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
+    d_q = tl.zeros([BT, BK], dtype=tl.float32)      # dO Sᵀ
+    d_k = tl.zeros([BT, BK], dtype=tl.float32)      # Δ dS′ᵀ
+    d_w = tl.zeros([BT, BK], dtype=tl.float32)      # dΔ Sᵀ
+    dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
+    S_dS = 0.0                                       # ⟨S, dS′⟩
+    for i_v in range(0, tl.cdiv(V, BV)):
+        S = load_matrix(states + p_state, 0, K, i_v * BV, V, V, BK, BV)
+        dS = load_matrix(d_states + p_state, 0, K, i_v * BV, V, V, BK, BV)
+        b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        d_q += tl.dot(b_do, tl.trans(S), input_precision=PREC)
+        dO_Dt += tl.dot(b_do, tl.trans(delta), input_precision=PREC)
+        d_k += tl.dot(delta, tl.trans(dS), input_precision=PREC)
+        if DELTA:
+            d_d = load_rows(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            d_w += tl.dot(d_d, tl.trans(S), input_precision=PREC)
+        if HAS_GATE:
+            S_dS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
+
+    d_q = d_q * (scale * e_gamma)[:, None]
+    dM = dO_Dt * D * scale
+    if HAS_GATE:
+        chunk_end = tl.minimum(t0 + BT, end)
+        to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
+        d_k = d_k * to_end[:, None]
+        E = dM * qk
+        write_term = tl.sum(d_k * b_k, axis=1)        # k̃_rᵀ dS′ δ_r
+        d_gamma = tl.sum(d_q * b_q, axis=1) + tl.sum(E, axis=1) - tl.sum(E, axis=0) - write_term
+        e_last = tl.exp(tl.sum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
+        d_last = e_last * S_dS + tl.sum(write_term, axis=0)   # dΓ_C, reaches every g_j
+        d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last
+        store_vec(dg + i_hv, d_g, t0, end, HV, BT)
+    d_q += tl.dot(dM, b_k, input_precision=PREC)
+    d_k += tl.dot(tl.trans(dM), b_q, input_precision=PREC)
+    store_rows(dq + i_hv * K, d_q, t0, end, HV * K, 0, K, BT, BK)
+    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
+    if DELTA:
+        store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, 0, K, BT, BK)

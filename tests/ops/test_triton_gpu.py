@@ -1,0 +1,162 @@
+"""Triton kernels on the GPU (``pytest -m gpu``): accuracy, extremes, invariants, compile.
+
+References: the chunked torch path in float64 on the same (rounded) inputs, which agrees with
+the float64 token loop to 10⁻¹⁴ (tests/ops/test_chunked_vs_reference.py) and is fast enough on
+a GPU for long sequences. Bounds are the issue's: bfloat16 inputs ≤ 5·10⁻³ for outputs and
+final state, ≤ 10⁻² for gradients (dg, dβ ≤ 2·10⁻²); float32 with ``exact=True``
+≤ 10⁻⁵ outputs and ≤ 10⁻⁴ gradients. Every kernel output buffer is NaN-poisoned first.
+"""
+
+import pytest
+import torch
+
+from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.testing import forward_backward, random_inputs, rel_error
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda_and_poisoned_buffers(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.fail("marked gpu but no CUDA device: run `pytest -m gpu` on the lent GPU")
+    from gdn.ops.triton import launch
+
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(launch.torch, "empty", poisoned)
+
+
+def _on_cuda(x, dtype, requires_grad=True):
+    x = x.to(dtype, requires_grad=False)
+    for name, t in x.tensors().items():
+        setattr(x, name, t.cuda().requires_grad_(requires_grad))
+    if x.cu_seqlens is not None:
+        x.cu_seqlens = x.cu_seqlens.cuda()
+    return x
+
+
+def _errors(x, delta, dtype, **kw):
+    op = chunk_gated_delta_rule if delta else chunk_gated_linear_attention
+    rounded = x.to(dtype).to(torch.float64)
+    o_ref, s_ref, g_ref = forward_backward(op, _on_cuda(rounded, torch.float64), seed=3,
+                                           backend="torch", **kw)
+    o, s, grads = forward_backward(op, _on_cuda(rounded, dtype), seed=3, backend="triton",
+                                   **kw)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    errors = {"o": rel_error(o, o_ref), "state": rel_error(s, s_ref)}
+    errors |= {f"d{n}": rel_error(grads[n], g) for n, g in g_ref.items()}
+    return errors
+
+
+def _assert_within(errors, tol, tol_gates=None, tol_grads=None):
+    def bound(name):
+        if name in ("o", "state"):
+            return tol
+        if name in ("dg", "dbeta") and tol_gates is not None:
+            return tol_gates
+        return tol_grads
+    bad = {n: f"{e:.2e} > {bound(n):g}" for n, e in errors.items() if not e <= bound(n)}
+    assert not bad, bad
+
+
+SHAPES = {
+    "gated": dict(B=2, T=1000, H=4, K=128, V=128, initial_state=True),
+    "gva_odd_dims": dict(B=1, T=777, H=2, HV=8, K=100, V=60, initial_state=True),
+    "varlen": dict(T=2000, H=4, K=128, V=128, initial_state=True,
+                   doc_lengths=[1, 700, 0, 64, 63, 1172]),
+    "k256_v512": dict(B=1, T=300, H=2, K=256, V=512),
+    "deltanet": dict(B=2, T=500, H=4, K=128, V=128, gate=False),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_bfloat16_within_bounds(shape):
+    x = random_inputs(**SHAPES[shape], seed=21)
+    _assert_within(_errors(x, True, torch.bfloat16), 5e-3, 2e-2, 1e-2)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_float32_exact_within_bounds(shape):
+    x = random_inputs(**SHAPES[shape], seed=22)
+    _assert_within(_errors(x, True, torch.float32, exact=True), 1e-5, None, 1e-4)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_gated_linear_attention(gate):
+    x = random_inputs(B=2, T=900, H=2, HV=4, K=128, V=64, gate=gate, delta=False,
+                      initial_state=True, seed=23)
+    _assert_within(_errors(x, False, torch.bfloat16), 5e-3, 2e-2, 1e-2)
+    _assert_within(_errors(x, False, torch.float32, exact=True), 1e-5, None, 1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0])
+def test_extremes_stay_finite_and_accurate(beta):
+    x = random_inputs(B=1, T=4096, H=2, K=64, V=64, initial_state=True, seed=24)
+    x.beta = torch.full_like(x.beta, beta)
+    x.g[0, ::97] = -1e4                      # hard resets at awkward positions
+    x.g[0, 1000:1200] = 0.0                  # no decay at all for a stretch
+    errors = _errors(x, True, torch.float32, exact=True)
+    _assert_within(errors, 1e-5, None, 1e-4)
+
+
+def test_long_sequence_is_finite():
+    x = random_inputs(B=1, T=65536, H=2, K=128, V=128, seed=25)
+    x.g[0, ::4099] = -1e4
+    x = _on_cuda(x, torch.bfloat16)
+    o, s, grads = forward_backward(chunk_gated_delta_rule, x, seed=4, backend="triton")
+    for name, t in {"o": o, "state": s, **grads}.items():
+        if t is not None:
+            assert torch.isfinite(t).all(), name
+
+
+def test_varlen_equals_a_loop_over_documents():
+    docs = [5, 64, 1, 300, 0, 129]
+    x = _on_cuda(random_inputs(T=sum(docs), H=2, HV=4, K=64, V=32, initial_state=True,
+                               doc_lengths=docs, seed=26), torch.float32, False)
+    o, s = chunk_gated_delta_rule(**x.kwargs(), output_final_state=True, backend="triton",
+                                  exact=True)
+    start = 0
+    for n, length in enumerate(docs):
+        part = x.slice(slice(start, start + length))
+        part.initial_state = x.initial_state[n:n + 1]
+        o_n, s_n = chunk_gated_delta_rule(**part.kwargs(), output_final_state=True,
+                                          backend="triton", exact=True)
+        if length:
+            assert rel_error(o_n, o[:, start:start + length]) <= 1e-6
+        assert rel_error(s_n, s[n:n + 1]) <= 1e-6
+        start += length
+
+
+def test_more_than_65535_programs_on_an_axis():
+    docs = [1] * 70_000 + [300]
+    x = _on_cuda(random_inputs(T=sum(docs), H=1, K=16, V=16, doc_lengths=docs, seed=27),
+                 torch.float32, False)
+    o, s = chunk_gated_delta_rule(**x.kwargs(), output_final_state=True, backend="triton",
+                                  exact=True)
+    o_ref, s_ref = chunk_gated_delta_rule(**x.to(torch.float64).kwargs(),
+                                          output_final_state=True, backend="torch")
+    assert rel_error(o, o_ref) <= 1e-5 and rel_error(s, s_ref) <= 1e-5
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    x = _on_cuda(random_inputs(T=300, H=2, HV=4, K=64, V=64, initial_state=True,
+                               doc_lengths=[100, 200], seed=28), torch.bfloat16)
+
+    def step(q, k, v, g, beta, h0, cu):
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                      output_final_state=True, backend="triton")
+        return o.float().square().sum() + s.sum()
+
+    args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state, x.cu_seqlens)
+    eager = step(*args)
+    grads_eager = torch.autograd.grad(eager, args[:6])
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    grads_compiled = torch.autograd.grad(compiled, args[:6])
+    assert rel_error(compiled, eager) <= 1e-6
+    for a, b in zip(grads_compiled, grads_eager, strict=True):
+        assert rel_error(a, b) <= 1e-6
