@@ -221,10 +221,11 @@ CASES = [
     # backend.
     Case("chunk_delta/backend-cuda", CDR, lambda a: {"backend": "cuda"}, VE, "backend",
          "auto, reference, torch"),
-    Case("chunk_delta/backend-triton", CDR, lambda a: {"backend": "triton"}, VE, "backend",
-         "'triton'"),
+    Case("chunk_delta/backend-triton-chunk-32", CDR,
+         lambda a: {"backend": "triton", "chunk_size": 32}, VE, "backend", "chunk_size 64"),
     Case("rec_delta/backend-triton", RDR, lambda a: {"backend": "triton"}, VE, "backend",
-         "'triton'"),
+         "no recurrent"),
+    Case("chunk_delta/exact-not-bool", CDR, lambda a: {"exact": 1}, TE, "exact", "bool"),
     Case("chunk_gla/backend-Torch", CGLA, lambda a: {"backend": "Torch"}, VE, "backend",
          "'Torch'"),
     # chunk_size: a wrong value is a ValueError, a wrong kind of object a TypeError.

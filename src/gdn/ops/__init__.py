@@ -49,11 +49,31 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 DEFAULT_CHUNK_SIZE = 64
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_kernels = None
+
+
+def _triton_kernels():
+    """gdn.ops.triton, imported on first use (it needs Triton, which is optional)."""
+    global _kernels
+    if _kernels is None:
+        from gdn.ops import triton as kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def _debug(message: str, *args) -> None:
+    # Logging inside a region that torch.compile traces would break its graph.
+    if not torch.compiler.is_compiling():
+        log.debug(message, *args)
+
+
 def _triton_obstacle(q: torch.Tensor, chunk_size: int) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None if they can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return "Triton is not installed"
-    from gdn.ops import triton as kernels
+    kernels = _triton_kernels()
 
     if q.device.type == "cpu" and not kernels.interpreting():
         return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
@@ -83,13 +103,13 @@ def _resolve_backend(backend: object, q: torch.Tensor, chunk_size: int | None) -
     if backend != "auto":
         return backend
     if chunk_size is None or q.device.type != "cuda":
-        log.debug("backend='auto' on %s resolves to 'torch'", q.device.type)
+        _debug("backend='auto' on %s resolves to 'torch'", q.device.type)
         return "torch"
     obstacle = _triton_obstacle(q, chunk_size)
     if obstacle is not None:
-        log.debug("backend='auto' resolves to 'torch': %s", obstacle)
+        _debug("backend='auto' resolves to 'torch': %s", obstacle)
         return "torch"
-    log.debug("backend='auto' on cuda resolves to 'triton'")
+    _debug("backend='auto' on cuda resolves to 'triton'")
     return "triton"
 
 
@@ -117,9 +137,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         q, k = l2_normalize(q), l2_normalize(k)
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
     if name == "triton":
-        from gdn.ops.triton import triton_chunked_recurrence
-
-        o, final_state = triton_chunked_recurrence(q, k, v, g, beta, exact=exact, **common)
+        o, final_state = _triton_kernels().triton_chunked_recurrence(q, k, v, g, beta,
+                                                                     exact=exact, **common)
     elif name == "torch" and chunked_op:
         o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
                                                     **common)

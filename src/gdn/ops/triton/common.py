@@ -85,3 +85,14 @@ def causal_decay(g, BT: tl.constexpr):
 def decay_to_end(g_next):
     """e^{Γ_C − Γ_j} = exp(Σ_{i>j} g_i), from g shifted by one (g_next[j] = g_{j+1})."""
     return tl.exp(tl.cumsum(g_next, axis=0, reverse=True))
+
+
+@triton.jit
+def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b on tensor cores with operands in DT (the input dtype, or float32), float32 sums.
+
+    PREC ("tf32" or "ieee") only means something for float32 operands.
+    """
+    if tl.float32 == DT:
+        return tl.dot(a, b, input_precision=PREC)
+    return tl.dot(a.to(DT), b.to(DT))

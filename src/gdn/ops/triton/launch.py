@@ -4,16 +4,20 @@ Letters: B batch, T time, TT = B·T packed tokens, H q/k heads, HV v heads (G = 
 K/V head dims, N sequences, NC chunks (a grid bound, see ``indexing``), BT = 64 the chunk.
 
 Inputs arrive validated by ``gdn.ops.validate`` and already L2-normalised if asked; here they
-are flattened to one packed row. Intermediates that the kernels hand to one another (A, w, u,
-Δ, the chunk-start states and their gradients) are float32: they feed the sequential state
-pass, whose error would otherwise compound over chunks (math.md §5.2). The backward keeps
-only A from the forward and recomputes w, u, Δ and the states (math.md §4.6).
+are flattened to one packed row. A and the gradient accumulators are float32; the other
+tensors the kernels hand to one another (w, u, Δ, the chunk-start states and their
+gradients) are in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32
+otherwise. Every state kept in registers is float32. The backward keeps only A from the
+forward and recomputes w, u, Δ and the states (math.md §4.6).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+import triton.language as tl
 
 from gdn.ops.triton import output, state, wy
 from gdn.ops.triton.indexing import chunk_table
@@ -26,12 +30,49 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
 
     The state passes keep a [BK, BV] float32 state in registers; at K = 256 the value
     dimension is split finer to stay within the register file (and to give the sequential
-    pass more programs).
+    pass more programs). The parallel kernels walk V in BV blocks; their float32 tiles of
+    [BT, BK] and [BK, BV] must fit the 227 KiB of shared memory of an H100 with room to spare.
     """
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BV = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(V)))
     BV_state = min(BV, 32 if BK <= 128 else 16)
     return BK, BV, BV_state
+
+
+# Launch options of every kernel: no software pipelining of the loops (num_stages=1): the
+# loops carry float32 tiles, and staging them multiplies shared memory past the H100's limit
+# (measured: 368 KiB asked for by output_backward at K = V = 128 with the default).
+LAUNCH = dict(num_warps=4, num_stages=1)
+INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
+# The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
+# warps they spill registers.
+WIDE_LAUNCH = dict(num_warps=8)
+# The sequential state passes and the forward output multiply in float32 (TF32) whatever the
+# input dtype. With bf16 operands, Triton 3.6 on an H100 computed a state pass that blew up
+# to 1e37 by the third chunk, and an output 60% wrong, at (8, 4096, 16, 128, 128), while
+# float32 operands on the same data were right and the same kernels were right at small
+# shapes (benchmarks/NOTES.md, v3-v4); fla guards a wrong-result bug of this Triton range
+# too. The GPU tests check every kernel at the benchmark's shapes.
+F32_OPERANDS = dict(DT=tl.float32)
+# num_stages=2 (prefetching the next chunk) made the reverse pass slower, 0.87 → 1.43 ms,
+# and the forward pass no faster at (8, 4096, 16, 128, 128): NOTES.md v5.
+STATE_LAUNCH = dict(DT=tl.float32, num_stages=1)
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """Dtype of the tensor-core operands of the state and output stages, and of the tensors
+    they hand to one another (w, u, Δ, chunk states and their gradients).
+
+    bf16/fp16 inputs: the input dtype, sums in float32 (GDN_TRITON_FP32_OPERANDS=1 forces
+    float32, to measure what that costs: benchmarks/NOTES.md). float32 inputs, or exact:
+    float32 (TF32 products, or IEEE in exact mode). The wy stage is float32 throughout.
+    """
+    if exact or dtype == torch.float32 or os.environ.get("GDN_TRITON_FP32_OPERANDS") == "1":
+        return torch.float32
+    return dtype
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,35 +95,42 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     TT, NC = B * T, table.num_chunks
     f32 = dict(device=q.device, dtype=torch.float32)
-    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT)
+    inter = operand_dtype(q.dtype, exact)
+    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
+                 DT=TL_DTYPES[inter], **LAUNCH)
+    lo = dict(device=q.device, dtype=inter)
     chunks = (table.seq, table.start, table.cu)
     delta = beta is not None
     a = w = None
     u = v_
     if delta:
         a = torch.empty(TT, HV, BT, **f32)
-        w, u = torch.empty(TT, HV, K, **f32), torch.empty(TT, HV, V, **f32)
-        wy.wy_inverse_kernel[(NC, HV)](k_, g_, b_, a, *chunks, BC=wy.BC, **flags)
+        w, u = torch.empty(TT, HV, K, **lo), torch.empty(TT, HV, V, **lo)
+        L = torch.empty(TT, HV, BT, **f32)
+        wy.wy_l_kernel[(NC, HV)](k_, g_, b_, L, *chunks, **flags)
+        wy.wy_inverse_kernel[(NC, HV)](L, a, *chunks, HV=HV, PREC=prec, BT=BT, BC=wy.BC,
+                                       **INVERSE_LAUNCH)
+        del L
         wy.wy_apply_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, *chunks, V=V, BV=BV, **flags)
     states, v_new, final = _state_forward(k_, w, u, g_, initial_state, table, HV, K, V,
-                                          BV_state, flags, f32)
+                                          BV_state, flags, lo)
     o = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[(NC, HV)](q_, k_, v_new, g_, states, o, *chunks, scale,
-                                           V=V, BV=BV, **flags)
+                                           V=V, BV=BV, **(flags | F32_OPERANDS))
     return o.view(B, T, HV, V), final, a
 
 
-def _state_forward(k_, w, u, g_, initial_state, table, HV, K, V, BV_state, flags, f32):
+def _state_forward(k_, w, u, g_, initial_state, table, HV, K, V, BV_state, flags, lo):
     delta = w is not None
     TT = k_.shape[0]
-    states = torch.empty(table.num_chunks, HV, K, V, **f32)
-    v_new = torch.empty(TT, HV, V, **f32) if delta else u
-    final = torch.empty(table.num_seqs, HV, K, V, **f32)
+    states = torch.empty(table.num_chunks, HV, K, V, **lo)
+    v_new = torch.empty(TT, HV, V, **lo) if delta else u
+    final = torch.empty(table.num_seqs, HV, K, V, device=k_.device, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     grid = (table.num_seqs * HV, triton.cdiv(V, BV_state))
     state.state_forward_kernel[grid](
         k_, w, u, g_, h0, states, v_new, final, table.cu, table.offsets, V=V, BV=BV_state,
-        DELTA=delta, HAS_H0=h0 is not None, STORE_HT=True, **flags)
+        DELTA=delta, HAS_H0=h0 is not None, STORE_HT=True, **(flags | STATE_LAUNCH))
     return states, v_new, final
 
 
@@ -98,45 +146,53 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     q_, k_, v_, g_, b_, do_ = (_flat(x) for x in (q, k, v, g, beta, do))
     TT, N, NC = B * T, table.num_seqs, table.num_chunks
     f32 = dict(device=q.device, dtype=torch.float32)
-    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT)
+    inter = operand_dtype(q.dtype, exact)
+    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
+                 DT=TL_DTYPES[inter], **LAUNCH)
+    lo = dict(device=q.device, dtype=inter)
     chunks = (table.seq, table.start, table.cu)
     delta = beta is not None
     w = None
     u = v_
     if delta:
-        w, u = torch.empty(TT, HV, K, **f32), torch.empty(TT, HV, V, **f32)
+        w, u = torch.empty(TT, HV, K, **lo), torch.empty(TT, HV, V, **lo)
         wy.wy_apply_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, *chunks, V=V, BV=BV, **flags)
     states, v_new, _ = _state_forward(k_, w, u, g_, initial_state, table, HV, K, V, BV_state,
-                                      flags, f32)
+                                      flags, lo)
 
-    dv_local = torch.empty(TT, HV, V, **f32)
+    dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **flags)
-    d_states = torch.empty(NC, HV, K, V, **f32)
-    d_delta = torch.empty(TT, HV, V, **f32)
+    d_states = torch.empty(NC, HV, K, V, **lo)
+    d_delta = torch.empty(TT, HV, V, **lo)
     dh0 = torch.empty(N, HV, K, V, **f32) if initial_state is not None else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
     state.state_backward_kernel[(N * HV, triton.cdiv(V, BV_state))](
         q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0, table.cu, table.offsets,
         scale, V=V, BV=BV_state, DELTA=delta, HAS_DHT=dht_ is not None,
-        STORE_DH0=dh0 is not None, **flags)
+        STORE_DH0=dh0 is not None, **(flags | STATE_LAUNCH))
 
-    dq, dk = torch.empty(TT, HV, K, **f32), torch.empty(TT, HV, K, **f32)
-    dw = torch.empty(TT, HV, K, **f32) if delta else None
+    # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
+    dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
+    dk_dtype = k.dtype if G == 1 and not delta else torch.float32
+    dk = torch.empty(TT, HV, K, device=q.device, dtype=dk_dtype)
+    dw = torch.empty(TT, HV, K, **lo) if delta else None
     dg = torch.empty(TT, HV, **f32) if g is not None else None
     output.output_backward_kernel[(NC, HV)](
         q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *chunks, scale,
-        V=V, BV=BV, DELTA=delta, **flags)
+        V=V, BV=BV, DELTA=delta, **(flags | WIDE_LAUNCH))
     if delta:
-        dv = torch.empty(TT, HV, V, **f32)
+        dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype)
         dbeta = torch.empty(TT, HV, **f32)
-        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk, dg, dv, dbeta,
-                                        *chunks, V=V, BV=BV, **flags)
+        dk_partial = dk
+        dk = torch.empty(TT, HV, K, device=q.device, dtype=k.dtype if G == 1 else torch.float32)
+        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
+                                        dv, dbeta, *chunks, V=V, BV=BV, **flags)
     else:
         dv, dbeta = d_delta, None
 
     def per_qk_head(x):  # GVA: a q/k head's gradient sums over the v heads reading it
-        return x.view(TT, H, G, K).sum(2).view(B, T, H, K)
+        return (x if G == 1 else x.view(TT, H, G, K).sum(2)).view(B, T, H, K)
 
     return (
         per_qk_head(dq).to(q.dtype),

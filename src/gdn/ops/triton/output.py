@@ -14,6 +14,7 @@ from gdn.ops.triton.common import (
     load_matrix,
     load_rows,
     load_vec,
+    mm,
     store_rows,
     store_vec,
 )
@@ -29,10 +30,10 @@ def _chunk_start(chunk_seq, chunk_start, cu, i_c):
 
 @triton.jit
 def _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE: tl.constexpr,
-                        PREC: tl.constexpr, BT: tl.constexpr):
+                        PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
     """QKᵀ, D and e^{Γ_r} of one chunk (D causal with its diagonal)."""
     o = tl.arange(0, BT)
-    qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    qk = mm(b_q, tl.trans(b_k), DT, PREC)
     if HAS_GATE:
         gg = load_vec(g + i_hv, t0, end, HV, BT)
         return qk, causal_decay(gg, BT), tl.exp(tl.cumsum(gg, axis=0))
@@ -47,7 +48,7 @@ def output_forward_kernel(
     chunk_seq, chunk_start, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
@@ -56,14 +57,14 @@ def output_forward_kernel(
     i_h = i_hv // (HV // H)
     b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
     P = qk * D
     q_gated = b_q * e_gamma[:, None]
     p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix(p_state, 0, K, i_v * BV, V, V, BK, BV)
         delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        b_o = tl.dot(q_gated, S, input_precision=PREC) + tl.dot(P, delta, input_precision=PREC)
+        b_o = mm(q_gated, S, DT, PREC) + mm(P, delta, DT, PREC)
         store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, i_v * BV, V, BT, BV)
 
 
@@ -74,7 +75,7 @@ def dv_local_kernel(
     chunk_seq, chunk_start, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
@@ -83,11 +84,11 @@ def dv_local_kernel(
     i_h = i_hv // (HV // H)
     b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, _ = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    qk, D, _ = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
     P_t = tl.trans(qk * D) * scale
     for i_v in range(0, tl.cdiv(V, BV)):
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(dv_local + i_hv * V, tl.dot(P_t, b_do, input_precision=PREC), t0, end,
+        store_rows(dv_local + i_hv * V, mm(P_t, b_do, DT, PREC), t0, end,
                    HV * V, i_v * BV, V, BT, BV)
 
 
@@ -100,7 +101,7 @@ def output_backward_kernel(
     chunk_seq, chunk_start, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    PREC: tl.constexpr, BT: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
@@ -110,7 +111,7 @@ def output_backward_kernel(
     i_h = i_hv // (HV // H)
     b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, BT)
+    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
     d_q = tl.zeros([BT, BK], dtype=tl.float32)      # dO Sᵀ
     d_k = tl.zeros([BT, BK], dtype=tl.float32)      # Δ dS′ᵀ
@@ -122,12 +123,12 @@ def output_backward_kernel(
         dS = load_matrix(d_states + p_state, 0, K, i_v * BV, V, V, BK, BV)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_q += tl.dot(b_do, tl.trans(S), input_precision=PREC)
-        dO_Dt += tl.dot(b_do, tl.trans(delta), input_precision=PREC)
-        d_k += tl.dot(delta, tl.trans(dS), input_precision=PREC)
+        d_q += mm(b_do, tl.trans(S), DT, PREC)
+        dO_Dt += mm(b_do, tl.trans(delta), DT, PREC)
+        d_k += mm(delta, tl.trans(dS), DT, PREC)
         if DELTA:
             d_d = load_rows(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-            d_w += tl.dot(d_d, tl.trans(S), input_precision=PREC)
+            d_w += mm(d_d, tl.trans(S), DT, PREC)
         if HAS_GATE:
             S_dS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
 
@@ -144,8 +145,8 @@ def output_backward_kernel(
         d_last = e_last * S_dS + tl.sum(write_term, axis=0)   # dΓ_C, reaches every g_j
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last
         store_vec(dg + i_hv, d_g, t0, end, HV, BT)
-    d_q += tl.dot(dM, b_k, input_precision=PREC)
-    d_k += tl.dot(tl.trans(dM), b_q, input_precision=PREC)
+    d_q += mm(dM, b_k, DT, PREC)
+    d_k += mm(tl.trans(dM), b_q, DT, PREC)
     store_rows(dq + i_hv * K, d_q, t0, end, HV * K, 0, K, BT, BK)
     store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
     if DELTA:

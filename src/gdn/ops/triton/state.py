@@ -15,6 +15,7 @@ from gdn.ops.triton.common import (
     load_matrix,
     load_rows,
     load_vec,
+    mm,
     store_matrix,
     store_rows,
 )
@@ -38,7 +39,8 @@ def state_forward_kernel(
     cu, offsets,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    BT: tl.constexpr,
 ):
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -59,14 +61,13 @@ def state_forward_kernel(
         delta = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         if DELTA:
             b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-            delta -= tl.dot(b_w, S, input_precision=PREC)
+            delta -= mm(b_w, S, DT, PREC)
             store_rows(v_new + i_hv * V, delta, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE:
             _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
-            S = S * e_last + tl.dot(tl.trans(b_k * to_end[:, None]), delta,
-                                    input_precision=PREC)
+            S = S * e_last + mm(tl.trans(b_k * to_end[:, None]), delta, DT, PREC)
         else:
-            S += tl.dot(tl.trans(b_k), delta, input_precision=PREC)
+            S += mm(tl.trans(b_k), delta, DT, PREC)
     if STORE_HT:
         store_matrix(ht + p_state, S, 0, K, i_v * BV, V, V, BK, BV)
 
@@ -81,7 +82,8 @@ def state_backward_kernel(
     cu, offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+    BT: tl.constexpr,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
@@ -107,15 +109,15 @@ def state_backward_kernel(
         d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE:
             e_gamma, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
-            d_d += tl.dot(b_k * to_end[:, None], dS, input_precision=PREC)
+            d_d += mm(b_k * to_end[:, None], dS, DT, PREC)
             b_q = b_q * e_gamma[:, None]
             dS = dS * e_last
         else:
-            d_d += tl.dot(b_k, dS, input_precision=PREC)
+            d_d += mm(b_k, dS, DT, PREC)
         store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dS += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+        dS += scale * mm(tl.trans(b_q), b_do, DT, PREC)
         if DELTA:
             b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-            dS -= tl.dot(tl.trans(b_w), d_d, input_precision=PREC)
+            dS -= mm(tl.trans(b_w), d_d, DT, PREC)
     if STORE_DH0:
         store_matrix(dh0 + p_state, dS, 0, K, i_v * BV, V, V, BK, BV)

@@ -2,12 +2,18 @@
 
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk.
 
-``wy_inverse`` forms A for every chunk: L in 16 × 16 blocks, each diagonal block inverted by
-forward substitution and the blocks below it from the block identity
-X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3). A is stored ([TT, HV, BT], row r of the
-chunk's A at token r) because the apply kernel and the backward both use it.
+``wy_l`` forms L with one [BT, K] × [K, BT] product per chunk; ``wy_inverse`` turns it into
+A: each diagonal 16 × 16 block inverted by forward substitution, the blocks below it from the
+block identity X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3). The inverse runs on one warp
+(its 16 × 16 tiles and row reductions stay within a warp), the L product on four. A is
+stored ([TT, HV, BT], row r of the chunk's A at token r) because the apply kernel and the
+backward both use it.
 ``wy_apply`` turns A into w and u with two tensor-core products per chunk.
 ``wy_backward`` is math.md §4.3 and finishes dk, dv, dβ and dg.
+
+The products here stay in float32 (TF32, or IEEE in exact mode) whatever the input dtype
+(DT is accepted for a uniform launch but unused): A feeds every later stage, and these
+kernels are a small share of the time.
 """
 
 import triton
@@ -26,33 +32,41 @@ BC = 16  # sub-block of the inverse; a tensor-core product needs at least 16 row
 
 
 @triton.jit
-def _block_gates(g_ptr, i_hv, t0, end, HV, HAS_GATE: tl.constexpr, BC: tl.constexpr):
-    """Gates of one 16-step block: in-block prefix sums, segment sums, sum to the end."""
-    if HAS_GATE:  # noqa: SIM108 (a constexpr branch, compiled out)
-        g = load_vec(g_ptr + i_hv, t0, end, HV, BC)
-    else:
-        g = tl.zeros([BC], dtype=tl.float32)
-    seg = segment_sums(g, BC)
-    o = tl.arange(0, BC)
-    to_end = tl.sum(tl.where(o[:, None] == BC - 1, seg, 0.0), axis=0)   # Σ_{j<i<BC} g_i
-    return tl.cumsum(g, axis=0), seg, to_end, tl.sum(g, axis=0)
+def wy_l_kernel(
+    k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
+    L,                     # out: [TT, HV, BT] float32, strictly lower: row r of the chunk's L
+    chunk_seq, chunk_start, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+):
+    """L_rj = β_r e^{Γ_r − Γ_j} k_rᵀ k_j for j < r (math.md §2.2), exponents as segment sums."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_seq + i_c)
+    if i_n < 0:
+        return
+    t0 = tl.load(chunk_start + i_c)
+    end = tl.load(cu + i_n + 1)
+    i_h = i_hv // (HV // H)
+    o = tl.arange(0, BT)
+    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b = load_vec(beta + i_hv, t0, end, HV, BT)
+    kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    if HAS_GATE:
+        kk = kk * tl.exp(segment_sums(load_vec(g + i_hv, t0, end, HV, BT), BT))
+    b_L = tl.where(o[:, None] > o[None, :], b[:, None] * kk, 0.0)
+    store_rows(L + i_hv * BT, b_L, t0, end, HV * BT, 0, BT, BT, BT)
 
 
 @triton.jit
-def _l_block(k_i, k_j, beta_i, exponent, PREC: tl.constexpr):
-    """L_rj = β_r e^{exponent_rj} k_rᵀ k_j for one pair of 16-step blocks."""
-    kk = tl.dot(k_i, tl.trans(k_j), input_precision=PREC)
-    return beta_i[:, None] * tl.exp(exponent) * kk
-
-
-@triton.jit
-def _invert_unit_lower(L, BC: tl.constexpr):
-    """(I + L)⁻¹ for strictly-lower L [BC, BC], by forward substitution row by row."""
+def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr):
+    """(I + L_bb)⁻¹ of one diagonal block by forward substitution: row i of the inverse is
+    e_i − Σ_{j<i} L_ij (row j of the inverse); rows of L are read from memory one at a time."""
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     for i in tl.static_range(1, BC):
-        l_i = tl.sum(tl.where(o[:, None] == i, L, 0.0), axis=0)           # row i of L
-        x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(l_i[:, None] * X, axis=0)
+        m_row = (o < i) & (tl.full([BC], t0 + i, tl.int64) < end)
+        row = tl.load(p_L + (t0 + i) * stride + col0 + o, mask=m_row, other=0.0)
+        x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
         X = tl.where(o[:, None] == i, x_i[None, :], X)
     return X
 
@@ -64,52 +78,31 @@ def _mm(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def wy_inverse_kernel(
-    k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
-    a,                     # out: [TT, HV, BT] float32
+    L,                     # [TT, HV, BT] float32 from wy_l_kernel
+    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
     chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
+    """Diagonal 16 × 16 blocks by forward substitution, the blocks below them from
+    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); BT = 4·BC."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_seq + i_c)
     if i_n < 0:
         return
     t0 = tl.load(chunk_start + i_c)
     end = tl.load(cu + i_n + 1)
-    i_h = i_hv // (HV // H)
-    p_k, p_b = k + i_h * K, beta + i_hv
-    k0 = load_rows(p_k, t0, end, H * K, 0, K, BC, BK)
-    k1 = load_rows(p_k, t0 + BC, end, H * K, 0, K, BC, BK)
-    k2 = load_rows(p_k, t0 + 2 * BC, end, H * K, 0, K, BC, BK)
-    k3 = load_rows(p_k, t0 + 3 * BC, end, H * K, 0, K, BC, BK)
-    b0 = load_vec(p_b, t0, end, HV, BC)
-    b1 = load_vec(p_b, t0 + BC, end, HV, BC)
-    b2 = load_vec(p_b, t0 + 2 * BC, end, HV, BC)
-    b3 = load_vec(p_b, t0 + 3 * BC, end, HV, BC)
-    h0, s0, e0, n0 = _block_gates(g, i_hv, t0, end, HV, HAS_GATE, BC)
-    h1, s1, e1, n1 = _block_gates(g, i_hv, t0 + BC, end, HV, HAS_GATE, BC)
-    h2, s2, e2, n2 = _block_gates(g, i_hv, t0 + 2 * BC, end, HV, HAS_GATE, BC)
-    h3, s3, e3, n3 = _block_gates(g, i_hv, t0 + 3 * BC, end, HV, HAS_GATE, BC)
-
-    o = tl.arange(0, BC)
-    below = o[:, None] > o[None, :]
-    # Exponent of block pair (i, j), i > j: Σ of the gates after column j up to row r, taken
-    # as (rest of block j) + (whole blocks between) + (block i up to r): all terms ≤ 0.
-    L00 = tl.where(below, _l_block(k0, k0, b0, s0, PREC), 0.0)
-    L11 = tl.where(below, _l_block(k1, k1, b1, s1, PREC), 0.0)
-    L22 = tl.where(below, _l_block(k2, k2, b2, s2, PREC), 0.0)
-    L33 = tl.where(below, _l_block(k3, k3, b3, s3, PREC), 0.0)
-    L10 = _l_block(k1, k0, b1, h1[:, None] + e0[None, :], PREC)
-    L21 = _l_block(k2, k1, b2, h2[:, None] + e1[None, :], PREC)
-    L32 = _l_block(k3, k2, b3, h3[:, None] + e2[None, :], PREC)
-    L20 = _l_block(k2, k0, b2, h2[:, None] + (n1 + e0[None, :]), PREC)
-    L31 = _l_block(k3, k1, b3, h3[:, None] + (n2 + e1[None, :]), PREC)
-    L30 = _l_block(k3, k0, b3, h3[:, None] + (n2 + n1 + e0[None, :]), PREC)
-
-    A00 = _invert_unit_lower(L00, BC)
-    A11 = _invert_unit_lower(L11, BC)
-    A22 = _invert_unit_lower(L22, BC)
-    A33 = _invert_unit_lower(L33, BC)
+    stride = HV * BT
+    p_L = L + i_hv * BT
+    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC)
+    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC)
+    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC)
+    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC)
+    L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
+    L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
+    L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
+    L30 = load_rows(p_L, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
+    L31 = load_rows(p_L, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
+    L32 = load_rows(p_L, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
     A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
     A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
     A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
@@ -118,16 +111,16 @@ def wy_inverse_kernel(
     A30 = -_mm(A33, _mm(L30, A00, PREC) + _mm(L31, A10, PREC) + _mm(L32, A20, PREC), PREC)
 
     p_a = a + i_hv * BT
-    store_rows(p_a, A00, t0, end, HV * BT, 0, BT, BC, BC)
-    store_rows(p_a, A10, t0 + BC, end, HV * BT, 0, BT, BC, BC)
-    store_rows(p_a, A11, t0 + BC, end, HV * BT, BC, BT, BC, BC)
-    store_rows(p_a, A20, t0 + 2 * BC, end, HV * BT, 0, BT, BC, BC)
-    store_rows(p_a, A21, t0 + 2 * BC, end, HV * BT, BC, BT, BC, BC)
-    store_rows(p_a, A22, t0 + 2 * BC, end, HV * BT, 2 * BC, BT, BC, BC)
-    store_rows(p_a, A30, t0 + 3 * BC, end, HV * BT, 0, BT, BC, BC)
-    store_rows(p_a, A31, t0 + 3 * BC, end, HV * BT, BC, BT, BC, BC)
-    store_rows(p_a, A32, t0 + 3 * BC, end, HV * BT, 2 * BC, BT, BC, BC)
-    store_rows(p_a, A33, t0 + 3 * BC, end, HV * BT, 3 * BC, BT, BC, BC)
+    store_rows(p_a, A00, t0, end, stride, 0, BT, BC, BC)
+    store_rows(p_a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
+    store_rows(p_a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
+    store_rows(p_a, A20, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(p_a, A21, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(p_a, A22, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(p_a, A30, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(p_a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(p_a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(p_a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
 
 
 @triton.jit
@@ -147,7 +140,7 @@ def wy_apply_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_seq + i_c)
@@ -173,12 +166,13 @@ def wy_apply_kernel(
 def wy_backward_kernel(
     k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
-    dk, dg,                   # in/out float32 [TT, HV, K], [TT, HV]: the output stage's parts
+    dk_partial, dk, dg,       # in [TT, HV, K] float32: the output stage's part; out: dk;
+                              # in/out [TT, HV] float32: dg
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     """math.md §4.3: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ), then dk, dv, dβ, dΓ → dg."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
@@ -230,7 +224,6 @@ def wy_backward_kernel(
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True)          # math.md §4.4
         p_dg = dg + i_hv
         store_vec(p_dg, load_vec(p_dg, t0, end, HV, BT) + d_g, t0, end, HV, BT)
-    p_dk = dk + i_hv * K
-    d_k += load_rows(p_dk, t0, end, HV * K, 0, K, BT, BK)
-    store_rows(p_dk, d_k, t0, end, HV * K, 0, K, BT, BK)
+    d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
+    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
     store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)

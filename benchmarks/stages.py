@@ -1,0 +1,75 @@
+"""Where the time goes: CUDA time per Triton kernel of one forward+backward, by stage.
+
+    python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands]
+
+Runs the op a few times under torch.profiler and prints each kernel's mean time per
+forward+backward, so an optimisation can name the kernel it should move (benchmarks/NOTES.md).
+Saves JSON under benchmarks/results/stages/ with the same header as benchmarks/ops.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ops as bench  # noqa: E402  (the shared header and case helpers)
+
+
+def profile(case: bench.Case, dtype: torch.dtype, steps: int) -> dict[str, float]:
+    x = case.inputs(torch.device("cuda"), seed=0).to(dtype, requires_grad=True)
+    dO = torch.randn(case.B, case.T, case.HV, case.V, device="cuda", dtype=dtype)
+    call = bench.BACKENDS["triton"].call
+    for _ in range(2):  # compile and warm up outside the profile
+        call(case.variant, x).backward(dO)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            call(case.variant, x).backward(dO)
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.key] += event.device_time_total / steps / 1000.0   # ms
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="8,4096,16,128,128", help="B,T,H,K,V[,HV]")
+    parser.add_argument("--variant", default="gated_delta_rule", choices=bench.VARIANTS)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--fp32-operands", action="store_true",
+                        help="float32 operands and intermediates for bf16 inputs")
+    parser.add_argument("--out", type=Path, default=bench.ROOT / "benchmarks" / "results" /
+                        "stages")
+    args = parser.parse_args()
+    if args.fp32_operands:
+        os.environ["GDN_TRITON_FP32_OPERANDS"] = "1"
+    case = bench.parse_cases([args.shape], [args.variant])[0]
+    times = profile(case, getattr(torch, args.dtype), args.steps)
+    head = bench.header(torch.device("cuda"))
+    total = sum(times.values())
+    print(f"{case.name} {args.variant} {args.dtype} fp32_operands={args.fp32_operands}: "
+          f"{total:.3f} ms of kernels per forward+backward")
+    for name, ms in times.items():
+        print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
+    path = args.out / f"{bench.results_stem(head)}-{tag}.json"
+    path.write_text(json.dumps({"header": head, "case": case.name, "variant": args.variant,
+                                "dtype": args.dtype, "fp32_operands": args.fp32_operands,
+                                "ms_per_fwd_bwd": times}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
