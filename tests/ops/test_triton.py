@@ -60,7 +60,7 @@ def test_float32_matches_reference(case):
     _check(random_inputs(**kwargs, delta=delta, seed=11), delta, torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("case", ["gated", "gla"])
+@pytest.mark.parametrize("case", ["gated", "gla", "deltanet", "gva_varlen"])
 def test_float16_matches_reference(case):
     kwargs, delta = CASES[case]
     x = random_inputs(**kwargs, delta=delta, seed=12).to(torch.float16).to(torch.float64)

@@ -96,3 +96,12 @@ def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     if tl.float32 == DT:
         return tl.dot(a, b, input_precision=PREC)
     return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def chunk_bounds(chunk_seq, chunk_start, cu, i_c):
+    """(sequence, first token, sequence end) of chunk i_c; sequence −1 past the last chunk."""
+    i_n = tl.load(chunk_seq + i_c)
+    t0 = tl.load(chunk_start + i_c)
+    end = tl.load(cu + tl.maximum(i_n, 0) + 1)
+    return i_n, t0, end

@@ -14,13 +14,14 @@ forward and recomputes w, u, Δ and the states (math.md §4.6).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from gdn.ops.triton import output, state, wy
-from gdn.ops.triton.indexing import chunk_table
+from gdn.ops.triton.indexing import ChunkTable, chunk_table
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
 
@@ -81,56 +82,88 @@ def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _dims(q, v):
+@dataclass
+class _Plan:
+    """Sizes, tiles, chunk table and launch flags shared by the forward and the backward."""
+
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    BV: int
+    BV_state: int
+    prec: str
+    table: ChunkTable
+    flags: dict
+    f32: dict    # float32 tensors: A, accumulators
+    lo: dict     # tensors handed between kernels (operand_dtype)
+
+    @property
+    def TT(self) -> int:
+        return self.B * self.T
+
+    @property
+    def chunks(self) -> tuple:
+        return self.table.seq, self.table.start, self.table.cu
+
+
+def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     B, T, H, K = q.shape
-    return B, T, H, v.shape[2], K, v.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    BK, BV, BV_state = tile_sizes(K, V)
+    prec = "ieee" if exact else "tf32"
+    inter = operand_dtype(q.dtype, exact)
+    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
+                 DT=TL_DTYPES[inter], **LAUNCH)
+    return _Plan(B, T, H, HV, K, V, BV, BV_state, prec,
+                 chunk_table(B, T, cu_seqlens, BT, q.device), flags,
+                 dict(device=q.device, dtype=torch.float32),
+                 dict(device=q.device, dtype=inter))
+
+
+def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
+    w = torch.empty(p.TT, p.HV, p.K, **p.lo)
+    u = torch.empty(p.TT, p.HV, p.V, **p.lo)
+    wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V,
+                                                   BV=p.BV, **p.flags)
+    return w, u
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool):
     """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None."""
-    B, T, H, HV, K, V = _dims(q, v)
-    BK, BV, BV_state = tile_sizes(K, V)
-    prec = "ieee" if exact else "tf32"
-    table = chunk_table(B, T, cu_seqlens, BT, q.device)
+    p = _plan(q, v, g, cu_seqlens, exact)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
-    TT, NC = B * T, table.num_chunks
-    f32 = dict(device=q.device, dtype=torch.float32)
-    inter = operand_dtype(q.dtype, exact)
-    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
-                 DT=TL_DTYPES[inter], **LAUNCH)
-    lo = dict(device=q.device, dtype=inter)
-    chunks = (table.seq, table.start, table.cu)
-    delta = beta is not None
+    grid = (p.table.num_chunks, p.HV)
     a = w = None
     u = v_
-    if delta:
-        a = torch.empty(TT, HV, BT, **f32)
-        w, u = torch.empty(TT, HV, K, **lo), torch.empty(TT, HV, V, **lo)
-        L = torch.empty(TT, HV, BT, **f32)
-        wy.wy_l_kernel[(NC, HV)](k_, g_, b_, L, *chunks, **flags)
-        wy.wy_inverse_kernel[(NC, HV)](L, a, *chunks, HV=HV, PREC=prec, BT=BT, BC=wy.BC,
-                                       **INVERSE_LAUNCH)
+    if beta is not None:
+        a = torch.empty(p.TT, p.HV, BT, **p.f32)
+        L = torch.empty(p.TT, p.HV, BT, **p.f32)
+        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks, **p.flags)
+        wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT, BC=wy.BC,
+                                   **INVERSE_LAUNCH)
         del L
-        wy.wy_apply_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, *chunks, V=V, BV=BV, **flags)
-    states, v_new, final = _state_forward(k_, w, u, g_, initial_state, table, HV, K, V,
-                                          BV_state, flags, lo)
-    o = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype)
-    output.output_forward_kernel[(NC, HV)](q_, k_, v_new, g_, states, o, *chunks, scale,
-                                           V=V, BV=BV, **(flags | F32_OPERANDS))
-    return o.view(B, T, HV, V), final, a
+        w, u = _wy_apply(p, k_, v_, g_, b_, a)
+    states, v_new, final = _state_forward(p, k_, w, u, g_, initial_state)
+    o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
+    output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
+                                       BV=p.BV, **(p.flags | F32_OPERANDS))
+    return o.view(p.B, p.T, p.HV, p.V), final, a
 
 
-def _state_forward(k_, w, u, g_, initial_state, table, HV, K, V, BV_state, flags, lo):
+def _state_forward(p: _Plan, k_, w, u, g_, initial_state):
     delta = w is not None
-    TT = k_.shape[0]
-    states = torch.empty(table.num_chunks, HV, K, V, **lo)
-    v_new = torch.empty(TT, HV, V, **lo) if delta else u
-    final = torch.empty(table.num_seqs, HV, K, V, device=k_.device, dtype=torch.float32)
+    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+    v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
+    final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    grid = (table.num_seqs * HV, triton.cdiv(V, BV_state))
+    grid = (p.table.num_seqs * p.HV, triton.cdiv(p.V, p.BV_state))
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, table.cu, table.offsets, V=V, BV=BV_state,
-        DELTA=delta, HAS_H0=h0 is not None, STORE_HT=True, **(flags | STATE_LAUNCH))
+        k_, w, u, g_, h0, states, v_new, final, p.table.cu, p.table.offsets, V=p.V,
+        BV=p.BV_state, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=True,
+        **(p.flags | STATE_LAUNCH))
     return states, v_new, final
 
 
@@ -138,27 +171,15 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                    exact: bool):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None."""
-    B, T, H, HV, K, V = _dims(q, v)
+    p = _plan(q, v, g, cu_seqlens, exact)
+    B, T, H, HV, K, V, BV, BV_state = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV, p.BV_state
     G = HV // H
-    BK, BV, BV_state = tile_sizes(K, V)
-    prec = "ieee" if exact else "tf32"
-    table = chunk_table(B, T, cu_seqlens, BT, q.device)
+    table, flags, f32, lo, chunks = p.table, p.flags, p.f32, p.lo, p.chunks
     q_, k_, v_, g_, b_, do_ = (_flat(x) for x in (q, k, v, g, beta, do))
-    TT, N, NC = B * T, table.num_seqs, table.num_chunks
-    f32 = dict(device=q.device, dtype=torch.float32)
-    inter = operand_dtype(q.dtype, exact)
-    flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
-                 DT=TL_DTYPES[inter], **LAUNCH)
-    lo = dict(device=q.device, dtype=inter)
-    chunks = (table.seq, table.start, table.cu)
+    TT, N, NC = p.TT, table.num_seqs, table.num_chunks
     delta = beta is not None
-    w = None
-    u = v_
-    if delta:
-        w, u = torch.empty(TT, HV, K, **lo), torch.empty(TT, HV, V, **lo)
-        wy.wy_apply_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, *chunks, V=V, BV=BV, **flags)
-    states, v_new, _ = _state_forward(k_, w, u, g_, initial_state, table, HV, K, V, BV_state,
-                                      flags, lo)
+    w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
+    states, v_new, _ = _state_forward(p, k_, w, u, g_, initial_state)
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     causal_decay,
+    chunk_bounds,
     decay_to_end,
     load_matrix,
     load_rows,
@@ -18,14 +19,6 @@ from gdn.ops.triton.common import (
     store_rows,
     store_vec,
 )
-
-
-@triton.jit
-def _chunk_start(chunk_seq, chunk_start, cu, i_c):
-    i_n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_start + i_c)
-    end = tl.load(cu + tl.maximum(i_n, 0) + 1)
-    return i_n, t0, end
 
 
 @triton.jit
@@ -51,7 +44,7 @@ def output_forward_kernel(
     DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
@@ -78,7 +71,7 @@ def dv_local_kernel(
     DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
@@ -105,7 +98,7 @@ def output_backward_kernel(
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = _chunk_start(chunk_seq, chunk_start, cu, i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)

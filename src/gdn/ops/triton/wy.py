@@ -21,6 +21,7 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     causal_decay,
+    chunk_bounds,
     load_rows,
     load_vec,
     segment_sums,
@@ -41,11 +42,9 @@ def wy_l_kernel(
 ):
     """L_rj = β_r e^{Γ_r − Γ_j} k_rᵀ k_j for j < r (math.md §2.2), exponents as segment sums."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_seq + i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    t0 = tl.load(chunk_start + i_c)
-    end = tl.load(cu + i_n + 1)
     i_h = i_hv // (HV // H)
     o = tl.arange(0, BT)
     b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
@@ -86,11 +85,9 @@ def wy_inverse_kernel(
     """Diagonal 16 × 16 blocks by forward substitution, the blocks below them from
     X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); BT = 4·BC."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_seq + i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    t0 = tl.load(chunk_start + i_c)
-    end = tl.load(cu + i_n + 1)
     stride = HV * BT
     p_L = L + i_hv * BT
     A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC)
@@ -143,11 +140,9 @@ def wy_apply_kernel(
     DT: tl.constexpr, BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_seq + i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    t0 = tl.load(chunk_start + i_c)
-    end = tl.load(cu + i_n + 1)
     i_h = i_hv // (HV // H)
     A = load_a(a, i_hv, t0, end, HV, BT)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
@@ -176,11 +171,9 @@ def wy_backward_kernel(
 ):
     """math.md §4.3: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ), then dk, dv, dβ, dΓ → dg."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_seq + i_c)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    t0 = tl.load(chunk_start + i_c)
-    end = tl.load(cu + i_n + 1)
     i_h = i_hv // (HV // H)
     o = tl.arange(0, BT)
     A = load_a(a, i_hv, t0, end, HV, BT)
