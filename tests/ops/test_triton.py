@@ -104,3 +104,38 @@ def test_split_and_carry_equals_one_call():
     o2, s2 = chunk_gated_delta_rule(**second.kwargs(), **kw)
     assert rel_error(torch.cat([o1, o2], dim=1), o) <= 1e-6
     assert rel_error(s2, s) <= 1e-6
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward."""
+    from gdn.ops.triton import function
+
+    x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
+                      doc_lengths=[30, 40], seed=16).to(torch.float32)
+    args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, True)
+    torch.library.opcheck(function.chunk_forward_op, args)
+    o, final, a = function.chunk_forward_op(*args)
+    backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
+                     a, 0.25, x.initial_state, x.cu_seqlens, True)
+    torch.library.opcheck(function.chunk_backward_op, backward_args)
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
+    (aot_eager: the same graphs as inductor, without a C++ compiler)."""
+    x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
+                      seed=17).to(torch.float32, requires_grad=True)
+
+    def loss(q, k, v, g, beta, h0):
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                      output_final_state=True, backend="triton")
+        return o.square().sum() + s.sum()
+
+    args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)
+    eager = loss(*args)
+    grads_eager = torch.autograd.grad(eager, args)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*args)
+    grads_compiled = torch.autograd.grad(compiled, args)
+    assert rel_error(compiled, eager) <= 1e-6
+    for got, want in zip(grads_compiled, grads_eager, strict=True):
+        assert rel_error(got, want) <= 1e-6

@@ -163,7 +163,8 @@ _ARGS_DOC = """
         backend: {backend}{chunk}
         check_values: check value ranges (g <= 0 and finite{beta_range}, cu_seqlens starting at
             0, non-decreasing, ending at T). These read tensor values, a device-to-host sync
-            on GPU: None means on for CPU tensors and off for CUDA tensors.
+            on GPU: None means on for CPU tensors and off for CUDA tensors (and while
+            torch.compile traces).
 
     Returns:
         ``(o, final_state)``: o [B, T, HV, V] in v's dtype; final_state [N, HV, K, V] in

@@ -7,7 +7,8 @@ Every check runs before any computation and raises ``TypeError`` (wrong kind of 
 dtype) or ``ValueError`` (wrong shape or value) with the argument's name in the message.
 Shape, dtype and device checks are free. Value checks (gate and beta ranges, ``cu_seqlens``
 contents) read tensor values, which on a GPU costs a device-to-host sync; they are on by
-default for CPU tensors and off for CUDA tensors, and ``check_values`` overrides either way.
+default for CPU tensors (except inside torch.compile) and off for CUDA tensors, and
+``check_values`` overrides either way.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def check_inputs(
         _require_flag("check_values", check_values)
 
     if check_values is None:
-        check_values = device.type == "cpu"
+        # Off while torch.compile traces: the checks branch on tensor values, which a
+        # full graph cannot contain. check_values=True still asks for them (and breaks it).
+        check_values = device.type == "cpu" and not torch.compiler.is_compiling()
     if check_values:
         _check_values(T, g, beta, cu_seqlens)
     return Dims(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N)

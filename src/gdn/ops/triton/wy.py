@@ -118,6 +118,12 @@ def wy_inverse_kernel(
     store_rows(p_a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
     store_rows(p_a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
     store_rows(p_a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
+    # Zeros above the diagonal too: the kernels never read them, but A is an output of the
+    # custom op, and uninitialised memory there would make it differ from call to call.
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    for i in tl.static_range(0, 3):
+        for j in tl.static_range(i + 1, 4):
+            store_rows(p_a, zero, t0 + i * BC, end, stride, j * BC, BT, BC, BC)
 
 
 @triton.jit
