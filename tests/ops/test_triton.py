@@ -139,3 +139,25 @@ def test_torch_compile_fullgraph_traces_the_op():
     assert rel_error(compiled, eager) <= 1e-6
     for got, want in zip(grads_compiled, grads_eager, strict=True):
         assert rel_error(got, want) <= 1e-6
+
+
+SEGMENTED = {
+    # name: (random_inputs kwargs, delta); 5 chunks per row, in segments of 2, 2 and 1
+    "gated": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True),
+    "deltanet": (dict(B=1, T=300, H=1, K=16, V=16, gate=False), True),
+    "gla": (dict(B=2, T=300, H=1, K=16, V=16, initial_state=True), False),
+    "linear_attention": (dict(B=1, T=300, H=1, K=16, V=16, gate=False,
+                              initial_state=True), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEGMENTED))
+def test_segmented_state_passes_match_reference(case, monkeypatch):
+    """Long sequences split into segments run side by side (math.md §3.8)."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    kwargs, delta = SEGMENTED[case]
+    x = random_inputs(**kwargs, delta=delta, seed=18)
+    assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu").P == 3
+    _check(x, delta, torch.float32, 1e-5)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import output, state, wy
+from gdn.ops.triton import output, passes, wy
 from gdn.ops.triton.indexing import ChunkTable, chunk_table
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
@@ -55,9 +55,6 @@ WIDE_LAUNCH = dict(num_warps=8)
 # shapes (benchmarks/NOTES.md, v3-v4); fla guards a wrong-result bug of this Triton range
 # too. The GPU tests check every kernel at the benchmark's shapes.
 F32_OPERANDS = dict(DT=tl.float32)
-# num_stages=2 (prefetching the next chunk) made the reverse pass slower, 0.87 → 1.43 ms,
-# and the forward pass no faster at (8, 4096, 16, 128, 128): NOTES.md v5.
-STATE_LAUNCH = dict(DT=tl.float32, num_stages=1)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -146,25 +143,12 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                    **INVERSE_LAUNCH)
         del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
-    states, v_new, final = _state_forward(p, k_, w, u, g_, initial_state)
+    segs = passes.plan_segments(p.B, p.T, BT, cu_seqlens, q.device)
+    states, v_new, final, _ = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
                                        BV=p.BV, **(p.flags | F32_OPERANDS))
     return o.view(p.B, p.T, p.HV, p.V), final, a
-
-
-def _state_forward(p: _Plan, k_, w, u, g_, initial_state):
-    delta = w is not None
-    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
-    v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
-    final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    grid = (p.table.num_seqs * p.HV, triton.cdiv(p.V, p.BV_state))
-    state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, p.table.cu, p.table.offsets, V=p.V,
-        BV=p.BV_state, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=True,
-        **(p.flags | STATE_LAUNCH))
-    return states, v_new, final
 
 
 def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state, cu_seqlens,
@@ -172,26 +156,22 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None."""
     p = _plan(q, v, g, cu_seqlens, exact)
-    B, T, H, HV, K, V, BV, BV_state = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV, p.BV_state
+    B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
     G = HV // H
     table, flags, f32, lo, chunks = p.table, p.flags, p.f32, p.lo, p.chunks
     q_, k_, v_, g_, b_, do_ = (_flat(x) for x in (q, k, v, g, beta, do))
-    TT, N, NC = p.TT, table.num_seqs, table.num_chunks
+    TT, NC = p.TT, table.num_chunks
     delta = beta is not None
     w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
-    states, v_new, _ = _state_forward(p, k_, w, u, g_, initial_state)
+    segs = passes.plan_segments(p.B, p.T, BT, cu_seqlens, q.device)
+    states, v_new, _, transitions = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **flags)
-    d_states = torch.empty(NC, HV, K, V, **lo)
-    d_delta = torch.empty(TT, HV, V, **lo)
-    dh0 = torch.empty(N, HV, K, V, **f32) if initial_state is not None else None
-    dht_ = None if dht is None else dht.to(torch.float32).contiguous()
-    state.state_backward_kernel[(N * HV, triton.cdiv(V, BV_state))](
-        q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0, table.cu, table.offsets,
-        scale, V=V, BV=BV_state, DELTA=delta, HAS_DHT=dht_ is not None,
-        STORE_DH0=dh0 is not None, **(flags | STATE_LAUNCH))
+    d_states, d_delta, dh0 = passes.state_backward(
+        p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
+        segs=segs, transitions=transitions)
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)

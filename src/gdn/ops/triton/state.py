@@ -40,8 +40,11 @@ def state_forward_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BT: tl.constexpr,
+    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
 ):
+    """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
+    final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
+    from S = I gives a segment's transition matrix (math.md §3.8)."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
@@ -55,14 +58,19 @@ def state_forward_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
-        p_chunk = ((first + i) * HV + i_hv) * state_kv
-        store_matrix(states + p_chunk, S, 0, K, i_v * BV, V, V, BK, BV)
+        if STORE_CHUNKS:
+            p_chunk = ((first + i) * HV + i_hv) * state_kv
+            store_matrix(states + p_chunk, S, 0, K, i_v * BV, V, V, BK, BV)
         b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-        delta = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        if U_ZERO:
+            delta = tl.zeros([BT, BV], dtype=tl.float32)
+        else:
+            delta = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         if DELTA:
             b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
             delta -= mm(b_w, S, DT, PREC)
-            store_rows(v_new + i_hv * V, delta, t0, end, HV * V, i_v * BV, V, BT, BV)
+            if STORE_CHUNKS:
+                store_rows(v_new + i_hv * V, delta, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE:
             _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
             S = S * e_last + mm(tl.trans(b_k * to_end[:, None]), delta, DT, PREC)
@@ -83,7 +91,7 @@ def state_backward_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BT: tl.constexpr,
+    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
@@ -101,8 +109,9 @@ def state_backward_kernel(
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         t0 = bos + i * BT
-        p_chunk = ((first + i) * HV + i_hv) * state_kv
-        store_matrix(d_states + p_chunk, dS, 0, K, i_v * BV, V, V, BK, BV)
+        if STORE_CHUNKS:
+            p_chunk = ((first + i) * HV + i_hv) * state_kv
+            store_matrix(d_states + p_chunk, dS, 0, K, i_v * BV, V, V, BK, BV)
         b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
         b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
@@ -114,7 +123,8 @@ def state_backward_kernel(
             dS = dS * e_last
         else:
             d_d += mm(b_k, dS, DT, PREC)
-        store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, i_v * BV, V, BT, BV)
+        if STORE_CHUNKS:
+            store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, i_v * BV, V, BT, BV)
         dS += scale * mm(tl.trans(b_q), b_do, DT, PREC)
         if DELTA:
             b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)

@@ -1,0 +1,160 @@
+"""Launchers of the sequential state passes (math.md §3.2, §4.2), whole or in segments.
+
+Letters: B batch, T time, TT = B·T, HV v heads, K/V head dims, N sequences, P segments per
+sequence, L chunks per segment, BT the chunk.
+
+A state pass runs one program per (sequence, v head, block of V columns) through all the
+chunks of its sequence, so it has N·HV·V/BV programs whatever T is: one 65,536-token sequence
+with 16 heads gives 64 programs on a GPU with 132 SMs, each walking 1,024 chunks. The
+segmented pass (math.md §3.8) cuts each sequence into P segments of L chunks and runs them
+side by side: every segment's own contribution and its transition matrix, a short combine
+over the P segments in PyTorch, and the pass again from the right starting states. It does
+about three times the work of one pass with P times the programs. It is used when
+``SEGMENT_CHUNKS`` is set and ``cu_seqlens`` is None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn.ops.triton import state
+
+# Chunks per segment of the segmented passes; None turns them off. Off by default: the
+# segmented passes are checked in Triton's interpreter (tests/ops/test_triton.py) but have
+# not yet been run or timed on a GPU (benchmarks/NOTES.md §3, "Next").
+SEGMENT_CHUNKS: int | None = None
+
+# The sequential passes multiply in float32 (TF32) whatever the input dtype: see launch.py.
+# num_stages=2 made the reverse pass slower, 0.87 → 1.43 ms, and the forward no faster at
+# (8, 4096, 16, 128, 128): NOTES.md §3 v5.
+STATE_LAUNCH = dict(DT=tl.float32, num_stages=1)
+
+
+@dataclass
+class Segments:
+    """Each row of T tokens cut into P segments of L chunks (the last one shorter)."""
+
+    P: int
+    tokens: int              # L·BT, tokens per segment
+    cu: torch.Tensor         # [B·P + 1] int64 token boundaries
+    offsets: torch.Tensor    # [B·P + 1] int64 index of each segment's first chunk
+
+
+def plan_segments(B: int, T: int, BT: int, cu_seqlens, device) -> Segments | None:
+    L = SEGMENT_CHUNKS
+    per_row = -(-T // BT)
+    if L is None or cu_seqlens is not None or per_row <= L:
+        return None
+    P = -(-per_row // L)
+    rows = torch.arange(B, device=device, dtype=torch.int64)[:, None]
+    starts = rows * T + torch.arange(P, device=device, dtype=torch.int64)[None, :] * (L * BT)
+    first = rows * per_row + torch.arange(P, device=device, dtype=torch.int64)[None, :] * L
+    end = torch.tensor([B * T], device=device, dtype=torch.int64)
+    return Segments(P, L * BT, torch.cat([starts.flatten(), end]),
+                    torch.cat([first.flatten(), end.new_tensor([B * per_row])]))
+
+
+def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_seqs, *,
+                    V=None, store_chunks=True, u_zero=False):
+    V = p.V if V is None else V
+    grid = (n_seqs * p.HV, triton.cdiv(V, p.BV_state))
+    state.state_forward_kernel[grid](
+        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
+        DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **(p.flags | STATE_LAUNCH))
+
+
+def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
+    """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V]
+    and, when segmented, the segments' transitions [B·P, HV, K, K] (or their scalar decays)."""
+    delta = w is not None
+    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+    v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
+    final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    if segs is None:
+        _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, p.table.cu,
+                        p.table.offsets, p.table.num_seqs)
+        return states, v_new, final, None
+    n_segs = p.B * segs.P
+    own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
+    _forward_kernel(p, k_, w, u, g_, None, states, v_new, own, segs.cu, segs.offsets, n_segs,
+                    store_chunks=False)
+    transitions = _transitions(p, k_, w, g_, segs)
+    S = h0 if h0 is not None else torch.zeros_like(final)
+    starts = []
+    own = own.view(p.B, segs.P, p.HV, p.K, p.V)
+    for j in range(segs.P):
+        starts.append(S)
+        S = _apply(transitions[:, j], S) + own[:, j]
+    final.copy_(S)
+    start_states = torch.stack(starts, dim=1).view(n_segs, p.HV, p.K, p.V).contiguous()
+    _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
+                    n_segs)
+    return states, v_new, final, transitions
+
+
+def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
+    """[B, P, HV, K, K] products of the segments' chunk transitions (math.md §3.8); without the
+    delta term the product is e^{Σ g} I, returned as [B, P, HV, 1, 1] scalars."""
+    n_segs = p.B * segs.P
+    if w is None:
+        if g_ is None:
+            return torch.ones(p.B, segs.P, p.HV, 1, 1, **p.f32)
+        per_row = segs.P * segs.tokens
+        padded = torch.nn.functional.pad(g_.view(p.B, p.T, p.HV).float(),
+                                         (0, 0, 0, per_row - p.T))
+        sums = padded.view(p.B, segs.P, -1, p.HV).sum(2)
+        return sums.exp()[..., None, None]
+    eye = torch.eye(p.K, **p.f32).expand(n_segs, p.HV, p.K, p.K).contiguous()
+    M = torch.empty(n_segs, p.HV, p.K, p.K, **p.f32)
+    _forward_kernel(p, k_, w, None, g_, eye, None, None, M, segs.cu, segs.offsets, n_segs,
+                    V=p.K, store_chunks=False, u_zero=True)
+    return M.view(p.B, segs.P, p.HV, p.K, p.K)
+
+
+def _apply(M: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    if M.shape[-1] == 1:                                  # scalar decay (no delta term)
+        return M * S
+    return (M.transpose(-1, -2) if transpose else M) @ S
+
+
+def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
+                     offsets, n_seqs, scale, *, store_chunks=True):
+    state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.BV_state))](
+        q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
+        BV=p.BV_state, DELTA=w is not None, HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **(p.flags | STATE_LAUNCH))
+
+
+def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,
+                   segs: Segments | None, transitions):
+    """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state."""
+    d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+    d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
+    dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
+    dht_ = None if dht is None else dht.to(torch.float32).contiguous()
+    if segs is None:
+        _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0,
+                         p.table.cu, p.table.offsets, p.table.num_seqs, scale)
+        return d_states, d_delta, dh0
+    n_segs = p.B * segs.P
+    own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
+    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, None, d_states, d_delta, own, segs.cu,
+                     segs.offsets, n_segs, scale, store_chunks=False)
+    dS = dht_ if dht_ is not None else torch.zeros(p.B, p.HV, p.K, p.V, **p.f32)
+    own = own.view(p.B, segs.P, p.HV, p.K, p.V)
+    ends = [None] * segs.P
+    for j in reversed(range(segs.P)):
+        ends[j] = dS
+        dS = _apply(transitions[:, j], dS, transpose=True) + own[:, j]
+    if dh0 is not None:
+        dh0.copy_(dS)
+    end_grads = torch.stack(ends, dim=1).view(n_segs, p.HV, p.K, p.V).contiguous()
+    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, end_grads, d_states, d_delta, None,
+                     segs.cu, segs.offsets, n_segs, scale)
+    return d_states, d_delta, dh0
