@@ -24,7 +24,6 @@ Compute routes (attention_masks.py), chosen by ``backend``:
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
 from torch import nn
@@ -39,17 +38,10 @@ from gdn.layers.attention_masks import (
     sdpa,
 )
 from gdn.layers.cache import KVCache
+from gdn.layers.checks import positive_int
 from gdn.layers.rope import apply_rope, compute_dtype, document_ids, packed_positions, rope_angles
 
 BACKENDS = ("auto", "masked", "flex")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return operator.index(value)
 
 
 class Attention(nn.Module):
@@ -79,16 +71,16 @@ class Attention(nn.Module):
         block_size: int = 256,
     ):
         super().__init__()
-        self.d_model = _positive_int("d_model", d_model)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.d_model = positive_int("d_model", d_model)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads must be a multiple of num_kv_heads={num_kv_heads}, "
                              f"got {num_heads}")
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-        self.window = None if window is None else _positive_int("window", window)
+        self.window = None if window is None else positive_int("window", window)
         if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real):
             raise TypeError(f"rope_theta must be a number, got {rope_theta!r}")
         if not 1.0 < float(rope_theta) < float("inf"):
@@ -97,7 +89,7 @@ class Attention(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self.backend = backend
-        self.block_size = _positive_int("block_size", block_size)
+        self.block_size = positive_int("block_size", block_size)
         self.scale = head_dim ** -0.5
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
@@ -122,8 +114,8 @@ class Attention(nn.Module):
         Full attention: S = max_length slots, position p in slot p. Sliding window: S = W
         slots used as a ring buffer (position p in slot p % W), whatever max_length is.
         """
-        batch_size = _positive_int("batch_size", batch_size)
-        max_length = _positive_int("max_length", max_length)
+        batch_size = positive_int("batch_size", batch_size)
+        max_length = positive_int("max_length", max_length)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         slots = max_length if self.window is None else self.window

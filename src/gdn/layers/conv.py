@@ -1,7 +1,7 @@
-"""Causal depthwise short convolution + SiLU, and the cache plumbing of the recurrent mixers.
+"""Causal depthwise short convolution + SiLU.
 
 Letters: B batch, T time, C channels, W conv width, N sequences (B, or the documents of
-``cu_seqlens``), HV/K/V the recurrent state's heads and head dims.
+``cu_seqlens``).
 
 Each channel c of token t sees the W most recent inputs of its own sequence,
 
@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn.layers.cache import RecurrentCache
-from gdn.layers.norm import flag, positive_int
+from gdn.layers.checks import flag, positive_int
 
 
 def causal_conv1d(
@@ -112,71 +111,3 @@ class ShortConvolution(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, width={self.width}, bias={self.bias is not None}"
-
-
-# --- cache plumbing shared by GatedDeltaNet, DeltaNet and Mamba2 ------------------------
-
-
-def new_recurrent_cache(
-    batch_size: int, *, max_length: int, conv_channels: int, conv_width: int,
-    state_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device | str,
-) -> RecurrentCache:
-    """Zero state for ``batch_size`` sequences; ``state_shape`` is (HV, K, V).
-
-    The recurrent state is float32 (float64 for a float64 model, which the ops require);
-    ``max_length`` is checked but unused: a recurrent state does not grow with length.
-    """
-    batch_size = positive_int("batch_size", batch_size)
-    positive_int("max_length", max_length)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return RecurrentCache(
-        conv_state=torch.zeros(batch_size, conv_channels, conv_width - 1, dtype=dtype,
-                               device=device),
-        recurrent_state=torch.zeros(batch_size, *state_shape, dtype=state_dtype,
-                                    device=device),
-        seen=torch.zeros(batch_size, dtype=torch.long, device=device),
-    )
-
-
-def check_cache(cache: object, *, x: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                conv_channels: int, state_shape: tuple[int, int, int]) -> RecurrentCache:
-    """The cache must be a RecurrentCache with one row per sequence of this call."""
-    if not isinstance(cache, RecurrentCache):
-        raise TypeError(f"cache must be a RecurrentCache, got {type(cache).__name__}")
-    if cu_seqlens is not None and x.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs the documents packed into B=1, got B={x.shape[0]}")
-    rows = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    if cache.recurrent_state.shape[0] != rows:
-        raise ValueError(f"cache has {cache.recurrent_state.shape[0]} rows but this call has "
-                         f"{rows} sequences (B, or documents of cu_seqlens)")
-    if tuple(cache.recurrent_state.shape[1:]) != state_shape:
-        raise ValueError(f"cache.recurrent_state must be [N, {', '.join(map(str, state_shape))}]"
-                         f" for this layer, got {tuple(cache.recurrent_state.shape)}")
-    if cache.conv_state.shape[1] != conv_channels:
-        raise ValueError(f"cache.conv_state must have {conv_channels} channels, "
-                         f"got {tuple(cache.conv_state.shape)}")
-    return cache
-
-
-def initial_recurrent_state(cache: RecurrentCache, dtype: torch.dtype) -> torch.Tensor:
-    """The state to start from, in the dtype the ops want for ``dtype`` activations.
-
-    With autograd on, a copy: the op may save it for its backward, and ``store`` overwrites
-    the cache in place afterwards.
-    """
-    state = cache.recurrent_state.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    return state.clone() if torch.is_grad_enabled() and state is cache.recurrent_state else state
-
-
-def store(cache: RecurrentCache, *, conv_state: torch.Tensor, recurrent_state: torch.Tensor,
-          T: int, cu_seqlens: torch.Tensor | None) -> None:
-    """Write the new states in place (no gradient flows into a cache) and advance ``seen``."""
-    cache.conv_state.copy_(conv_state.detach())
-    cache.recurrent_state.copy_(recurrent_state.detach())
-    if cu_seqlens is None:
-        cache.seen += T
-    else:
-        bounds = cu_seqlens.to(device=cache.seen.device, dtype=torch.long)
-        cache.seen += bounds[1:] - bounds[:-1]

@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn.layers.cache import RecurrentCache
-from gdn.layers.conv import (
-    ShortConvolution,
+from gdn.layers.cache import (
+    RecurrentCache,
     check_cache,
     initial_recurrent_state,
     new_recurrent_cache,
     store,
 )
-from gdn.layers.norm import GatedRMSNorm, flag, positive_float, positive_int
+from gdn.layers.checks import flag, positive_float, positive_int
+from gdn.layers.conv import ShortConvolution
+from gdn.layers.norm import GatedRMSNorm
 from gdn.ops import BACKENDS, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from gdn.ops.validate import check_chunk_size
 

@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn.layers.cache import RecurrentCache
-from gdn.layers.conv import (
-    ShortConvolution,
+from gdn.layers.cache import (
+    RecurrentCache,
     check_cache,
     initial_recurrent_state,
     new_recurrent_cache,
     store,
 )
+from gdn.layers.checks import positive_float, positive_int
+from gdn.layers.conv import ShortConvolution
 from gdn.layers.gated_deltanet import check_backend, init_decay_parameters, step_backend
-from gdn.layers.norm import GatedRMSNorm, positive_float, positive_int
+from gdn.layers.norm import GatedRMSNorm
 from gdn.ops import chunk_gated_linear_attention, recurrent_gated_linear_attention
 from gdn.ops.validate import check_chunk_size
 

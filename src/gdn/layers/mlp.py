@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn.layers.norm import positive_int
+from gdn.layers.checks import positive_int
 
 
 class SwiGLU(nn.Module):

@@ -1,4 +1,4 @@
-"""RMS normalisation, plain and gated by SiLU, and the argument checks the layers share.
+"""RMS normalisation, plain and gated by SiLU.
 
 Letters: B batch, T time, D model width, HV value heads, V value head dim, G norm groups.
 
@@ -9,35 +9,11 @@ normalisation is for.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int, or a one-line TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
-
-
-def positive_float(name: str, value: object) -> float:
-    """``value`` as a finite float > 0, or a one-line TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of {type(value).__name__}")
-    if not 0 < float(value) < float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} of {type(value).__name__}")
-    return value
+from gdn.layers.checks import flag, positive_float, positive_int
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -107,15 +107,27 @@ class GDNForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Only for weights a checkpoint did not provide: the layers' own parameters by their
-        # reset_parameters(), then CausalLM's init of every nn.Linear / nn.Embedding (with the
-        # residual scaling). transformers' generic init would undo both.
-        if isinstance(module, CausalLM):
-            for layer in module.modules():
-                if layer is not module and hasattr(layer, "reset_parameters") and \
-                        not isinstance(layer, (torch.nn.Linear, torch.nn.Embedding)):
-                    layer.reset_parameters()
-            module.reset_parameters()
+        # transformers calls this once per module, children first: for every module of a new
+        # model, and in from_pretrained for each module holding weights the checkpoint lacked
+        # (the others' parameters are flagged _is_hf_initialized). Each module gets CausalLM's
+        # init of its own parameters: normal(0, σ) with the residual scaling for nn.Linear /
+        # nn.Embedding, reset_parameters() for the layers (A_log, dt_bias, D, conv, norms).
+        # reset_parameters() also redraws children and writes A_log/dt_bias with copy_, which
+        # transformers' guard on torch.nn.init does not see, so everything but this module's
+        # own unloaded parameters is put back afterwards.
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            self.model.init_projection(module)
+            return
+        own = [p for p in module.parameters(recurse=False)
+               if not getattr(p, "_is_hf_initialized", False)]
+        if not own or not hasattr(module, "reset_parameters"):
+            return
+        own_ids = {id(p) for p in own}
+        kept = [(p, p.detach().clone()) for p in module.parameters() if id(p) not in own_ids]
+        module.reset_parameters()
+        with torch.no_grad():
+            for p, value in kept:
+                p.copy_(value)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed

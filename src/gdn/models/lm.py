@@ -105,7 +105,12 @@ class CausalLM(nn.Module):
         (mixer out_proj / o_proj, SwiGLU down_proj), as GPT-2 does and fla's Gated DeltaNet
         does: the residual stream sums 2·n_layers such outputs, and this keeps its variance
         at initialisation independent of the depth. The layers' own parameters (A_log,
-        dt_bias, D, conv and norm weights) keep their reset_parameters()."""
+        dt_bias, D, conv and norm weights) are drawn by their reset_parameters() first, so
+        this re-initialises the whole model (e.g. after ``to_empty`` from the meta device)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters") and \
+                    not isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -119,6 +124,17 @@ class CausalLM(nn.Module):
                            if isinstance(getattr(layer, name, None), nn.Linear)]
                 assert len(outputs) == 1, f"{type(layer).__name__}: no single output projection"
                 nn.init.normal_(outputs[0].weight, mean=0.0, std=residual_std)
+
+    def init_projection(self, module: nn.Linear | nn.Embedding) -> None:
+        """Redraw one nn.Linear / nn.Embedding of this model as ``reset_parameters`` does
+        (for weights a checkpoint lacked; see ``hf.GDNForCausalLM._init_weights``)."""
+        std = self.config.initializer_range
+        if any(getattr(layer, name, None) is module for block in self.blocks
+               for layer in (block.mixer, block.mlp) for name in _RESIDUAL_OUTPUTS):
+            std /= math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def head_weight(self) -> torch.Tensor:

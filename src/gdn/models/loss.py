@@ -22,13 +22,14 @@ LOGITS_PER_CHUNK = 2**25
 
 
 def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """targets[b, t] = labels[b, t + 1]: what position t is trained to predict, [B, T].
+    """targets[b, t] = labels[b, t + 1]: what position t is trained to predict, [B, T] int64
+    (cross_entropy's target dtype, whatever integer dtype labels has).
 
     The last position of a row has no target, and with packed documents (``cu_seqlens``,
     B = 1) neither has the last token of each document: it must not learn to predict the
     first token of the next one. Ignored positions hold ``IGNORE_INDEX`` (−100).
     """
-    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=labels.device)
     targets[:, :-1] = labels[:, 1:]
     if cu_seqlens is not None:
         ends = cu_seqlens[1:].long() - 1  # last token of each document

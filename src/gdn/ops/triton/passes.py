@@ -15,6 +15,7 @@ about three times the work of one pass with P times the programs. It is used whe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,9 @@ from gdn.ops.triton import state
 
 # Chunks per segment of the segmented passes; None turns them off. Off by default: the
 # segmented passes are checked in Triton's interpreter (tests/ops/test_triton.py) but have
-# not yet been run or timed on a GPU (benchmarks/NOTES.md §3, "Next").
-SEGMENT_CHUNKS: int | None = None
+# not yet been run or timed on a GPU (benchmarks/NOTES.md §4). GDN_TRITON_SEGMENT_CHUNKS=16
+# turns them on for a measurement.
+SEGMENT_CHUNKS: int | None = int(os.environ.get("GDN_TRITON_SEGMENT_CHUNKS", "0")) or None
 
 # The sequential passes multiply in float32 (TF32) whatever the input dtype: see launch.py.
 # num_stages=2 made the reverse pass slower, 0.87 → 1.43 ms, and the forward no faster at
