@@ -172,6 +172,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=transitions)
+    # Buffers die as soon as their last reader has been launched, to keep the peak low (the
+    # caching allocator reuses them for the allocations that follow).
+    del dv_local, transitions
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
@@ -182,6 +185,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     output.output_backward_kernel[(NC, HV)](
         q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *chunks, scale,
         V=V, BV=BV, DELTA=delta, **(flags | WIDE_LAUNCH))
+    del states, d_states, v_new
     if delta:
         dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype)
         dbeta = torch.empty(TT, HV, **f32)
