@@ -42,6 +42,10 @@ Columns:
 - **rel. err**: `output / worst gradient`, ‖x − x₆₄‖/‖x₆₄‖ against a float64 run on the same
   (rounded) inputs: the float64 token loop, or the float64 chunked path where marked †
   (the token loop too large to run).
+- **backend** `fla`: flash-linear-attention 0.6.0 as the yardstick. On Triton 3.6 + Hopper it
+  refuses its own gated backward (a wrong-result bug it guards); `benchmarks/ops.py` lifts
+  the guard to time it, and its errors are reported as measured. `sdpa`: PyTorch causal
+  softmax attention at the same shape (another function; no error column).
 """
 
 
