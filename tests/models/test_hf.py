@@ -50,6 +50,35 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tie):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_weights_missing_from_a_checkpoint_get_the_models_init(tmp_path):
+    """from_pretrained re-initialises what the checkpoint lacks as CausalLM would (A_log,
+    dt_bias by Mamba2's rule, D ones, the residual out_proj scaled) and keeps the rest."""
+    from safetensors.torch import load_file, save_file
+
+    model = hf_model(tie_embeddings=False)  # pattern MGS: block 0 is Mamba2, block 1 GDN
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = ["model.blocks.0.mixer.D", "model.blocks.1.mixer.A_log",
+               "model.blocks.1.mixer.dt_bias", "model.blocks.1.mixer.out_proj.weight",
+               "model.lm_head.weight"]
+    for name in missing:
+        del weights[name]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = GDNForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        if name not in missing:
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    mamba, gdn = loaded.model.blocks[0].mixer, loaded.model.blocks[1].mixer
+    assert torch.equal(mamba.D, torch.ones_like(mamba.D))
+    A, dt = gdn.A_log.exp(), torch.nn.functional.softplus(gdn.dt_bias)
+    assert ((A >= 1) & (A <= 16)).all() and ((dt > 0.9e-3) & (dt < 0.11)).all()
+    std = loaded.config.initializer_range
+    head = loaded.model.lm_head.weight
+    assert abs(head.std().item() / std - 1) < 0.1 and abs(head.mean().item()) < 0.1 * std
+    out = gdn.out_proj.weight  # 1/√(2·n_layers) of σ: a residual-stream output
+    assert abs(out.std().item() / (std / (2 * loaded.config.n_layers) ** 0.5) - 1) < 0.1
+
+
 def test_auto_config_reads_the_model_type(tmp_path):
     hf_model().config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gdn"
@@ -84,6 +113,27 @@ def test_padding_in_attention_mask_never_enters_the_state():
         alone = model(row).logits
         got = model(padded, attention_mask=mask).logits
     assert torch.allclose(got[:, 3:], alone, rtol=0, atol=1e-12)
+
+
+def test_trainer_gradient_accumulation_scales_the_loss_once(tmp_path):
+    """forward returns the mean loss of its batch: with gradient accumulation over 2 batches
+    the Trainer must halve it, not take it for a sum already divided by num_items_in_batch
+    (what it assumes of a forward that accepts **kwargs)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = hf_model("gdn", n_layers=2).train()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                             gradient_accumulation_steps=2)
+    trainer = Trainer(model=model, args=args)
+    trainer.current_gradient_accumulation_steps = 2
+    ids = torch.randint(0, 256, (2, 9))
+    trainer.training_step(model, {"input_ids": ids, "labels": ids},
+                          num_items_in_batch=torch.tensor(2 * 2 * 8))
+    got = model.model.embed.weight.grad.clone()
+    model.zero_grad()
+    (model(ids, labels=ids).loss / 2).backward()
+    assert torch.allclose(got, model.model.embed.weight.grad, rtol=1e-5, atol=0)
 
 
 def test_hf_generate_equals_our_generate():

@@ -116,6 +116,34 @@ def test_residual_output_projections_are_scaled_at_init():
         assert abs(got / (std / 4) - 1) < 0.05  # 1/√(2·8) = 1/4
 
 
+def test_reset_parameters_initialises_every_parameter():
+    """Built on the meta device and materialised with to_empty (as FSDP2 does), the model's
+    reset_parameters must draw every parameter, the layers' own ones (A_log, dt_bias, D,
+    conv, norm weights) included: to_empty leaves uninitialised memory."""
+    config = ModelConfig.from_preset("h2-tiny")
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    torch.manual_seed(0)
+    model.reset_parameters()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            assert (p == 1).all(), name
+    for block in model.blocks:
+        mixer = block.mixer
+        if hasattr(mixer, "A_log"):
+            A = mixer.A_log.exp()
+            dt = torch.nn.functional.softplus(mixer.dt_bias)
+            assert ((A >= 1) & (A <= 16)).all() and ((dt > 0.9e-3) & (dt < 0.11)).all()
+        if hasattr(mixer, "D"):
+            assert (mixer.D == 1).all()
+    assert abs(model.blocks[0].mixer.out_proj.weight.std().item()
+               / (config.initializer_range / (2 * config.n_layers) ** 0.5) - 1) < 0.1
+
+
 def test_flops_per_token():
     model = tiny("transformer")
     c = model.config

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gdn.models import CausalLM, ModelConfig
 from gdn.models.loss import IGNORE_INDEX, chunked_cross_entropy, next_token_targets
 from gdn.testing import rel_error
 
@@ -68,3 +69,15 @@ def test_targets_shift_and_stop_at_document_ends():
     expected = [11, 12, ignore, ignore, 15, 16, 17, 18, 19, ignore]
     assert targets[0].tolist() == expected
     assert next_token_targets(labels, None)[0].tolist() == [*range(11, 20), ignore]
+
+
+def test_int32_labels_give_the_int64_loss():
+    """input_ids may be int32, and labels are usually input_ids: the targets must still be
+    int64 for cross_entropy."""
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_preset("gdn-tiny", n_layers=1))
+    ids = torch.randint(0, 256, (1, 9))
+    cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)
+    expected = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    got = model(ids.int(), labels=ids.int(), cu_seqlens=cu_seqlens).loss
+    assert torch.equal(got, expected)

@@ -100,6 +100,9 @@ class GDNForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _is_stateful = True  # generation state cannot be rolled back (no assisted decoding)
+    # The loss is the mean over the batch's targets, not a sum over num_items_in_batch: the
+    # Trainer must divide it for gradient accumulation itself (it would not, seeing **unused).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: GDNConfig) -> None:
         super().__init__(config)
