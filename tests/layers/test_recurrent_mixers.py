@@ -266,3 +266,13 @@ def test_bad_d_model():
         GatedDeltaNet(0, **GDN_ARGS)
     with pytest.raises(TypeError, match="d_model"):
         Mamba2("32", **MAMBA_ARGS)
+
+
+def test_head_dims_default_to_the_papers_shape():
+    """Key dim 0.75·d and value dim 1.5·d when the head dims are not given."""
+    m = GatedDeltaNet(64, num_heads=4, num_v_heads=8)
+    assert (m.key_dim, m.value_dim) == (48, 96) and (m.head_k_dim, m.head_v_dim) == (12, 12)
+    d = DeltaNet(64, num_heads=2)
+    assert (d.key_dim, d.value_dim) == (48, 96)
+    with pytest.raises(ValueError, match="head_k_dim must be given"):
+        GatedDeltaNet(64, num_heads=5)

@@ -14,8 +14,9 @@ class DeltaNet(GatedDeltaNet):
     """DeltaNet token mixer: x [B, T, D] → [B, T, D]; the delta rule with α ≡ 1 (g = None)."""
 
     def __init__(
-        self, d_model: int, *, num_heads: int, head_k_dim: int, head_v_dim: int,
-        num_v_heads: int | None = None, conv_size: int = 4, allow_neg_eigval: bool = False,
+        self, d_model: int, *, num_heads: int, head_k_dim: int | None = None,
+        head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
     ) -> None:
         super().__init__(d_model, num_heads=num_heads, head_k_dim=head_k_dim,

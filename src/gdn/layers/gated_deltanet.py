@@ -64,6 +64,13 @@ def step_backend(backend: str) -> str:
     return "auto" if backend == "triton" else backend
 
 
+def _default_head_dim(name: str, rule: str, numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{name} must be given: the paper's default {rule} = "
+                         f"{numerator}/{denominator} is not an integer")
+    return numerator // denominator
+
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet token mixer: x [B, T, D] → [B, T, D]; see the module docstring.
 
@@ -75,18 +82,27 @@ class GatedDeltaNet(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, *, num_heads: int, head_k_dim: int, head_v_dim: int,
-        num_v_heads: int | None = None, conv_size: int = 4, allow_neg_eigval: bool = False,
+        self, d_model: int, *, num_heads: int, head_k_dim: int | None = None,
+        head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
         use_decay_gate: bool = True,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
         self.num_heads = positive_int("num_heads", num_heads)
-        self.head_k_dim = positive_int("head_k_dim", head_k_dim)
-        self.head_v_dim = positive_int("head_v_dim", head_v_dim)
         self.num_v_heads = (self.num_heads if num_v_heads is None
                             else positive_int("num_v_heads", num_v_heads))
+        # The paper's shape by default: key dim 0.75·d over the q/k heads, value dim 1.5·d
+        # over the v heads.
+        if head_k_dim is None:
+            head_k_dim = _default_head_dim("head_k_dim", "0.75·d_model/num_heads",
+                                           3 * self.d_model, 4 * self.num_heads)
+        if head_v_dim is None:
+            head_v_dim = _default_head_dim("head_v_dim", "1.5·d_model/num_v_heads",
+                                           3 * self.d_model, 2 * self.num_v_heads)
+        self.head_k_dim = positive_int("head_k_dim", head_k_dim)
+        self.head_v_dim = positive_int("head_v_dim", head_v_dim)
         if self.num_v_heads % self.num_heads != 0:
             raise ValueError(f"num_v_heads must be a multiple of num_heads={self.num_heads}, "
                              f"got {self.num_v_heads}")
