@@ -95,3 +95,12 @@ def test_bad_arguments_raise_one_line_errors(model, kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=2) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(model, args.pop("prompts"), **args)
+
+
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    from gdn.models import sample_next
+
+    logits = torch.zeros(1, 10)               # every token ties with the k-th
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, top_k=3, generator=gen)) for _ in range(200)}
+    assert len(seen) == 3
