@@ -24,13 +24,13 @@ from torch import nn
 from gdn.layers.cache import (
     RecurrentCache,
     check_cache,
-    initial_recurrent_state,
     new_recurrent_cache,
     store,
 )
 from gdn.layers.checks import flag, positive_float, positive_int
 from gdn.layers.conv import ShortConvolution
 from gdn.layers.norm import GatedRMSNorm
+from gdn.layers.recurrence import run_recurrence
 from gdn.ops import BACKENDS, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from gdn.ops.validate import check_chunk_size
 
@@ -56,12 +56,6 @@ def check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     return backend
-
-
-def step_backend(backend: str) -> str:
-    """Backend of the one-token decode step: there is no Triton decode kernel yet, so a layer
-    asked for "triton" runs its chunked calls on Triton and its steps on "auto"."""
-    return "auto" if backend == "triton" else backend
 
 
 def _default_head_dim(name: str, rule: str, numerator: int, denominator: int) -> int:
@@ -175,17 +169,10 @@ class GatedDeltaNet(nn.Module):
                                     initial_state=None if cache is None else cache.conv_state)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g, beta = self.gates(x)
-        common = dict(
-            initial_state=None if cache is None else initial_recurrent_state(cache, v.dtype),
-            output_final_state=cache is not None, cu_seqlens=cu_seqlens,
-            use_qk_l2norm_in_kernel=True, backend=self.backend,
-        )
         args = (q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V), g, beta)
-        if cache is not None and T == 1:
-            o, state = recurrent_gated_delta_rule(
-                *args, **(common | {"backend": step_backend(self.backend)}))
-        else:
-            o, state = chunk_gated_delta_rule(*args, chunk_size=self.chunk_size, **common)
+        o, state = run_recurrence(chunk_gated_delta_rule, recurrent_gated_delta_rule, args,
+                                  cache=cache, cu_seqlens=cu_seqlens, backend=self.backend,
+                                  chunk_size=self.chunk_size, use_qk_l2norm_in_kernel=True)
         o = self.out_norm(o, self.output_gate_proj(x).view(B, T, HV, V))
         if cache is not None:
             store(cache, conv_state=conv_state, recurrent_state=state, T=T,

@@ -22,14 +22,14 @@ from torch import nn
 from gdn.layers.cache import (
     RecurrentCache,
     check_cache,
-    initial_recurrent_state,
     new_recurrent_cache,
     store,
 )
 from gdn.layers.checks import positive_float, positive_int
 from gdn.layers.conv import ShortConvolution
-from gdn.layers.gated_deltanet import check_backend, init_decay_parameters, step_backend
+from gdn.layers.gated_deltanet import check_backend, init_decay_parameters
 from gdn.layers.norm import GatedRMSNorm
+from gdn.layers.recurrence import run_recurrence
 from gdn.ops import chunk_gated_linear_attention, recurrent_gated_linear_attention
 from gdn.ops.validate import check_chunk_size
 
@@ -120,17 +120,11 @@ class Mamba2(nn.Module):
         x_in = x_in.view(B, T, HV, P)
         dt, g = self._steps(dt_raw)
         v = (x_in * dt.unsqueeze(-1)).to(x_in.dtype)
-        common = dict(
-            scale=1.0,  # SSD reads y = hᵀC with no 1/sqrt(S) (math.md §1.4)
-            initial_state=None if cache is None else initial_recurrent_state(cache, v.dtype),
-            output_final_state=cache is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
         args = (C_in.view(B, T, G, S), B_in.view(B, T, G, S), v, g)
-        if cache is not None and T == 1:
-            y, state = recurrent_gated_linear_attention(
-                *args, **(common | {"backend": step_backend(self.backend)}))
-        else:
-            y, state = chunk_gated_linear_attention(*args, chunk_size=self.chunk_size, **common)
+        # scale 1: SSD reads y = hᵀC with no 1/sqrt(S) (math.md §1.4)
+        y, state = run_recurrence(chunk_gated_linear_attention, recurrent_gated_linear_attention,
+                                  args, cache=cache, cu_seqlens=cu_seqlens, backend=self.backend,
+                                  chunk_size=self.chunk_size, scale=1.0)
         y = y + x_in * self.D.to(x_in.dtype).unsqueeze(-1)
         y = self.norm(y.reshape(B, T, self.inner_dim), z)
         if cache is not None:
