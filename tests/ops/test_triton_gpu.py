@@ -168,3 +168,31 @@ def test_torch_compile_fullgraph_equals_eager():
     assert rel_error(compiled, eager) <= 1e-6
     for a, b in zip(grads_compiled, grads_eager, strict=True):
         assert rel_error(a, b) <= 1e-6
+
+
+def test_int64_addressing_past_two_to_the_31_elements():
+    """q, k, v of 2^24 + 300 tokens × 128: element offsets past 2^31 in every kernel. The last
+    document, which lives entirely past that point, must equal a call on it alone."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 60 * 2**30:
+        pytest.skip(f"needs ~60 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    T = 2**24 + 300
+    gen = torch.Generator(device="cuda").manual_seed(29)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    q, v = randn(1, T, 1, 128), randn(1, T, 1, 128)
+    k = torch.nn.functional.normalize(randn(1, T, 1, 128).float(), dim=-1).bfloat16()
+    g = torch.nn.functional.logsigmoid(3 + randn(1, T, 1).float())
+    beta = torch.sigmoid(randn(1, T, 1).float())
+    cu = torch.tensor([0, T - 300, T], device="cuda")
+    with torch.no_grad():
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True,
+                                      backend="triton")
+        tail = slice(T - 300, T)
+        o_tail, s_tail = chunk_gated_delta_rule(
+            q[:, tail].clone(), k[:, tail].clone(), v[:, tail].clone(), g[:, tail].clone(),
+            beta[:, tail].clone(), output_final_state=True, backend="triton")
+    assert torch.isfinite(o).all()
+    assert torch.equal(o[:, tail], o_tail) and torch.equal(s[1:], s_tail)
