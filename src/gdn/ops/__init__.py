@@ -74,17 +74,16 @@ def _triton_obstacle(q: torch.Tensor, chunk_size: int) -> str | None:
     if not _HAS_TRITON:
         return "Triton is not installed"
     kernels = _triton_kernels()
-
-    if q.device.type == "cpu" and not kernels.interpreting():
-        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
-    if q.device.type not in ("cpu", "cuda"):
-        return f"Triton kernels do not run on {q.device.type} tensors"
     if q.dtype == torch.float64:
         return "Triton kernels take float32, float16 or bfloat16, not float64"
     if q.shape[-1] > kernels.MAX_HEAD_DIM:
         return f"Triton kernels take K <= {kernels.MAX_HEAD_DIM}, got K = {q.shape[-1]}"
     if chunk_size != kernels.CHUNK_SIZE:
         return f"Triton kernels use chunk_size {kernels.CHUNK_SIZE}, got {chunk_size}"
+    if q.device.type == "cpu" and not kernels.interpreting():
+        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {q.device.type} tensors"
     return None
 
 
