@@ -168,3 +168,13 @@ def test_segmented_state_passes_match_reference(case, monkeypatch):
     x = random_inputs(**kwargs, delta=delta, seed=18)
     assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu").P == 3
     _check(x, delta, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "wide_k_short"])
+def test_fused_wy_backward_matches_reference(case, monkeypatch):
+    """output_backward with the wy backward inside it (launch.FUSED_WY_BACKWARD)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "FUSED_WY_BACKWARD", True)
+    kwargs, delta = CASES[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=19), delta, torch.float32, 1e-5)

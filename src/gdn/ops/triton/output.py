@@ -19,6 +19,7 @@ from gdn.ops.triton.common import (
     store_rows,
     store_vec,
 )
+from gdn.ops.triton.wy import load_a, wy_gradients
 
 
 @triton.jit
@@ -90,13 +91,19 @@ def output_backward_kernel(
     q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
     v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
-    dq, dk, dw, dg,        # out (float32, per v head): [TT, HV, K] ×3, [TT, HV]
+    dq, dk, dw, dg,        # out (per v head): [TT, HV, K] ×3, [TT, HV]
+    a, w, u, v, beta,      # FUSE_WY only: A, w, u, v, β
+    dv, dbeta,             # FUSE_WY only, out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FUSE_WY: tl.constexpr = False,
 ):
-    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part).
+
+    FUSE_WY (with the delta term): also §4.3 in the same program, from dw in registers, so
+    dk, dg and dβ leave complete and dw never goes to memory (wy_backward is not launched).
+    """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -137,10 +144,20 @@ def output_backward_kernel(
         e_last = tl.exp(tl.sum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
         d_last = e_last * S_dS + tl.sum(write_term, axis=0)   # dΓ_C, reaches every g_j
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last
-        store_vec(dg + i_hv, d_g, t0, end, HV, BT)
     d_q += mm(dM, b_k, DT, PREC)
     d_k += mm(tl.trans(dM), b_q, DT, PREC)
     store_rows(dq + i_hv * K, d_q, t0, end, HV * K, 0, K, BT, BK)
-    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
-    if DELTA:
+    if FUSE_WY:
+        A = load_a(a, i_hv, t0, end, HV, BT)
+        b = load_vec(beta + i_hv, t0, end, HV, BT)
+        dk_wy, d_beta, d_gamma_wy = wy_gradients(-d_w, b_k, b, e_gamma, D, A, w, u, v, d_delta,
+                                                 dv, i_hv, t0, end, HV, K, V, BK, BV, PREC, BT)
+        d_k += dk_wy
+        store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)
+        if HAS_GATE:
+            d_g += tl.cumsum(d_gamma_wy, axis=0, reverse=True)
+    elif DELTA:
         store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, 0, K, BT, BK)
+    if HAS_GATE:
+        store_vec(dg + i_hv, d_g, t0, end, HV, BT)
+    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)

@@ -164,6 +164,41 @@ def wy_apply_kernel(
 
 
 @triton.jit
+def wy_gradients(d_w, b_k, b, e_gamma, D, A, w, u, v, du, dv, i_hv, t0, end,
+                 HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """math.md §4.3 for one chunk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ).
+
+    d_w [BT, BK] is dw in registers; du (= dΔ), w, u, v are read in V blocks and dv is stored.
+    Returns this stage's dk [BT, BK], dβ [BT] and dΓ [BT] (before §4.4's reverse sum).
+    """
+    o = tl.arange(0, BT)
+    dB_w = _mm(tl.trans(A), d_w, PREC)
+    dX_X = _mm(dB_w, tl.trans(load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)), PREC)
+    kb_w = tl.sum(dB_w * b_k, axis=1) * e_gamma                  # e^{Γ_r} k_rᵀ dB_w,r
+    d_beta = kb_w
+    d_gamma = b * kb_w
+    d_k = dB_w * (b * e_gamma)[:, None]
+    for i_v in range(0, tl.cdiv(V, BV)):                         # the u half, V in blocks
+        dB_u = _mm(tl.trans(A), load_rows(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV),
+                   PREC)
+        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
+        d_beta += tl.sum(dB_u * b_v, axis=1)
+        b_u = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        dX_X += _mm(dB_u, tl.trans(b_u), PREC)
+    dL = tl.where(o[:, None] > o[None, :], -dX_X, 0.0)
+    kk = _mm(b_k, tl.trans(b_k), PREC)
+    dL_D = dL * D
+    d_beta += tl.sum(dL_D * kk, axis=1)
+    H_ = dL_D * b[:, None]                                       # H_rj = dL_rj β_r D_rj
+    d_k += _mm(H_, b_k, PREC) + _mm(tl.trans(H_), b_k, PREC)
+    F = H_ * kk                                                  # dL ⊙ L
+    d_gamma += tl.sum(F, axis=1) - tl.sum(F, axis=0)
+    return d_k, d_beta, d_gamma
+
+
+@triton.jit
 def wy_backward_kernel(
     k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
@@ -175,7 +210,7 @@ def wy_backward_kernel(
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr,
 ):
-    """math.md §4.3: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ), then dk, dv, dβ, dΓ → dg."""
+    """math.md §4.3 as its own kernel: reads dw and the output stage's dk and dg parts."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -192,34 +227,10 @@ def wy_backward_kernel(
         e_gamma = tl.full([BT], 1.0, tl.float32)
         D = tl.where(o[:, None] >= o[None, :], 1.0, 0.0)
     b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-
-    # the w half: dB_w = Aᵀ dw
-    dB_w = _mm(tl.trans(A), load_rows(dw + i_hv * K, t0, end, HV * K, 0, K, BT, BK), PREC)
-    dX_X = _mm(dB_w, tl.trans(load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)), PREC)
-    kb_w = tl.sum(dB_w * b_k, axis=1) * e_gamma                  # e^{Γ_r} k_rᵀ dB_w,r
-    d_beta = kb_w
-    d_gamma = b * kb_w
-    d_k = dB_w * (b * e_gamma)[:, None]
-    # the u half: dB_u = Aᵀ du, V in blocks
-    for i_v in range(0, tl.cdiv(V, BV)):
-        dB_u = _mm(tl.trans(A), load_rows(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV),
-                   PREC)
-        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_beta += tl.sum(dB_u * b_v, axis=1)
-        b_u = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dX_X += _mm(dB_u, tl.trans(b_u), PREC)
-
-    below = o[:, None] > o[None, :]
-    dL = tl.where(below, -dX_X, 0.0)
-    kk = _mm(b_k, tl.trans(b_k), PREC)
-    dL_D = dL * D
-    d_beta += tl.sum(dL_D * kk, axis=1)
-    H_ = dL_D * b[:, None]                                     # H_rj = dL_rj β_r D_rj
-    d_k += _mm(H_, b_k, PREC) + _mm(tl.trans(H_), b_k, PREC)
+    d_w = load_rows(dw + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
+    d_k, d_beta, d_gamma = wy_gradients(d_w, b_k, b, e_gamma, D, A, w, u, v, du, dv, i_hv, t0,
+                                        end, HV, K, V, BK, BV, PREC, BT)
     if HAS_GATE:
-        F = H_ * kk                                             # dL ⊙ L
-        d_gamma += tl.sum(F, axis=1) - tl.sum(F, axis=0)
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True)          # math.md §4.4
         p_dg = dg + i_hv
         store_vec(p_dg, load_vec(p_dg, t0, end, HV, BT) + d_g, t0, end, HV, BT)
