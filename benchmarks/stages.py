@@ -1,6 +1,9 @@
 """Where the time goes: CUDA time per Triton kernel of one forward+backward, by stage.
 
-    python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands]
+    python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands] [--tag T]
+    GDN_TRITON_FUSED_WY_BACKWARD=1 python3 benchmarks/stages.py --tag fused
+    GDN_TRITON_SEGMENT_CHUNKS=16 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
+        --tag seg16
 
 Runs the op a few times under torch.profiler and prints each kernel's mean time per
 forward+backward, so an optimisation can name the kernel it should move (benchmarks/NOTES.md).
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -49,11 +53,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fp32-operands", action="store_true",
                         help="float32 operands and intermediates for bf16 inputs")
+    parser.add_argument("--tag", default="", help="suffix of the results file, e.g. fused")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "benchmarks" / "results" /
                         "stages")
     args = parser.parse_args()
     if args.fp32_operands:
         os.environ["GDN_TRITON_FP32_OPERANDS"] = "1"
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
+        parser.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
     case = bench.parse_cases([args.shape], [args.variant])[0]
     times = profile(case, getattr(torch, args.dtype), args.steps)
     head = bench.header(torch.device("cuda"))
@@ -64,6 +71,7 @@ def main() -> None:
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
+    tag += f"-{args.tag}" if args.tag else ""
     path = args.out / f"{bench.results_stem(head)}-{tag}.json"
     path.write_text(json.dumps({"header": head, "case": case.name, "variant": args.variant,
                                 "dtype": args.dtype, "fp32_operands": args.fp32_operands,
