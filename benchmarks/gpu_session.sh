@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -26,6 +26,15 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     # -v: each test's result is in the log as it finishes, even if the call is cut off.
     python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 tests 2>&1 \
         | tee "$out/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
+fi
+if [ "$what" = stages ]; then
+    # The switched-off candidates of NOTES.md §4-5 beside the default, kernel by kernel.
+    python3 benchmarks/stages.py --out "$out/stages" | head -14
+    GDN_TRITON_FUSED_WY_BACKWARD=1 python3 benchmarks/stages.py --tag fused \
+        --out "$out/stages" | head -14
+    python3 benchmarks/stages.py --shape 1,65536,16,128,128 --out "$out/stages" | head -3
+    GDN_TRITON_SEGMENT_CHUNKS=16 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
+        --tag seg16 --out "$out/stages" | head -3
 fi
 if [ "$what" = sweep ]; then
     # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16.
