@@ -21,6 +21,23 @@ else
     export PYTHONPATH=src
 fi
 export PYTHONUNBUFFERED=1
+# Each device call starts on a cold machine; Triton's compile cache travels with the call
+# (carry .triton_cache) and comes back in $OUT, so unchanged kernels are not compiled again.
+export TRITON_CACHE_DIR=$PWD/.triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .triton_cache.tgz ] && tar -xzf .triton_cache.tgz -C "$TRITON_CACHE_DIR"
+# Files come back from $OUT in pieces of at most 16 MiB: rejoin with `cat tc.part.* >`.
+# At most 8 files come back: result folders travel as one archive each.
+save_cache() {
+    tar -czf /tmp/triton_cache.tgz -C "$TRITON_CACHE_DIR" . && \
+        split -b 15M /tmp/triton_cache.tgz "$out/tc.part."
+    for d in stages results; do
+        if [ -n "$(ls -A "$out/$d" 2>/dev/null)" ]; then
+            tar -czf "$out/$d.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
+        fi
+    done
+}
+trap save_cache EXIT
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
     # -v: each test's result is in the log as it finishes, even if the call is cut off.
@@ -35,6 +52,24 @@ if [ "$what" = stages ]; then
     python3 benchmarks/stages.py --shape 1,65536,16,128,128 --out "$out/stages" | head -3
     GDN_TRITON_SEGMENT_CHUNKS=16 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
         --tag seg16 --out "$out/stages" | head -3
+fi
+if [ "$what" = tiles ]; then
+    # Tile/warp choices of launch/tiles.py, kernel by kernel (NOTES.md §6), then the segment
+    # length of the segmented passes on the long sequence.
+    stage_lines() { grep -E "ms of kernels|state_|output_backward|wy_backward"; }
+    for tiles in "" state_bv=64 state_bv=64,state_warps=8 state_warps=8 state_bv=16 \
+                 state_lowp=1; do
+        echo "== tiles: ${tiles:-default}"
+        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
+            --out "$out/stages" 2>/dev/null | stage_lines
+    done
+    GDN_TRITON_TILES=state_lowp=1 timeout 200 python3 benchmarks/ops.py --shapes 8x4096-h16 \
+        --backends triton --tag lowp --out "$out/results" 2>&1 | grep -E "^\| [0-9]|Error"
+    for seg in 0 128 64; do
+        echo "== segment chunks: $seg"
+        GDN_TRITON_SEGMENT_CHUNKS=$seg python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
+            --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
+    done
 fi
 if [ "$what" = sweep ]; then
     # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16.

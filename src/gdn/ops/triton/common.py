@@ -21,6 +21,17 @@ def load_rows(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.const
 
 
 @triton.jit
+def load_cols(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """The transpose of ``load_rows``: [BD, BT] float32, read transposed from memory, so a
+    product with the tile as its transposed left operand needs no transpose in registers."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[None, :] * stride + o_d[:, None]
+    m = (o_t < end)[None, :] & (o_d < n_cols)[:, None]
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def store_rows(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     o_d = col0 + tl.arange(0, BD)

@@ -17,27 +17,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
 from gdn.ops.triton import output, passes, wy
 from gdn.ops.triton.indexing import ChunkTable, chunk_table
+from gdn.ops.triton.tiles import TILES, tile_sizes
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
-
-
-def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
-    """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes.
-
-    The state passes keep a [BK, BV] float32 state in registers; at K = 256 the value
-    dimension is split finer to stay within the register file (and to give the sequential
-    pass more programs). The parallel kernels walk V in BV blocks; their float32 tiles of
-    [BT, BK] and [BK, BV] must fit the 227 KiB of shared memory of an H100 with room to spare.
-    """
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(64 if BK <= 64 else 32, max(16, triton.next_power_of_2(V)))
-    BV_state = min(BV, 32 if BK <= 128 else 16)
-    return BK, BV, BV_state
 
 
 # Launch options of every kernel: no software pipelining of the loops (num_stages=1): the
@@ -47,7 +33,7 @@ LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
 # The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
 # warps they spill registers.
-WIDE_LAUNCH = dict(num_warps=8)
+WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
 # Run the wy backward inside output_backward (one program per chunk keeps dw in registers):
 # checked in the interpreter, not yet timed on a GPU (NOTES.md §5); off until it is.
 FUSED_WY_BACKWARD = os.environ.get("GDN_TRITON_FUSED_WY_BACKWARD") == "1"

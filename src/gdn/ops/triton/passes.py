@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton import state
+from gdn.ops.triton.tiles import TILES
 
 # Chunks per segment of the segmented passes; None turns them off. Off by default: the
 # segmented passes are checked in Triton's interpreter (tests/ops/test_triton.py) but have
@@ -33,7 +34,8 @@ SEGMENT_CHUNKS: int | None = int(os.environ.get("GDN_TRITON_SEGMENT_CHUNKS", "0"
 # The sequential passes multiply in float32 (TF32) whatever the input dtype: see launch.py.
 # num_stages=2 made the reverse pass slower, 0.87 → 1.43 ms, and the forward no faster at
 # (8, 4096, 16, 128, 128): NOTES.md §3 v5.
-STATE_LAUNCH = dict(DT=tl.float32, num_stages=1)
+STATE_LAUNCH = dict(num_stages=1, num_warps=TILES.get("state_warps", 4),
+                    **({} if TILES.get("state_lowp") else dict(DT=tl.float32)))
 
 
 @dataclass

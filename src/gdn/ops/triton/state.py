@@ -12,6 +12,7 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     decay_to_end,
+    load_cols,
     load_matrix,
     load_rows,
     load_vec,
@@ -61,7 +62,7 @@ def state_forward_kernel(
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             store_matrix(states + p_chunk, S, 0, K, i_v * BV, V, V, BK, BV)
-        b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+        b_kt = load_cols(k + i_h * K, t0, end, H * K, 0, K, BT, BK)     # [BK, BT]
         if U_ZERO:
             delta = tl.zeros([BT, BV], dtype=tl.float32)
         else:
@@ -73,9 +74,9 @@ def state_forward_kernel(
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE:
             _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
-            S = S * e_last + mm(tl.trans(b_k * to_end[:, None]), delta, DT, PREC)
+            S = S * e_last + mm(b_kt * to_end[None, :], delta, DT, PREC)
         else:
-            S += mm(tl.trans(b_k), delta, DT, PREC)
+            S += mm(b_kt, delta, DT, PREC)
     if STORE_HT:
         store_matrix(ht + p_state, S, 0, K, i_v * BV, V, V, BK, BV)
 
@@ -112,22 +113,22 @@ def state_backward_kernel(
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             store_matrix(d_states + p_chunk, dS, 0, K, i_v * BV, V, V, BK, BV)
-        b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+        b_qt = load_cols(q + i_h * K, t0, end, H * K, 0, K, BT, BK)     # [BK, BT]
         b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE:
             e_gamma, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
             d_d += mm(b_k * to_end[:, None], dS, DT, PREC)
-            b_q = b_q * e_gamma[:, None]
+            b_qt = b_qt * e_gamma[None, :]
             dS = dS * e_last
         else:
             d_d += mm(b_k, dS, DT, PREC)
         if STORE_CHUNKS:
             store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dS += scale * mm(tl.trans(b_q), b_do, DT, PREC)
+        dS += scale * mm(b_qt, b_do, DT, PREC)
         if DELTA:
-            b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-            dS -= mm(tl.trans(b_w), d_d, DT, PREC)
+            b_wt = load_cols(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)   # [BK, BT]
+            dS -= mm(b_wt, d_d, DT, PREC)
     if STORE_DH0:
         store_matrix(dh0 + p_state, dS, 0, K, i_v * BV, V, V, BK, BV)
