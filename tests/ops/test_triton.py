@@ -166,8 +166,17 @@ def test_segmented_state_passes_match_reference(case, monkeypatch):
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
     kwargs, delta = SEGMENTED[case]
     x = random_inputs(**kwargs, delta=delta, seed=18)
-    assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu").P == 3
+    assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu", programs=1).P == 3
     _check(x, delta, torch.float32, 1e-5)
+
+
+def test_segments_only_when_the_plain_pass_is_short_of_programs():
+    from gdn.ops.triton.passes import auto_segment_chunks
+
+    assert auto_segment_chunks(64, 512, 132) == 0       # 8x4096-h16: 512 programs, full rate
+    assert auto_segment_chunks(1024, 64, 132) == 114    # 1x65536-h16: 9 segments, 576 programs
+    assert auto_segment_chunks(256, 128, 132) == 52     # 2x16384-h16: 5 segments
+    assert auto_segment_chunks(20, 8, 132) == 0         # too short for two segments
 
 
 @pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "wide_k_short"])

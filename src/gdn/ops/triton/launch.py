@@ -132,7 +132,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                    **INVERSE_LAUNCH)
         del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
-    segs = passes.plan_segments(p.B, p.T, BT, cu_seqlens, q.device)
+    segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, final, _ = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
@@ -152,7 +152,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     TT, NC = p.TT, table.num_chunks
     delta = beta is not None
     w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
-    segs = passes.plan_segments(p.B, p.T, BT, cu_seqlens, q.device)
+    segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, _, transitions = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
 
     dv_local = torch.empty(TT, HV, V, **lo)

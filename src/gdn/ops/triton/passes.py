@@ -9,8 +9,9 @@ with 16 heads gives 64 programs on a GPU with 132 SMs, each walking 1,024 chunks
 segmented pass (math.md §3.8) cuts each sequence into P segments of L chunks and runs them
 side by side: every segment's own contribution and its transition matrix, a short combine
 over the P segments in PyTorch, and the pass again from the right starting states. It does
-about three times the work of one pass with P times the programs. It is used when
-``SEGMENT_CHUNKS`` is set and ``cu_seqlens`` is None.
+about three times the work of one pass with P times the programs, so it is used only when the
+plain pass leaves the GPU short of programs, and only without ``cu_seqlens``
+(``plan_segments``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import triton.language as tl
 from gdn.ops.triton import state
 from gdn.ops.triton.tiles import TILES
 
-# Chunks per segment of the segmented passes; None turns them off. Off by default: the
-# segmented passes are checked in Triton's interpreter (tests/ops/test_triton.py) but have
-# not yet been run or timed on a GPU (benchmarks/NOTES.md §4). GDN_TRITON_SEGMENT_CHUNKS=16
-# turns them on for a measurement.
-SEGMENT_CHUNKS: int | None = int(os.environ.get("GDN_TRITON_SEGMENT_CHUNKS", "0")) or None
+# Chunks per segment of the segmented passes: None chooses by ``_auto_segments``, 0 turns
+# them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
+_FORCED = os.environ.get("GDN_TRITON_SEGMENT_CHUNKS")
+SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
+# Measured at (1, 65536, 16, 128, 128) on an H100 (132 SMs; NOTES.md §6): the plain passes
+# run 64 programs; segments of 128 chunks (512 programs) took the kernels of one
+# forward+backward from 23.6 to 20.4 ms, 64 chunks to 22.2, 16 chunks to 23.4; at
+# (8, 4096, 16, …) the plain passes' 512 programs already run at full rate.
+_SEGMENT_BELOW_PROGRAMS_PER_SM = 2    # segment only when the plain pass has fewer programs
+_SEGMENTED_PROGRAMS_PER_SM = 4        # aim for about this many programs per SM
+_MIN_SEGMENT_CHUNKS = 16
 
 # The sequential passes multiply in float32 (TF32) whatever the input dtype: see launch.py.
 # num_stages=2 made the reverse pass slower, 0.87 → 1.43 ms, and the forward no faster at
@@ -48,10 +55,29 @@ class Segments:
     offsets: torch.Tensor    # [B·P + 1] int64 index of each segment's first chunk
 
 
-def plan_segments(B: int, T: int, BT: int, cu_seqlens, device) -> Segments | None:
-    L = SEGMENT_CHUNKS
+def auto_segment_chunks(per_row: int, programs: int, sms: int) -> int:
+    """Chunks per segment for a pass of ``programs`` programs over rows of ``per_row`` chunks
+    on ``sms`` multiprocessors; 0 when the plain pass fills the GPU."""
+    if programs >= _SEGMENT_BELOW_PROGRAMS_PER_SM * sms:
+        return 0
+    P = -(-_SEGMENTED_PROGRAMS_PER_SM * sms // programs)
+    L = max(_MIN_SEGMENT_CHUNKS, -(-per_row // P))
+    return L if per_row >= 2 * L else 0
+
+
+def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *,
+                  programs: int) -> Segments | None:
+    """How to cut rows of T tokens for the state passes, or None for the plain passes;
+    ``programs`` is the plain pass's program count."""
     per_row = -(-T // BT)
-    if L is None or cu_seqlens is not None or per_row <= L:
+    if cu_seqlens is not None:
+        return None
+    L = SEGMENT_CHUNKS
+    if L is None:
+        device = torch.device(device)
+        L = 0 if device.type != "cuda" else auto_segment_chunks(
+            per_row, programs, torch.cuda.get_device_properties(device).multi_processor_count)
+    if L <= 0 or per_row <= L:
         return None
     P = -(-per_row // L)
     rows = torch.arange(B, device=device, dtype=torch.int64)[:, None]
@@ -70,6 +96,12 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
         k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **(p.flags | STATE_LAUNCH))
+
+
+def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
+    """``plan_segments`` for a launch plan (without cu_seqlens its sequences are the rows)."""
+    programs = p.B * p.HV * triton.cdiv(p.V, p.BV_state)
+    return plan_segments(p.B, p.T, BT, cu_seqlens, device, programs=programs)
 
 
 def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
