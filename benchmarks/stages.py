@@ -1,9 +1,9 @@
 """Where the time goes: CUDA time per Triton kernel of one forward+backward, by stage.
 
     python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands] [--tag T]
-    GDN_TRITON_FUSED_WY_BACKWARD=1 python3 benchmarks/stages.py --tag fused
-    GDN_TRITON_SEGMENT_CHUNKS=16 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
-        --tag seg16
+    GDN_TRITON_TILES=state_bv=16 python3 benchmarks/stages.py --tag state_bv16
+    GDN_TRITON_SEGMENT_CHUNKS=0 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
+        --tag unsegmented
 
 Runs the op a few times under torch.profiler and prints each kernel's mean time per
 forward+backward, so an optimisation can name the kernel it should move (benchmarks/NOTES.md).
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fp32-operands", action="store_true",
                         help="float32 operands and intermediates for bf16 inputs")
-    parser.add_argument("--tag", default="", help="suffix of the results file, e.g. fused")
+    parser.add_argument("--tag", default="", help="suffix of the results file, e.g. state_bv16")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "benchmarks" / "results" /
                         "stages")
     args = parser.parse_args()

@@ -177,13 +177,3 @@ def test_segments_only_when_the_plain_pass_is_short_of_programs():
     assert auto_segment_chunks(1024, 64, 132) == 114    # 1x65536-h16: 9 segments, 576 programs
     assert auto_segment_chunks(256, 128, 132) == 52     # 2x16384-h16: 5 segments
     assert auto_segment_chunks(20, 8, 132) == 0         # too short for two segments
-
-
-@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "wide_k_short"])
-def test_fused_wy_backward_matches_reference(case, monkeypatch):
-    """output_backward with the wy backward inside it (launch.FUSED_WY_BACKWARD)."""
-    from gdn.ops.triton import launch
-
-    monkeypatch.setattr(launch, "FUSED_WY_BACKWARD", True)
-    kwargs, delta = CASES[case]
-    _check(random_inputs(**kwargs, delta=delta, seed=19), delta, torch.float32, 1e-5)

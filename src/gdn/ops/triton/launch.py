@@ -34,9 +34,6 @@ INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, n
 # The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
 # warps they spill registers.
 WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
-# Run the wy backward inside output_backward (one program per chunk keeps dw in registers):
-# checked in the interpreter, not yet timed on a GPU (NOTES.md §5); off until it is.
-FUSED_WY_BACKWARD = os.environ.get("GDN_TRITON_FUSED_WY_BACKWARD") == "1"
 # The sequential state passes and the forward output multiply in float32 (TF32) whatever the
 # input dtype. With bf16 operands, Triton 3.6 on an H100 computed a state pass that blew up
 # to 1e37 by the third chunk, and an output 60% wrong, at (8, 4096, 16, 128, 128), while
@@ -167,19 +164,17 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)
-    fused = delta and FUSED_WY_BACKWARD
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
-    dk = torch.empty(TT, HV, K, **(final_dtype if fused or not delta else f32))
-    dw = torch.empty(TT, HV, K, **lo) if delta and not fused else None
+    dk = torch.empty(TT, HV, K, **(f32 if delta else final_dtype))
+    dw = torch.empty(TT, HV, K, **lo) if delta else None
     dg = torch.empty(TT, HV, **f32) if g is not None else None
     dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype) if delta else None
     dbeta = torch.empty(TT, HV, **f32) if delta else None
-    wy_args = (a, w, u, v_, b_, dv, dbeta) if fused else (None,) * 7
     output.output_backward_kernel[(NC, HV)](
-        q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *wy_args, *chunks,
-        scale, V=V, BV=BV, DELTA=delta, FUSE_WY=fused, **(flags | WIDE_LAUNCH))
+        q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *chunks,
+        scale, V=V, BV=BV, DELTA=delta, **(flags | WIDE_LAUNCH))
     del states, d_states, v_new
-    if delta and not fused:
+    if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
         wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,

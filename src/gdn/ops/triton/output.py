@@ -19,7 +19,6 @@ from gdn.ops.triton.common import (
     store_rows,
     store_vec,
 )
-from gdn.ops.triton.wy import load_a, wy_gradients
 
 
 @triton.jit
@@ -92,18 +91,12 @@ def output_backward_kernel(
     v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
     dq, dk, dw, dg,        # out (per v head): [TT, HV, K] ×3, [TT, HV]
-    a, w, u, v, beta,      # FUSE_WY only: A, w, u, v, β
-    dv, dbeta,             # FUSE_WY only, out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FUSE_WY: tl.constexpr = False,
+    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
 ):
-    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part).
-
-    FUSE_WY (with the delta term): also §4.3 in the same program, from dw in registers, so
-    dk, dg and dβ leave complete and dw never goes to memory (wy_backward is not launched).
-    """
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -147,16 +140,7 @@ def output_backward_kernel(
     d_q += mm(dM, b_k, DT, PREC)
     d_k += mm(tl.trans(dM), b_q, DT, PREC)
     store_rows(dq + i_hv * K, d_q, t0, end, HV * K, 0, K, BT, BK)
-    if FUSE_WY:
-        A = load_a(a, i_hv, t0, end, HV, BT)
-        b = load_vec(beta + i_hv, t0, end, HV, BT)
-        dk_wy, d_beta, d_gamma_wy = wy_gradients(-d_w, b_k, b, e_gamma, D, A, w, u, v, d_delta,
-                                                 dv, i_hv, t0, end, HV, K, V, BK, BV, PREC, BT)
-        d_k += dk_wy
-        store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)
-        if HAS_GATE:
-            d_g += tl.cumsum(d_gamma_wy, axis=0, reverse=True)
-    elif DELTA:
+    if DELTA:
         store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, 0, K, BT, BK)
     if HAS_GATE:
         store_vec(dg + i_hv, d_g, t0, end, HV, BT)
