@@ -68,6 +68,32 @@ if [ "$what" = tiles ]; then
             --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
     done
 fi
+if [ "$what" = train ]; then
+    # Training throughput (issue 5), one preset per process so a time-out keeps the others.
+    presets=("$@")
+    [ ${#presets[@]} -eq 0 ] && presets=(gdn-0.4b transformer-0.4b deltanet-0.4b h1-0.4b \
+                                          h2-0.4b mamba2-0.4b)
+    for preset in "${presets[@]}"; do
+        timeout 240 python3 benchmarks/train_throughput.py --presets "$preset" --steps 5 \
+            --tag "$preset" --out "$out/results" 2>&1 | grep -E "^[a-z0-9]+-0|Error|error"
+    done
+fi
+if [ "$what" = fsdp ]; then
+    # `gdn train` on every GPU of the machine (FSDP2 over NCCL), then on one GPU with the same
+    # global batch: the metrics of both come back (issue 5, "show it on 2 GPUs").
+    n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    common=(--preset gdn-0.4b --seq-len 4096 --max-steps 20 --warmup-steps 5 --lr 1e-3
+            --eval-every 10 --eval-batches 1 --save-every 20 --keep-last 1 --no-progress
+            --no-tensorboard --no-export-hf)
+    timeout 300 torchrun --standalone --nproc-per-node "$n" -m gdn train "${common[@]}" \
+        --batch-size 2 --out /tmp/run-fsdp 2>&1 | grep -v Warning | tail -6
+    timeout 200 python3 -m gdn train "${common[@]}" --batch-size $((2 * n)) \
+        --out /tmp/run-1gpu 2>&1 | grep -v Warning | tail -4
+    mkdir -p "$out/results"
+    cp /tmp/run-fsdp/metrics.jsonl "$out/results/fsdp-${n}gpu-metrics.jsonl"
+    cp /tmp/run-1gpu/metrics.jsonl "$out/results/fsdp-1gpu-metrics.jsonl"
+    ls -la /tmp/run-fsdp/checkpoints/*/ | head
+fi
 if [ "$what" = sweep ]; then
     # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16.
     python3 benchmarks/accuracy.py --backend triton --device cuda 2>&1 | tail -12
