@@ -33,7 +33,7 @@ save_cache() {
         split -b 15M /tmp/triton_cache.tgz "$out/tc.part."
     for d in stages results; do
         if [ -n "$(ls -A "$out/$d" 2>/dev/null)" ]; then
-            tar -czf "$out/$d.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
+            tar -czf "$out/$d-$what.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
         fi
     done
 }
