@@ -114,6 +114,51 @@ def section(result: dict, name: str) -> list[str]:
     return [title, "", " · ".join(facts) + f" · `{name}`", "", *table(result["rows"]), ""]
 
 
+TRAIN_LEGEND = """\
+From `benchmarks/results/train/*.json` (written by `benchmarks/train_throughput.py`): one
+full training step per model (forward, backward, global-norm clip, AdamW) on random tokens,
+the same tokens per step at every L, rows packed with `cu_seqlens` as `gdn train` packs
+them. **tok/s** from the median step; **TFLOP/s** = tok/s × `CausalLM.flops_per_token(L)`;
+**MFU** against the device's dense bf16 peak; **peak GiB**: `max_memory_allocated` (weights,
+AdamW state, activations).
+"""
+
+
+def train_table(rows: list[dict]) -> list[str]:
+    lines = ["| preset | L | rows | params | step ms | tok/s | TFLOP/s | MFU | peak GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "step_ms" not in r:
+            lines.append(f"| {r['preset']} | {r['seq_len']} | {r['rows']} | | | | | | | "
+                         f"{r.get('status', '?')} |")
+            continue
+        mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "n/a"
+        lines.append(f"| {r['preset']} | {r['seq_len']} | {r['rows']} | "
+                     f"{r['params'] / 1e6:.1f}M | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops']:.1f} | {mfu} | {memory} | {r['status']} |")
+    return lines
+
+
+def train_sections(train_dir: Path) -> list[str]:
+    """One table per (device, commit, day), rows from every file of that run."""
+    groups: dict[tuple, list] = {}
+    for path in sorted(train_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        h = result["header"]
+        key = (h["device"], h["commit"], h["date"][:10])
+        groups.setdefault(key, [h, [], []])
+        groups[key][1] += result["rows"]
+        groups[key][2].append(path.name)
+    lines = []
+    for (device, commit, day), (h, rows, names) in sorted(groups.items(),
+                                                          key=lambda kv: kv[0][2], reverse=True):
+        lines += [f"## {device} — {day}, commit {commit}", "",
+                  f"torch {h['torch']} · Triton {h['triton'] or 'not installed'} · files: "
+                  + ", ".join(f"`{n}`" for n in names), "", *train_table(rows), ""]
+    return lines
+
+
 def render(results_dir: Path = RESULTS_DIR, doc_path: Path = DOC_PATH) -> Path:
     """Rewrite ``doc_path`` from every ``*.json`` in ``results_dir``; returns the path."""
     results = []
@@ -125,6 +170,9 @@ def render(results_dir: Path = RESULTS_DIR, doc_path: Path = DOC_PATH) -> Path:
         lines += section(result, name)
     if not results:
         lines.append("No results yet: run `python benchmarks/ops.py`.\n")
+    training = train_sections(results_dir / "train")
+    if training:
+        lines += ["# Training throughput", "", TRAIN_LEGEND, *training]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc_path.write_text("\n".join(lines).rstrip("\n") + "\n")
     return doc_path
