@@ -71,10 +71,10 @@ fi
 if [ "$what" = train ]; then
     # Training throughput (issue 5), one preset per process so a time-out keeps the others.
     presets=("$@")
-    [ ${#presets[@]} -eq 0 ] && presets=(gdn-0.4b transformer-0.4b deltanet-0.4b h1-0.4b \
-                                          h2-0.4b mamba2-0.4b)
+    [ ${#presets[@]} -eq 0 ] && presets=(gdn-0.4b transformer-0.4b mamba2-0.4b h1-0.4b \
+                                          h2-0.4b deltanet-0.4b)
     for preset in "${presets[@]}"; do
-        timeout 240 python3 benchmarks/train_throughput.py --presets "$preset" --steps 5 \
+        timeout 150 python3 benchmarks/train_throughput.py --presets "$preset" --steps 5 \
             --tag "$preset" --out "$out/results" 2>&1 | grep -E "^[a-z0-9]+-0|Error|error"
     done
 fi
