@@ -48,37 +48,103 @@ def causal_conv1d(
     if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
         raise ValueError(f"initial_state must be [N, C, W - 1] = {(N, C, W - 1)}, "
                          f"got {tuple(initial_state.shape)}")
-    if initial_state is None:
-        state_NCW = x_BTC.new_zeros(N, C, W - 1)
-    else:
-        state_NCW = initial_state.to(x_BTC.dtype)
-    if cu_seqlens is None:
-        # every row is one sequence: put its state in front of it
-        ext_BCL = torch.cat([state_NCW, x_BTC.transpose(1, 2)], dim=2)
-        y_BCT = F.conv1d(ext_BCL, weight_C1W, bias_C, groups=C)
-        return F.silu(y_BCT.transpose(1, 2)), ext_BCL[:, :, T:]
-
-    # Packed documents: interleave each document's state in front of it, so the stream is
-    # [state_0, doc_0, state_1, doc_1, ...] of length L = T + N(W − 1), then convolve once.
-    # A token at packed position t of document n sits at t + (n + 1)(W − 1) in the stream,
-    # and its W taps all lie inside [state_n, doc_n].
     device = x_BTC.device
-    bounds = cu_seqlens.to(device=device, dtype=torch.long)
-    lengths = bounds[1:] - bounds[:-1]
+    if cu_seqlens is None:
+        starts = torch.arange(N, device=device, dtype=torch.long) * T
+        lengths = torch.full((N,), T, device=device, dtype=torch.long)
+    else:
+        bounds = cu_seqlens.to(device=device, dtype=torch.long)
+        starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+    x_LC = x_BTC.reshape(B * T, C)
+    # Position of every token within its sequence: a tap s steps back stays inside the
+    # sequence iff s <= offset.
     doc_of_token = torch.repeat_interleave(torch.arange(N, device=device), lengths,
-                                           output_size=T)
-    token_at = torch.arange(T, device=device) + (doc_of_token + 1) * (W - 1)
-    state_at = ((bounds[:-1] + torch.arange(N, device=device) * (W - 1))[:, None]
-                + torch.arange(W - 1, device=device))                     # [N, W − 1]
-    source = torch.cat([x_BTC[0], state_NCW.transpose(1, 2).reshape(N * (W - 1), C)])
-    order = torch.empty(T + N * (W - 1), dtype=torch.long, device=device)
-    order[token_at] = torch.arange(T, device=device)
-    order[state_at.flatten()] = torch.arange(T, T + N * (W - 1), device=device)
-    ext_LC = source[order]
-    y_CL = F.conv1d(ext_LC.T.unsqueeze(0), weight_C1W, bias_C, groups=C)[0]
-    y_TC = y_CL[:, token_at - (W - 1)].T
-    final_NCW = ext_LC[state_at + lengths[:, None]].transpose(1, 2)
-    return F.silu(y_TC).unsqueeze(0), final_NCW
+                                           output_size=B * T)
+    offset_L = torch.arange(B * T, device=device) - starts[doc_of_token]
+    y_LC = _ShiftedConv.apply(x_LC, weight_C1W[:, 0], bias_C, offset_L)
+    if initial_state is not None and W > 1:
+        y_LC = _add_state_taps(y_LC, weight_C1W[:, 0], initial_state.to(x_BTC.dtype), starts,
+                               lengths)
+    final_NCW = _final_state(x_LC, initial_state, starts, lengths, W)
+    return F.silu(y_LC.view(B, T, C)), final_NCW
+
+
+class _ShiftedConv(torch.autograd.Function):
+    """y_t = bias + Σ_{s<W} w[:, W−1−s] · x_{t−s} over a packed stream x [L, C], each tap kept
+    only while it stays inside the token's own sequence (s ≤ offset_t); the conv state's taps
+    are added by ``_add_state_taps``.
+
+    W shifted multiply-adds instead of ``F.conv1d(groups=C)``: the depthwise convolution is
+    memory-bound, and the shifts read x W times without the transposes, gathers and im2col
+    of a grouped convolution over a packed stream. The backward runs the same shifts on dy,
+    so only x is saved (autograd of the shifts would keep W products of [L, C]).
+    """
+
+    @staticmethod
+    def forward(ctx, x_LC, weight_CW, bias_C, offset_L):
+        W = weight_CW.shape[1]
+        w = weight_CW.to(x_LC.dtype)
+        y = x_LC * w[:, W - 1]
+        for s in range(1, W):
+            inside = (offset_L[s:] >= s).unsqueeze(1)
+            y[s:] += torch.where(inside, x_LC[:-s] * w[:, W - 1 - s], 0)
+        if bias_C is not None:
+            y += bias_C.to(y.dtype)
+        ctx.save_for_backward(x_LC, weight_CW, offset_L)
+        ctx.bias_dtype = None if bias_C is None else bias_C.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_LC, weight_CW, offset_L = ctx.saved_tensors
+        W = weight_CW.shape[1]
+        w = weight_CW.to(dy.dtype)
+        dx = dy * w[:, W - 1]
+        # Weight and bias gradients sum over every token: accumulate in float32 at least.
+        acc = torch.promote_types(dy.dtype, torch.float32)
+        dw = [None] * W
+        dw[W - 1] = (dy * x_LC).sum(0, dtype=acc)
+        for s in range(1, W):
+            inside = (offset_L[s:] >= s).unsqueeze(1)
+            dy_s = torch.where(inside, dy[s:], 0)
+            dx[:-s] += dy_s * w[:, W - 1 - s]
+            dw[W - 1 - s] = (dy_s * x_LC[:-s]).sum(0, dtype=acc)
+        d_weight = torch.stack(dw, dim=1).to(weight_CW.dtype)
+        d_bias = None if ctx.bias_dtype is None else dy.sum(0, dtype=acc).to(ctx.bias_dtype)
+        return dx, d_weight, d_bias, None
+
+
+def _add_state_taps(y_LC, weight_CW, state_NCW, starts, lengths):
+    """y plus the taps of each sequence's first W − 1 tokens that read its conv state:
+    token j (< W − 1) of sequence n gets Σ_{i < W−1−j} weight[:, i] · state_n[:, j + i]."""
+    W = weight_CW.shape[1]
+    taps = torch.stack([sum(weight_CW[:, i] * state_NCW[:, :, j + i] for i in range(W - 1 - j))
+                        for j in range(W - 1)], dim=1)                  # [N, W − 1, C]
+    j = torch.arange(W - 1, device=y_LC.device)
+    rows = starts[:, None] + j                                           # [N, W − 1]
+    inside = j < lengths[:, None]
+    return y_LC.index_add(0, rows[inside], taps[inside].to(y_LC.dtype))
+
+
+def _final_state(x_LC, initial_state, starts, lengths, W):
+    """The last W − 1 entries of [state_n, inputs of sequence n], for every n: [N, C, W − 1].
+    Entry k is input len_n − (W − 1) + k of the sequence when that is ≥ 0, else state entry
+    len_n + k (zeros without a state)."""
+    N, C = starts.numel(), x_LC.shape[1]
+    k = torch.arange(W - 1, device=x_LC.device)
+    position = lengths[:, None] - (W - 1) + k                           # [N, W − 1]
+    from_input = position >= 0
+    padded = torch.cat([x_LC, x_LC.new_zeros(1, C)])  # a valid row to gather when x is empty
+    rows = torch.where(from_input, starts[:, None] + position, x_LC.shape[0])
+    final = padded[rows]                                                 # [N, W − 1, C]
+    if initial_state is not None:
+        state = initial_state.to(x_LC.dtype).transpose(1, 2)            # [N, W − 1, C]
+        older = torch.gather(state, 1, (lengths[:, None] + k).clamp(max=max(W - 2, 0))
+                             [:, :, None].expand(N, W - 1, C))
+        final = torch.where(from_input[:, :, None], final, older)
+    else:
+        final = torch.where(from_input[:, :, None], final, 0)
+    return final.transpose(1, 2)
 
 
 class ShortConvolution(nn.Module):
