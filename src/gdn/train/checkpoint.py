@@ -155,6 +155,16 @@ def _shared_token(runtime: Runtime) -> str:
     return token[0]
 
 
+def _training_state(model, optimizer) -> dict:
+    """{"model": …[, "optimizer": …]} as DCP saves and loads them (sharded under FSDP2).
+    get_state_dict fills an optimizer that has not stepped yet with zeroed state, so a load
+    has a tensor of the right shape to read each saved tensor into."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, extra: dict,
                     keep_last: int = 3, runtime: Runtime | None = None,
@@ -195,11 +205,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
         tmp.mkdir(parents=True)
     barrier()
 
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+    state = _training_state(model, optimizer)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
     _write_durable(tmp / f"extra-rank{runtime.rank}.pt", _to_bytes(extra))
@@ -270,13 +276,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     if not extra_file.is_file():
         raise ValueError(f"checkpoint {path} lacks {extra_file.name}")
 
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        # get_state_dict fills an optimizer that has not stepped yet with zeroed state, so
-        # DCP has a tensor of the right shape to load each saved tensor into.
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+    state = _training_state(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     if optimizer is None:
