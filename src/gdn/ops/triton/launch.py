@@ -168,12 +168,14 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     dk = torch.empty(TT, HV, K, **(f32 if delta else final_dtype))
     dw = torch.empty(TT, HV, K, **lo) if delta else None
     dg = torch.empty(TT, HV, **f32) if g is not None else None
-    dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype) if delta else None
-    dbeta = torch.empty(TT, HV, **f32) if delta else None
     output.output_backward_kernel[(NC, HV)](
         q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *chunks,
         scale, V=V, BV=BV, DELTA=delta, **(flags | WIDE_LAUNCH))
     del states, d_states, v_new
+    # The wy backward's outputs are allocated only now, in the memory the chunk states held:
+    # the peak of the backward is during output_backward.
+    dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype) if delta else None
+    dbeta = torch.empty(TT, HV, **f32) if delta else None
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
