@@ -35,5 +35,7 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
     """
     BK = max(16, triton.next_power_of_2(K))
     BV = min(TILES.get("bv", 64 if BK <= 64 else 32), max(16, triton.next_power_of_2(V)))
-    BV_state = min(BV, TILES.get("state_bv", 32 if BK <= 128 else 16))
+    # An explicit state_bv is taken as given (a first sweep capped it at BV and measured
+    # nothing: NOTES.md §6).
+    BV_state = TILES.get("state_bv") or min(BV, 32 if BK <= 128 else 16)
     return BK, BV, BV_state
