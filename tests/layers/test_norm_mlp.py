@@ -77,6 +77,55 @@ def test_gated_gate_then_norm_in_groups():
     assert rel_error(other(x, z), expected) > 1e-3
 
 
+def _plain_norm(x, weight, gate, eps, group_size, gate_before_norm):
+    """The norms as plain autograd sees them: the reference for the hand-written backward."""
+    u = x * F.silu(gate) if gate is not None and gate_before_norm else x
+    y = _rms(u.unflatten(-1, (-1, group_size)), eps).flatten(-2) * weight
+    return y * F.silu(gate) if gate is not None and not gate_before_norm else y
+
+
+@pytest.mark.parametrize("variant", ["plain", "gate_after_per_head", "gate_before_in_groups"])
+def test_norm_gradients_match_autograd_of_the_formula(variant):
+    """The norms' own backward (_RMSNormFunction) against autograd of the formula, float64."""
+    if variant == "plain":
+        norm, shape, gate = RMSNorm(24, eps=1e-5), (2, 7, 24), False
+    elif variant == "gate_after_per_head":
+        norm, shape, gate = GatedRMSNorm(12, eps=1e-5), (2, 7, 3, 12), True
+    else:
+        norm = GatedRMSNorm(24, eps=1e-5, group_size=8, gate_before_norm=True)
+        shape, gate = (2, 7, 24), True
+    norm = norm.double()
+    with torch.no_grad():
+        norm.weight.copy_(_randn(norm.weight.shape[0], seed=1))
+    x = _randn(*shape, seed=2).requires_grad_()
+    z = _randn(*shape, seed=3).requires_grad_() if gate else None
+    dy = _randn(*shape, seed=4)
+    inputs = [t for t in (x, norm.weight, z) if t is not None]
+    y = norm(x, z) if gate else norm(x)
+    grads = torch.autograd.grad(y, inputs, dy)
+    expected_y = _plain_norm(x, norm.weight, z, 1e-5, getattr(norm, "group_size", 24),
+                             getattr(norm, "gate_before_norm", False))
+    expected = torch.autograd.grad(expected_y, inputs, dy)
+    assert rel_error(y, expected_y) <= TOL
+    for grad, grad_ref in zip(grads, expected, strict=True):
+        assert rel_error(grad, grad_ref) <= 1e-10
+
+
+def test_norm_keeps_only_its_inputs_for_the_backward():
+    """bf16 input: the saved tensors are x and the gate in bf16, the weight and the [.., G]
+    reciprocal RMS; no float32 copy of a [.., dim] tensor."""
+    norm = GatedRMSNorm(64)
+    x = _randn(8, 16, 64, dtype=torch.bfloat16).requires_grad_()
+    z = _randn(8, 16, 64, seed=1, dtype=torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x, z)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert [t.dtype for t in big] == [torch.bfloat16, torch.bfloat16]
+    assert sum(t.numel() * t.element_size() for t in saved) <= 2 * x.numel() * 2 + 8 * 16 * 4 \
+        + 64 * 4
+
+
 def test_gated_norm_bf16_output_dtype():
     norm = GatedRMSNorm(16)
     x, gate = _randn(4, 16, dtype=torch.bfloat16), _randn(4, 16, seed=1, dtype=torch.bfloat16)
