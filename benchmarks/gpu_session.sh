@@ -29,8 +29,11 @@ mkdir -p "$TRITON_CACHE_DIR"
 # Files come back from $OUT in pieces of at most 16 MiB: rejoin with `cat tc.part.* >`.
 # At most 8 files come back: result folders travel as one archive each.
 save_cache() {
-    tar -czf /tmp/triton_cache.tgz -C "$TRITON_CACHE_DIR" . && \
-        split -b 15M /tmp/triton_cache.tgz "$out/tc.part."
+    # GDN_SAVE_CACHE=0: the kernels are about to change, so the cache is not worth 5 files.
+    if [ "${GDN_SAVE_CACHE:-1}" = 1 ]; then
+        tar -czf /tmp/triton_cache.tgz -C "$TRITON_CACHE_DIR" . && \
+            split -b 15M /tmp/triton_cache.tgz "$out/tc.part."
+    fi
     for d in stages results; do
         if [ -n "$(ls -A "$out/$d" 2>/dev/null)" ]; then
             tar -czf "$out/$d-$what.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
@@ -49,6 +52,8 @@ if [ "$what" = stages ]; then
     python3 benchmarks/stages.py --out "$out/stages" 2>/dev/null | head -14
     python3 benchmarks/stages.py --shape 1,65536,16,128,128 --out "$out/stages" 2>/dev/null \
         | head -6
+    # The yardstick's kernels at the first shape, to compare stage by stage.
+    python3 benchmarks/stages.py --backend fla --out "$out/stages" 2>/dev/null | head -16
 fi
 if [ "$what" = tiles ]; then
     # Tile/warp choices of launch/tiles.py, kernel by kernel (NOTES.md §6), then the segment

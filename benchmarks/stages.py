@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ops as bench  # noqa: E402  (the shared header and case helpers)
 
 
-def profile(case: bench.Case, dtype: torch.dtype, steps: int) -> dict[str, float]:
+def profile(case: bench.Case, dtype: torch.dtype, steps: int,
+            backend: str = "triton") -> dict[str, float]:
     x = case.inputs(torch.device("cuda"), seed=0).to(dtype, requires_grad=True)
     dO = torch.randn(case.B, case.T, case.HV, case.V, device="cuda", dtype=dtype)
-    call = bench.BACKENDS["triton"].call
+    call = bench.BACKENDS[backend].call
     for _ in range(2):  # compile and warm up outside the profile
         call(case.variant, x).backward(dO)
     torch.cuda.synchronize()
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--variant", default="gated_delta_rule", choices=bench.VARIANTS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--backend", default="triton", choices=("triton", "fla"),
+                        help="fla: the yardstick's kernels, stage by stage, for comparison")
     parser.add_argument("--fp32-operands", action="store_true",
                         help="float32 operands and intermediates for bf16 inputs")
     parser.add_argument("--tag", default="", help="suffix of the results file, e.g. state_bv16")
@@ -62,19 +65,21 @@ def main() -> None:
     if args.tag and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         parser.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
     case = bench.parse_cases([args.shape], [args.variant])[0]
-    times = profile(case, getattr(torch, args.dtype), args.steps)
+    times = profile(case, getattr(torch, args.dtype), args.steps, args.backend)
     head = bench.header(torch.device("cuda"))
     total = sum(times.values())
-    print(f"{case.name} {args.variant} {args.dtype} fp32_operands={args.fp32_operands}: "
-          f"{total:.3f} ms of kernels per forward+backward")
+    print(f"{args.backend} {case.name} {args.variant} {args.dtype} "
+          f"fp32_operands={args.fp32_operands}: {total:.3f} ms of kernels per forward+backward")
     for name, ms in times.items():
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
     tag += f"-{args.tag}" if args.tag else ""
+    tag += "-fla" if args.backend == "fla" else ""
     path = args.out / f"{bench.results_stem(head)}-{tag}.json"
     path.write_text(json.dumps({"header": head, "case": case.name, "variant": args.variant,
-                                "dtype": args.dtype, "fp32_operands": args.fp32_operands,
+                                "dtype": args.dtype, "backend": args.backend,
+                                "fp32_operands": args.fp32_operands,
                                 "ms_per_fwd_bwd": times}, indent=1) + "\n")
     print(f"wrote {path}")
 
