@@ -73,6 +73,20 @@ if [ "$what" = tiles ]; then
             --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
     done
 fi
+if [ "$what" = state ]; then
+    # The state passes (NOTES.md §8): correctness against float64 at full shapes, then their
+    # time by tile choice.
+    for case in 8x4096-h16 8x4096-h6-k256v512 1x65536-h16; do
+        timeout 200 python3 benchmarks/ops.py --shapes "$case" --backends triton --tag "$case" \
+            --out "$out/results" 2>&1 | grep -E "^\| [0-9]|Error"
+    done
+    stage_lines() { grep -E "ms of kernels|state_"; }
+    for tiles in "" state_bv=64 state_stages=3 state_warps=8 state_bv=16 state_f32=1; do
+        echo "== tiles: ${tiles:-default}"
+        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
+            --out "$out/stages" 2>/dev/null | stage_lines
+    done
+fi
 if [ "$what" = train ]; then
     # Training throughput (issue 5), one preset per process so a time-out keeps the others.
     presets=("$@")

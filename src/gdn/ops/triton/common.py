@@ -32,6 +32,27 @@ def load_cols(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.const
 
 
 @triton.jit
+def load_rows_stored(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """``load_rows`` in the stored dtype: a tile that goes straight into ``tl.dot``, which
+    Triton's pipeliner can then prefetch into shared memory a chunk ahead."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[:, None] * stride + o_d[None, :]
+    m = (o_t < end)[:, None] & (o_d < n_cols)[None, :]
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def load_cols_stored(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """``load_cols`` in the stored dtype (see ``load_rows_stored``)."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[None, :] * stride + o_d[:, None]
+    m = (o_t < end)[None, :] & (o_d < n_cols)[:, None]
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
 def store_rows(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     o_d = col0 + tl.arange(0, BD)
@@ -107,6 +128,15 @@ def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     if tl.float32 == DT:
         return tl.dot(a, b, input_precision=PREC)
     return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def mma(a, b, acc, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b, operands in DT, the float32 accumulator updated in place by the tensor
+    cores (no separate add). Casts of tiles already in DT are no-ops."""
+    if tl.float32 == DT:
+        return tl.dot(a.to(DT), b.to(DT), acc, input_precision=PREC)
+    return tl.dot(a.to(DT), b.to(DT), acc)
 
 
 @triton.jit

@@ -38,11 +38,25 @@ _SEGMENT_BELOW_PROGRAMS_PER_SM = 2    # segment only when the plain pass has few
 _SEGMENTED_PROGRAMS_PER_SM = 4        # aim for about this many programs per SM
 _MIN_SEGMENT_CHUNKS = 16
 
-# The sequential passes multiply in float32 (TF32) whatever the input dtype: see launch.py.
-# num_stages=2 made the reverse pass slower, 0.87 → 1.43 ms, and the forward no faster at
-# (8, 4096, 16, 128, 128): NOTES.md §3 v5.
-STATE_LAUNCH = dict(num_stages=1, num_warps=TILES.get("state_warps", 4),
-                    **({} if TILES.get("state_lowp") else dict(DT=tl.float32)))
+# The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
+# kernels, with [K, BV] states and float32 tiles, computed inf with bf16 operands on Triton 3.6
+# and an H100, NOTES.md §3 v4, §8), and prefetch the next chunk's tiles (num_stages=2).
+# GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands, to measure what they cost.
+STATE_LAUNCH = dict(num_warps=TILES.get("state_warps", 4),
+                    **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
+BT_ROWS = 64   # the chunk (launch.BT; not imported, launch imports this module)
+KB = 64   # rows of one block of the state (state.py): K ≤ 256 is up to four blocks
+_STAGE_BYTES = 160 * 1024   # shared memory the prefetched k and w tiles may take
+
+
+def _state_flags(p) -> dict:
+    """The launch plan's flags for a state kernel: row blocks of KB instead of one BK tile,
+    and two pipeline stages where two chunks' k and w tiles fit in shared memory."""
+    flags = {key: value for key, value in p.flags.items() if key != "BK"} | STATE_LAUNCH
+    itemsize = 4 if flags["DT"] == tl.float32 else 2
+    stage_bytes = 2 * BT_ROWS * p.flags["BK"] * itemsize           # one chunk's k and w
+    stages = TILES.get("state_stages", 2 if 2 * stage_bytes <= _STAGE_BYTES else 1)
+    return flags | dict(KB=min(KB, p.flags["BK"]), num_stages=stages)
 
 
 @dataclass
@@ -95,7 +109,7 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
     state.state_forward_kernel[grid](
         k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **(p.flags | STATE_LAUNCH))
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p))
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
@@ -164,7 +178,7 @@ def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh
     state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.BV_state))](
         q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
         BV=p.BV_state, DELTA=w is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **(p.flags | STATE_LAUNCH))
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p))
 
 
 def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,

@@ -5,6 +5,13 @@ chunks. One program carries one [K, BV] slice of one sequence's state in float32
 through all its chunks; the value dimension is split across programs (the recurrences are
 independent per value column), and sequences × heads sit on grid axis 0, which allows
 2³¹ − 1 programs.
+
+The state is held as up to four row blocks of KB = 64 rows (S1 … S4; K ≤ 256), so every
+product is a [BT, KB] or [KB, BT] tile from memory times a [·, BV] tile, whatever K is, and
+no [BT, K] tile of K = 256 has to live in registers. The tiles read from memory go into
+``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), so Triton's pipeliner
+can fetch the next chunk's tiles while this chunk's products run: the loop is otherwise
+bound by one round trip to memory per chunk (benchmarks/NOTES.md §8).
 """
 
 import triton
@@ -12,11 +19,12 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     decay_to_end,
-    load_cols,
+    load_cols_stored,
     load_matrix,
     load_rows,
+    load_rows_stored,
     load_vec,
-    mm,
+    mma,
     store_matrix,
     store_rows,
 )
@@ -32,6 +40,46 @@ def _chunk_gates(g, t0, end, HV, BT: tl.constexpr):
 
 
 @triton.jit
+def _load_block(h0, p_state, HAS_H0: tl.constexpr, row0, K, col0, V, KB: tl.constexpr,
+                BV: tl.constexpr):
+    """Rows row0 … row0+KB−1 of a [K, V] float32 state from h0, or zeros."""
+    if HAS_H0:
+        return load_matrix(h0 + p_state, row0, K, col0, V, V, KB, BV)
+    return tl.zeros([KB, BV], dtype=tl.float32)
+
+
+@triton.jit
+def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexpr,
+                  BV: tl.constexpr):
+    """The state's row blocks to a [K, V] matrix at ptr (only the blocks K has)."""
+    store_matrix(ptr, S1, 0, K, col0, V, V, KB, BV)
+    if K > KB:
+        store_matrix(ptr, S2, KB, K, col0, V, V, KB, BV)
+    if K > 2 * KB:
+        store_matrix(ptr, S3, 2 * KB, K, col0, V, V, KB, BV)
+    if K > 3 * KB:
+        store_matrix(ptr, S4, 3 * KB, K, col0, V, V, KB, BV)
+
+
+@triton.jit
+def _rows_times_block(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
+                      PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """acc + X[:, row0:row0+KB] S for a [BT, K] tile X of a packed row (w or k)."""
+    b_x = load_rows_stored(x, t0, end, stride, row0, K, BT, KB)
+    return mma(b_x, S, acc, DT, PREC)
+
+
+@triton.jit
+def _update_block(x, S, e_last, rhs, row0, t0, end, stride, K, HAS_GATE: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """e^{Γ_C} S + X[:, row0:row0+KB]ᵀ rhs, with X read transposed from memory."""
+    b_xt = load_cols_stored(x, t0, end, stride, row0, K, BT, KB)          # [KB, BT]
+    if HAS_GATE:
+        S = S * e_last
+    return mma(b_xt, rhs, S, DT, PREC)
+
+
+@triton.jit
 def state_forward_kernel(
     k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
     g, h0,                 # [TT, HV], [N, HV, K, V] float32
@@ -39,7 +87,7 @@ def state_forward_kernel(
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     cu, offsets,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
 ):
@@ -51,34 +99,64 @@ def state_forward_kernel(
     i_h = i_hv // (HV // H)
     bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
     first = tl.load(offsets + i_n)
+    col0 = i_v * BV
     state_kv = K * V
     p_state = (i_n * HV + i_hv).to(tl.int64) * state_kv
-    if HAS_H0:
-        S = load_matrix(h0 + p_state, 0, K, i_v * BV, V, V, BK, BV)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    p_k = k + i_h * K
+    S1 = _load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV)
+    S2 = S1   # blocks K does not have are never read; the names must exist for the loop
+    S3 = S1
+    S4 = S1
+    if K > KB:
+        S2 = _load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV)
+    if K > 2 * KB:
+        S3 = _load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV)
+    if K > 3 * KB:
+        S4 = _load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
-            store_matrix(states + p_chunk, S, 0, K, i_v * BV, V, V, BK, BV)
-        b_kt = load_cols(k + i_h * K, t0, end, H * K, 0, K, BT, BK)     # [BK, BT]
+            _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         if U_ZERO:
             delta = tl.zeros([BT, BV], dtype=tl.float32)
         else:
-            delta = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            delta = load_rows(u + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if DELTA:
-            b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-            delta -= mm(b_w, S, DT, PREC)
+            p_w = w + i_hv * K
+            ws = _rows_times_block(p_w, S1, tl.zeros([BT, BV], dtype=tl.float32), 0, t0, end,
+                                   HV * K, K, DT, PREC, BT, KB)
+            if K > KB:
+                ws = _rows_times_block(p_w, S2, ws, KB, t0, end, HV * K, K, DT, PREC, BT, KB)
+            if K > 2 * KB:
+                ws = _rows_times_block(p_w, S3, ws, 2 * KB, t0, end, HV * K, K, DT, PREC, BT,
+                                       KB)
+            if K > 3 * KB:
+                ws = _rows_times_block(p_w, S4, ws, 3 * KB, t0, end, HV * K, K, DT, PREC, BT,
+                                       KB)
+            delta -= ws
             if STORE_CHUNKS:
-                store_rows(v_new + i_hv * V, delta, t0, end, HV * V, i_v * BV, V, BT, BV)
+                store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
+        e_last = 1.0
         if HAS_GATE:
+            # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
+            # goes from memory into the product untouched.
             _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
-            S = S * e_last + mm(b_kt * to_end[None, :], delta, DT, PREC)
-        else:
-            S += mm(b_kt, delta, DT, PREC)
+            delta = delta * to_end[:, None]
+        rhs = delta.to(DT)
+        S1 = _update_block(p_k, S1, e_last, rhs, 0, t0, end, H * K, K, HAS_GATE, DT, PREC,
+                           BT, KB)
+        if K > KB:
+            S2 = _update_block(p_k, S2, e_last, rhs, KB, t0, end, H * K, K, HAS_GATE, DT,
+                               PREC, BT, KB)
+        if K > 2 * KB:
+            S3 = _update_block(p_k, S3, e_last, rhs, 2 * KB, t0, end, H * K, K, HAS_GATE, DT,
+                               PREC, BT, KB)
+        if K > 3 * KB:
+            S4 = _update_block(p_k, S4, e_last, rhs, 3 * KB, t0, end, H * K, K, HAS_GATE, DT,
+                               PREC, BT, KB)
     if STORE_HT:
-        store_matrix(ht + p_state, S, 0, K, i_v * BV, V, V, BK, BV)
+        _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
 
 @triton.jit
@@ -90,7 +168,7 @@ def state_backward_kernel(
     d_delta, dh0,          # out: [TT, HV, V] complete dΔ; [N, HV, K, V]
     cu, offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True,
 ):
@@ -100,37 +178,75 @@ def state_backward_kernel(
     i_h = i_hv // (HV // H)
     bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
     first = tl.load(offsets + i_n)
+    col0 = i_v * BV
     state_kv = K * V
     p_state = (i_n * HV + i_hv).to(tl.int64) * state_kv
-    if HAS_DHT:
-        dS = load_matrix(dht + p_state, 0, K, i_v * BV, V, V, BK, BV)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    p_q, p_k = q + i_h * K, k + i_h * K
+    dS1 = _load_block(dht, p_state, HAS_DHT, 0, K, col0, V, KB, BV)
+    dS2 = dS1
+    dS3 = dS1
+    dS4 = dS1
+    if K > KB:
+        dS2 = _load_block(dht, p_state, HAS_DHT, KB, K, col0, V, KB, BV)
+    if K > 2 * KB:
+        dS3 = _load_block(dht, p_state, HAS_DHT, 2 * KB, K, col0, V, KB, BV)
+    if K > 3 * KB:
+        dS4 = _load_block(dht, p_state, HAS_DHT, 3 * KB, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         t0 = bos + i * BT
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
-            store_matrix(d_states + p_chunk, dS, 0, K, i_v * BV, V, V, BK, BV)
-        # q and w stay row tiles here: loading them transposed measured 0.87 → 1.00 ms
-        # at 8x4096-h16 (NOTES.md §6), while k^T in the forward pass went 1.40 → 1.36.
-        b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-        b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-        b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
+        # K̃ dS_{n+1} = diag(e^{Γ_C − Γ_r}) K dS_{n+1}, one product per row block of dS.
+        kds = _rows_times_block(p_k, dS1.to(DT), tl.zeros([BT, BV], dtype=tl.float32), 0, t0,
+                                end, H * K, K, DT, PREC, BT, KB)
+        if K > KB:
+            kds = _rows_times_block(p_k, dS2.to(DT), kds, KB, t0, end, H * K, K, DT, PREC, BT,
+                                    KB)
+        if K > 2 * KB:
+            kds = _rows_times_block(p_k, dS3.to(DT), kds, 2 * KB, t0, end, H * K, K, DT, PREC,
+                                    BT, KB)
+        if K > 3 * KB:
+            kds = _rows_times_block(p_k, dS4.to(DT), kds, 3 * KB, t0, end, H * K, K, DT, PREC,
+                                    BT, KB)
+        d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
+        b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
+        e_last = 1.0
         if HAS_GATE:
             e_gamma, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
-            d_d += mm(b_k * to_end[:, None], dS, DT, PREC)
-            b_q = b_q * e_gamma[:, None]
-            dS = dS * e_last
+            d_d += kds * to_end[:, None]
+            b_do = b_do * e_gamma[:, None]          # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
         else:
-            d_d += mm(b_k, dS, DT, PREC)
+            d_d += kds
         if STORE_CHUNKS:
-            store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dS += scale * mm(tl.trans(b_q), b_do, DT, PREC)
+            store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
+        rhs_q = b_do.to(DT)
+        dS1 = _update_block(p_q, dS1, e_last, rhs_q, 0, t0, end, H * K, K, HAS_GATE, DT, PREC,
+                            BT, KB)
+        if K > KB:
+            dS2 = _update_block(p_q, dS2, e_last, rhs_q, KB, t0, end, H * K, K, HAS_GATE, DT,
+                                PREC, BT, KB)
+        if K > 2 * KB:
+            dS3 = _update_block(p_q, dS3, e_last, rhs_q, 2 * KB, t0, end, H * K, K, HAS_GATE,
+                                DT, PREC, BT, KB)
+        if K > 3 * KB:
+            dS4 = _update_block(p_q, dS4, e_last, rhs_q, 3 * KB, t0, end, H * K, K, HAS_GATE,
+                                DT, PREC, BT, KB)
         if DELTA:
-            b_w = load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-            dS -= mm(tl.trans(b_w), d_d, DT, PREC)
+            p_w = w + i_hv * K
+            rhs_w = (-d_d).to(DT)
+            dS1 = _update_block(p_w, dS1, 1.0, rhs_w, 0, t0, end, HV * K, K, False, DT, PREC,
+                                BT, KB)
+            if K > KB:
+                dS2 = _update_block(p_w, dS2, 1.0, rhs_w, KB, t0, end, HV * K, K, False, DT,
+                                    PREC, BT, KB)
+            if K > 2 * KB:
+                dS3 = _update_block(p_w, dS3, 1.0, rhs_w, 2 * KB, t0, end, HV * K, K, False,
+                                    DT, PREC, BT, KB)
+            if K > 3 * KB:
+                dS4 = _update_block(p_w, dS4, 1.0, rhs_w, 3 * KB, t0, end, HV * K, K, False,
+                                    DT, PREC, BT, KB)
     if STORE_DH0:
-        store_matrix(dh0 + p_state, dS, 0, K, i_v * BV, V, V, BK, BV)
+        _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)

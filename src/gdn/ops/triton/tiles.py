@@ -11,7 +11,7 @@ import triton
 def _tile_overrides(text: str) -> dict[str, int]:
     """Tile and warp choices for a measurement, e.g. GDN_TRITON_TILES="state_bv=64,
     state_warps=8" (benchmarks/NOTES.md); the defaults below are what measurements chose."""
-    known = ("bv", "state_bv", "state_warps", "wide_warps", "state_lowp")
+    known = ("bv", "state_bv", "state_warps", "state_stages", "wide_warps", "state_f32")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -28,14 +28,13 @@ TILES = _tile_overrides(os.environ.get("GDN_TRITON_TILES", ""))
 def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
     """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes.
 
-    The state passes keep a [BK, BV] float32 state in registers; at K = 256 the value
-    dimension is split finer to stay within the register file (and to give the sequential
-    pass more programs). The parallel kernels walk V in BV blocks; their float32 tiles of
+    The state passes keep a [K, BV] float32 state in registers as row blocks of 64 (state.py),
+    BV = 32 for every K ≤ 256. The parallel kernels walk V in BV blocks; their float32 tiles of
     [BT, BK] and [BK, BV] must fit the 227 KiB of shared memory of an H100 with room to spare.
     """
     BK = max(16, triton.next_power_of_2(K))
     BV = min(TILES.get("bv", 64 if BK <= 64 else 32), max(16, triton.next_power_of_2(V)))
     # An explicit state_bv is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
-    BV_state = TILES.get("state_bv") or min(BV, 32 if BK <= 128 else 16)
+    BV_state = TILES.get("state_bv") or min(32, max(16, triton.next_power_of_2(V)))
     return BK, BV, BV_state

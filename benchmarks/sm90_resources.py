@@ -1,0 +1,180 @@
+"""Registers, spills and shared memory of every kernel of the op, compiled for an H100 (sm_90)
+on a machine without a GPU.
+
+    python3 benchmarks/sm90_resources.py [--shape 8,4096,16,128,128] [--dtype bfloat16]
+
+Runs one forward+backward at a small T in Triton's interpreter (CPU tensors), records each
+kernel launch (its arguments and launch options), then compiles that exact specialisation
+for sm_90 with the ptxas that ships with Triton and reads the resource usage from the cubin.
+Pointer arguments are marked 16-byte aligned, as the launcher does for PyTorch's allocations
+(without that Triton cannot vectorise a load and every element costs its own address).
+
+It answers, at no device time, the questions that decide a kernel's speed before it runs:
+does it spill (STACK > 0), how much shared memory do its pipeline stages take, how many
+wgmma / cp.async it issues. The local Triton may be newer than the GPU machine's (3.6):
+treat the figures as close, not exact (benchmarks/NOTES.md §8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+_RECORDING = os.environ.get("GDN_SM90_RECORD") == "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if _RECORDING:
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                    torch.int64: "i64", torch.int32: "i32"}
+_TL_DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _encode(value):
+    """A kernel argument as JSON: tensors by dtype, Triton dtypes by name."""
+    if isinstance(value, torch.Tensor):
+        return {"ptr": _TORCH_TO_TRITON[value.dtype]}
+    if isinstance(value, tl.dtype):
+        return {"tl": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def record_launches(shape: tuple, dtype: torch.dtype) -> list[dict]:
+    """Run one forward+backward in the interpreter and record every kernel launch: module,
+    name, arguments and launch options (this process has TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from gdn.ops import chunk_gated_delta_rule
+    from gdn.testing import random_inputs
+
+    B, T, H, HV, K, V = shape
+    launches = []
+    original = InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        names = list(triton.JITFunction(self.fn).arg_names)
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        launches.append(dict(module=self.fn.__module__, name=self.fn.__name__,
+                             args={k: _encode(v) for k, v in bound.items()},
+                             options={k: v for k, v in kwargs.items() if k not in names}))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    x = random_inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, seed=0).to(dtype, requires_grad=True)
+    InterpretedFunction.run = recording
+    try:
+        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, backend="triton")
+        o.float().square().sum().backward()
+    finally:
+        InterpretedFunction.run = original
+    return launches
+
+
+def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
+    """Triton signature, constexprs and alignment attributes of one recorded launch."""
+    sig, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(jit.params):
+        arg = args.get(param.name, {"value": param.default})
+        if "ptr" in arg:
+            name = arg["ptr"]
+            sig[param.name] = "*" + ("bf16" if as_bf16 and name == "fp16" else name)
+            # PyTorch's allocations are 16-byte aligned and the launcher says so; without
+            # it Triton cannot vectorise a load, and every element costs its own address.
+            attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        if "tl" in arg:
+            value = _TL_DTYPES["bf16" if as_bf16 and arg["tl"] == "fp16" else arg["tl"]]
+        else:
+            value = arg["value"]
+        if param.is_constexpr or value is None:
+            sig[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, bool):
+            sig[param.name] = "i1"
+        elif isinstance(value, int):
+            sig[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            sig[param.name] = "fp32"
+    return sig, constexprs, attrs
+
+
+def compile_sm90(launch: dict, as_bf16: bool) -> dict:
+    """Compile one recorded launch for sm_90 and read its resource usage."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = getattr(importlib.import_module(launch["module"]), launch["name"])
+    sig, constexprs, attrs = _signature(jit, launch["args"], as_bf16)
+    options = launch["options"]
+    opts = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
+    kernel = triton.compile(ASTSource(jit, sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=opts)
+    cubin = Path("/tmp") / f"gdn-sm90-{os.getpid()}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    cubin.unlink()
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    ptx = collections.Counter(re.findall(r"(wgmma\.mma_async|cp\.async\.cg|ld\.global\.b16|"
+                                         r"ld\.global\.b32)", kernel.asm["ptx"]))
+    return dict(regs=int(regs), stack=int(stack), shared=kernel.metadata.shared,
+                wgmma=ptx["wgmma.mma_async"], cp_async=ptx["cp.async.cg"],
+                scalar_loads=ptx["ld.global.b16"] + ptx["ld.global.b32"], **opts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="1,128,2,128,128", help="B,T,H,K,V[,HV]: the "
+                        "launch flags depend on H, HV, K, V only; keep T small (interpreter)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16",
+                                                                "float32"))
+    args = parser.parse_args()
+    B, T, H, K, V, *rest = (int(x) for x in args.shape.split(","))
+    shape = (B, T, H, rest[0] if rest else H, K, V)
+    # The interpreter mishandles bf16 (README): a float16 run stands for it, and its float16
+    # pointers and DT are compiled as bfloat16.
+    run_dtype = "float16" if args.dtype == "bfloat16" else args.dtype
+    if _RECORDING:
+        print(json.dumps(record_launches(shape, getattr(torch, run_dtype))))
+        return
+    env = os.environ | {"GDN_SM90_RECORD": "1"}
+    recorded = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--dtype",
+                               run_dtype], env=env, capture_output=True, text=True, check=True)
+    launches = json.loads(recorded.stdout.strip().splitlines()[-1])
+    print(f"sm_90 resources, (B, T, H, HV, K, V) = {shape}, {args.dtype}, "
+          f"Triton {triton.__version__}")
+    print(f"{'kernel':26} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
+          f"{'smem KiB':>9} {'wgmma':>6} {'cp.async':>8} {'scalar ld':>9}")
+    seen = set()
+    for launch in launches:
+        key = json.dumps([launch["name"], {k: v for k, v in launch["args"].items()
+                                           if "ptr" not in v}, launch["options"]])
+        if key in seen:
+            continue
+        seen.add(key)
+        r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16")
+        print(f"{launch['name']:26} {r['num_warps']:5} {r['num_stages']:6} {r['regs']:5} "
+              f"{r['stack']:8} {r['shared'] / 1024:9.1f} {r['wgmma']:6} {r['cp_async']:8} "
+              f"{r['scalar_loads']:9}")
+
+
+if __name__ == "__main__":
+    main()
