@@ -70,7 +70,8 @@ def record_launches(shape: tuple, dtype: torch.dtype) -> list[dict]:
 
     def recording(self, *args, grid, warmup, **kwargs):
         names = list(triton.JITFunction(self.fn).arg_names)
-        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        bound = dict(zip(names, args, strict=False))
+        bound |= {k: v for k, v in kwargs.items() if k in names}
         launches.append(dict(module=self.fn.__module__, name=self.fn.__name__,
                              args={k: _encode(v) for k, v in bound.items()},
                              options={k: v for k, v in kwargs.items() if k not in names}))
