@@ -115,7 +115,7 @@ def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
     return sig, constexprs, attrs
 
 
-def compile_sm90(launch: dict, as_bf16: bool) -> dict:
+def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None) -> dict:
     """Compile one recorded launch for sm_90 and read its resource usage."""
     import importlib
 
@@ -126,6 +126,7 @@ def compile_sm90(launch: dict, as_bf16: bool) -> dict:
     sig, constexprs, attrs = _signature(jit, launch["args"], as_bf16)
     options = launch["options"]
     opts = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
+    opts |= extra or {}
     kernel = triton.compile(ASTSource(jit, sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=opts)
     cubin = Path("/tmp") / f"gdn-sm90-{os.getpid()}.cubin"
@@ -147,7 +148,12 @@ def main() -> None:
                         "launch flags depend on H, HV, K, V only; keep T small (interpreter)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16",
                                                                 "float32"))
+    parser.add_argument("--only", default="", help="kernels whose name contains this")
+    parser.add_argument("--options", default="", help="compile options to try, e.g. "
+                        "num_warps=8,num_stages=2,maxnreg=128")
     args = parser.parse_args()
+    extra = {key: int(value) for key, _, value in
+             (item.partition("=") for item in args.options.split(",") if item)}
     B, T, H, K, V, *rest = (int(x) for x in args.shape.split(","))
     shape = (B, T, H, rest[0] if rest else H, K, V)
     # The interpreter mishandles bf16 (README): a float16 run stands for it, and its float16
@@ -156,7 +162,10 @@ def main() -> None:
     if _RECORDING:
         print(json.dumps(record_launches(shape, getattr(torch, run_dtype))))
         return
-    env = os.environ | {"GDN_SM90_RECORD": "1"}
+    # The launches are recorded with the Triton of the environment (the interpreter of an
+    # older one may fail on this numpy); PYTHONPATH may put another Triton (e.g. the GPU
+    # machine's 3.6) first for the compile.
+    env = os.environ | {"GDN_SM90_RECORD": "1", "PYTHONPATH": ""}
     recorded = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--dtype",
                                run_dtype], env=env, capture_output=True, text=True, check=True)
     launches = json.loads(recorded.stdout.strip().splitlines()[-1])
@@ -168,10 +177,10 @@ def main() -> None:
     for launch in launches:
         key = json.dumps([launch["name"], {k: v for k, v in launch["args"].items()
                                            if "ptr" not in v}, launch["options"]])
-        if key in seen:
+        if key in seen or args.only not in launch["name"]:
             continue
         seen.add(key)
-        r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16")
+        r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16", extra=extra)
         print(f"{launch['name']:26} {r['num_warps']:5} {r['num_stages']:6} {r['regs']:5} "
               f"{r['stack']:8} {r['shared'] / 1024:9.1f} {r['wgmma']:6} {r['cp_async']:8} "
               f"{r['scalar_loads']:9}")

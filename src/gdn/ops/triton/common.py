@@ -86,6 +86,16 @@ def load_matrix(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
 
 
 @triton.jit
+def load_matrix_stored(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
+                       BC: tl.constexpr):
+    """``load_matrix`` in the stored dtype (see ``load_rows_stored``)."""
+    o_r = row0 + tl.arange(0, BR)
+    o_c = col0 + tl.arange(0, BC)
+    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    return tl.load(ptr + o_r[:, None] * stride + o_c[None, :], mask=m, other=0.0)
+
+
+@triton.jit
 def store_matrix(ptr, x, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
                  BC: tl.constexpr):
     o_r = row0 + tl.arange(0, BR)

@@ -34,13 +34,13 @@ INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, n
 # The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
 # warps they spill registers.
 WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
-# The sequential state passes and the forward output multiply in float32 (TF32) whatever the
-# input dtype. With bf16 operands, Triton 3.6 on an H100 computed a state pass that blew up
-# to 1e37 by the third chunk, and an output 60% wrong, at (8, 4096, 16, 128, 128), while
-# float32 operands on the same data were right and the same kernels were right at small
-# shapes (benchmarks/NOTES.md, v3-v4); fla guards a wrong-result bug of this Triton range
-# too. The GPU tests check every kernel at the benchmark's shapes.
-F32_OPERANDS = dict(DT=tl.float32)
+# Every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The first state passes
+# and forward output were float32 (TF32) because with bf16 operands Triton 3.6 on an H100
+# computed a state pass that blew up to 1e37 and an output 60% wrong at (8, 4096, 16, 128,
+# 128), while the same kernels were right at small shapes (NOTES.md §3 v4); their second
+# versions feed tiles from memory straight into the products and are right in bf16 (§8).
+# GDN_TRITON_TILES=output_f32=1 puts the forward output back on float32 operands.
+OUTPUT_LAUNCH = dict(DT=tl.float32) if TILES.get("output_f32") else {}
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -133,7 +133,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     states, v_new, final, _ = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
-                                       BV=p.BV, **(p.flags | F32_OPERANDS))
+                                       BV=p.BV, **(p.flags | OUTPUT_LAUNCH))
     return o.view(p.B, p.T, p.HV, p.V), final, a
 
 
@@ -179,8 +179,10 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
+        wy_flags = {key: value for key, value in flags.items() if key != "BK"}
         wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
-                                        dv, dbeta, *chunks, V=V, BV=BV, **flags)
+                                        dv, dbeta, *chunks, V=V, BV=BV, KB=min(64, p.flags["BK"]),
+                                        **wy_flags)
     if not delta:
         dv = d_delta
 

@@ -13,9 +13,12 @@ from gdn.ops.triton.common import (
     chunk_bounds,
     decay_to_end,
     load_matrix,
+    load_matrix_stored,
     load_rows,
+    load_rows_stored,
     load_vec,
     mm,
+    mma,
     store_rows,
     store_vec,
 )
@@ -48,16 +51,27 @@ def output_forward_kernel(
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
-    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
-    P = qk * D
-    q_gated = b_q * e_gamma[:, None]
+    # q, k, S and Δ go from memory into the products in their stored dtype, and the gate
+    # e^{Γ_r} scales the rows of Q S instead of q: the first version multiplied q in
+    # registers and, with bf16 operands on Triton 3.6 / H100, its output was 60% wrong
+    # (NOTES.md §3 v4, §8).
+    b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    qk = mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
+    o_t = tl.arange(0, BT)
+    if HAS_GATE:
+        gg = load_vec(g + i_hv, t0, end, HV, BT)
+        P = (qk * causal_decay(gg, BT)).to(DT)
+        e_gamma = tl.exp(tl.cumsum(gg, axis=0))
+    else:
+        P = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0).to(DT)
+        e_gamma = tl.full([BT], 1.0, tl.float32)
     p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
-        S = load_matrix(p_state, 0, K, i_v * BV, V, V, BK, BV)
-        delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        b_o = mm(q_gated, S, DT, PREC) + mm(P, delta, DT, PREC)
+        S = load_matrix_stored(p_state, 0, K, i_v * BV, V, V, BK, BV)
+        delta = load_rows_stored(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        b_o = mma(b_q, S, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
+        b_o = mma(P, delta, b_o * e_gamma[:, None], DT, PREC)
         store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, i_v * BV, V, BT, BV)
 
 

@@ -40,23 +40,21 @@ _MIN_SEGMENT_CHUNKS = 16
 
 # The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
 # kernels, with [K, BV] states and float32 tiles, computed inf with bf16 operands on Triton 3.6
-# and an H100, NOTES.md §3 v4, §8), and prefetch the next chunk's tiles (num_stages=2).
-# GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands, to measure what they cost.
+# and an H100, NOTES.md §3 v4, §8). No pipeline stages: at (8, 4096, 16, 128, 128) the 512
+# programs of a pass must all be resident at once (about 4 per SM), and two stages of k, w
+# and u tiles took 80-120 KiB of shared memory a program, leaving room for one or two
+# (NOTES.md §8). GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands and
+# state_stages=2 the prefetch, to measure them.
 STATE_LAUNCH = dict(num_warps=TILES.get("state_warps", 4),
+                    num_stages=TILES.get("state_stages", 1),
                     **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
-BT_ROWS = 64   # the chunk (launch.BT; not imported, launch imports this module)
 KB = 64   # rows of one block of the state (state.py): K ≤ 256 is up to four blocks
-_STAGE_BYTES = 160 * 1024   # shared memory the prefetched k and w tiles may take
 
 
 def _state_flags(p) -> dict:
-    """The launch plan's flags for a state kernel: row blocks of KB instead of one BK tile,
-    and two pipeline stages where two chunks' k and w tiles fit in shared memory."""
-    flags = {key: value for key, value in p.flags.items() if key != "BK"} | STATE_LAUNCH
-    itemsize = 4 if flags["DT"] == tl.float32 else 2
-    stage_bytes = 2 * BT_ROWS * p.flags["BK"] * itemsize           # one chunk's k and w
-    stages = TILES.get("state_stages", 2 if 2 * stage_bytes <= _STAGE_BYTES else 1)
-    return flags | dict(KB=min(KB, p.flags["BK"]), num_stages=stages)
+    """The launch plan's flags for a state kernel: row blocks of KB instead of one BK tile."""
+    flags = {key: value for key, value in p.flags.items() if key != "BK"}
+    return flags | STATE_LAUNCH | dict(KB=min(KB, p.flags["BK"]))
 
 
 @dataclass

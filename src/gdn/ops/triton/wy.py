@@ -11,9 +11,9 @@ backward both use it.
 ``wy_apply`` turns A into w and u with two tensor-core products per chunk.
 ``wy_backward`` is math.md §4.3 and finishes dk, dv, dβ and dg.
 
-The products here stay in float32 (TF32, or IEEE in exact mode) whatever the input dtype
-(DT is accepted for a uniform launch but unused): A feeds every later stage, and these
-kernels are a small share of the time.
+The forward products here stay in float32 (TF32, or IEEE in exact mode) whatever the input
+dtype (DT is accepted for a uniform launch but unused): A feeds every later stage. The
+backward takes most of its operands in DT (see its docstring).
 """
 
 import triton
@@ -23,7 +23,9 @@ from gdn.ops.triton.common import (
     causal_decay,
     chunk_bounds,
     load_rows,
+    load_rows_stored,
     load_vec,
+    mma,
     segment_sums,
     store_rows,
     store_vec,
@@ -164,38 +166,11 @@ def wy_apply_kernel(
 
 
 @triton.jit
-def wy_gradients(d_w, b_k, b, e_gamma, D, A, w, u, v, du, dv, i_hv, t0, end,
-                 HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """math.md §4.3 for one chunk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ).
-
-    d_w [BT, BK] is dw in registers; du (= dΔ), w, u, v are read in V blocks and dv is stored.
-    Returns this stage's dk [BT, BK], dβ [BT] and dΓ [BT] (before §4.4's reverse sum).
-    """
-    o = tl.arange(0, BT)
-    dB_w = _mm(tl.trans(A), d_w, PREC)
-    dX_X = _mm(dB_w, tl.trans(load_rows(w + i_hv * K, t0, end, HV * K, 0, K, BT, BK)), PREC)
-    kb_w = tl.sum(dB_w * b_k, axis=1) * e_gamma                  # e^{Γ_r} k_rᵀ dB_w,r
-    d_beta = kb_w
-    d_gamma = b * kb_w
-    d_k = dB_w * (b * e_gamma)[:, None]
-    for i_v in range(0, tl.cdiv(V, BV)):                         # the u half, V in blocks
-        dB_u = _mm(tl.trans(A), load_rows(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV),
-                   PREC)
-        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_beta += tl.sum(dB_u * b_v, axis=1)
-        b_u = load_rows(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dX_X += _mm(dB_u, tl.trans(b_u), PREC)
-    dL = tl.where(o[:, None] > o[None, :], -dX_X, 0.0)
-    kk = _mm(b_k, tl.trans(b_k), PREC)
-    dL_D = dL * D
-    d_beta += tl.sum(dL_D * kk, axis=1)
-    H_ = dL_D * b[:, None]                                       # H_rj = dL_rj β_r D_rj
-    d_k += _mm(H_, b_k, PREC) + _mm(tl.trans(H_), b_k, PREC)
-    F = H_ * kk                                                  # dL ⊙ L
-    d_gamma += tl.sum(F, axis=1) - tl.sum(F, axis=0)
-    return d_k, d_beta, d_gamma
+def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """Aᵀ dw for the columns col0 … col0+KB−1 of dw: the part of dB that w's gradient gives."""
+    d_w = load_rows_stored(dw + i_hv * K, t0, end, HV * K, col0, K, BT, KB)
+    return mma(A_t, d_w, tl.zeros([BT, KB], dtype=tl.float32), DT, PREC)
 
 
 @triton.jit
@@ -207,33 +182,73 @@ def wy_backward_kernel(
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr,
 ):
-    """math.md §4.3 as its own kernel: reads dw and the output stage's dk and dg parts."""
+    """math.md §4.3 for one chunk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ), then dk, dv, dβ
+    and dg, reading dw and the output stage's dk and dg parts.
+
+    K is walked in blocks of KB columns twice (once for dB_w wᵀ, k kᵀ and the dβ, dΓ sums,
+    once for dk) and V in blocks of BV once, so no [BT, K] float32 tile is ever held whole:
+    the first version held five and spilled (NOTES.md §8). The products take their operands
+    in DT, except the two with H = dL ⊙ D ⊙ β, which stay float32 (H is a sum of products in
+    the tensor cores' own layout, and Hᵀ as an operand is the pattern that Triton 3.4-3.7.0
+    miscompiles on Hopper in bf16: fla-org/flash-linear-attention#640).
+    """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
     o = tl.arange(0, BT)
-    A = load_a(a, i_hv, t0, end, HV, BT)
+    A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
     if HAS_GATE:
         gg = load_vec(g + i_hv, t0, end, HV, BT)
         e_gamma = tl.exp(tl.cumsum(gg, axis=0))
-        D = causal_decay(gg, BT)
     else:
         e_gamma = tl.full([BT], 1.0, tl.float32)
+    p_k = k + i_h * K
+    dX_X = tl.zeros([BT, BT], dtype=tl.float32)     # Σ over w and u of dB Xᵀ
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    k_dbw = tl.zeros([BT], dtype=tl.float32)        # k_rᵀ dB_w,r
+    for j in range(0, tl.cdiv(K, KB)):
+        dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
+        b_w = load_rows_stored(w + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
+        b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
+        dX_X = mma(dB_w.to(DT), tl.trans(b_w), dX_X, DT, PREC)
+        kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
+        k_dbw += tl.sum(dB_w * b_k.to(tl.float32), axis=1)
+    d_beta = k_dbw * e_gamma                         # e^{Γ_r} k_rᵀ dB_w,r
+    d_gamma = b * d_beta
+    for i_v in range(0, tl.cdiv(V, BV)):             # the u half, V in blocks
+        d_u = load_rows_stored(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        dB_u = mma(A_t, d_u, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
+        store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
+        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        d_beta += tl.sum(dB_u * b_v, axis=1)
+        b_u = load_rows_stored(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        dX_X = mma(dB_u.to(DT), tl.trans(b_u), dX_X, DT, PREC)
+    if HAS_GATE:  # noqa: SIM108 (formed here, not above the loops: fewer live registers)
+        D = causal_decay(gg, BT)
+    else:
         D = tl.where(o[:, None] >= o[None, :], 1.0, 0.0)
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    d_w = load_rows(dw + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-    d_k, d_beta, d_gamma = wy_gradients(d_w, b_k, b, e_gamma, D, A, w, u, v, du, dv, i_hv, t0,
-                                        end, HV, K, V, BK, BV, PREC, BT)
+    dL_D = tl.where(o[:, None] > o[None, :], -dX_X, 0.0) * D
+    d_beta += tl.sum(dL_D * kk, axis=1)
+    H_ = dL_D * b[:, None]                           # H_rj = dL_rj β_r D_rj
+    F = H_ * kk                                      # dL ⊙ L
+    d_gamma += tl.sum(F, axis=1) - tl.sum(F, axis=0)
     if HAS_GATE:
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True)          # math.md §4.4
         p_dg = dg + i_hv
         store_vec(p_dg, load_vec(p_dg, t0, end, HV, BT) + d_g, t0, end, HV, BT)
-    d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, 0, K, BT, BK)
-    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
     store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)
+    H_t = tl.trans(H_)
+    for j in range(0, tl.cdiv(K, KB)):               # dk, block by block
+        b_k = load_rows(p_k, t0, end, H * K, j * KB, K, BT, KB)
+        d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
+        d_k = d_k * (b * e_gamma)[:, None]
+        d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
+        d_k = tl.dot(H_, b_k, d_k, input_precision=PREC)
+        d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
+        store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
