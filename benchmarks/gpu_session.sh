@@ -80,8 +80,8 @@ if [ "$what" = state ]; then
         timeout 200 python3 benchmarks/ops.py --shapes "$case" --backends triton --tag "$case" \
             --out "$out/results" 2>&1 | grep -E "^\| [0-9]|Error"
     done
-    stage_lines() { grep -E "ms of kernels|state_"; }
-    for tiles in "" state_bv=64 state_stages=3 state_warps=8 state_bv=16 state_f32=1; do
+    stage_lines() { grep -E "ms of kernels|state_|wy_|output_"; }
+    for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
         GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
             --out "$out/stages" 2>/dev/null | stage_lines
