@@ -34,13 +34,16 @@ INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, n
 # The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
 # warps they spill registers.
 WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
-# Every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The first state passes
-# and forward output were float32 (TF32) because with bf16 operands Triton 3.6 on an H100
-# computed a state pass that blew up to 1e37 and an output 60% wrong at (8, 4096, 16, 128,
-# 128), while the same kernels were right at small shapes (NOTES.md §3 v4); their second
-# versions feed tiles from memory straight into the products and are right in bf16 (§8).
-# GDN_TRITON_TILES=output_f32=1 puts the forward output back on float32 operands.
-OUTPUT_LAUNCH = dict(DT=tl.float32) if TILES.get("output_f32") else {}
+# Operand dtypes. The state passes and output_backward multiply in the operand dtype (bf16
+# for bf16 inputs). The forward output and the wy backward multiply in float32 (TF32): with
+# bf16 operands, Triton 3.6 on an H100 computes them wrong (output 2.2 relative error, the wy
+# gradients inf, an illegal address at K = 256) at every shape tried, while the interpreter
+# and float32 operands give the right values (NOTES.md §3 v4, §8). The first state passes
+# failed the same way; their second version, which feeds every tile from memory straight
+# into the products, is right in bf16. GDN_TRITON_TILES=output_lowp=1 / wy_lowp=1 try bf16.
+F32 = dict(DT=tl.float32)
+OUTPUT_LAUNCH = {} if TILES.get("output_lowp") else F32
+WY_BACKWARD_LAUNCH = {} if TILES.get("wy_lowp") else F32
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -179,7 +182,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
-        wy_flags = {key: value for key, value in flags.items() if key != "BK"}
+        wy_flags = {key: value for key, value in flags.items() if key != "BK"} | WY_BACKWARD_LAUNCH
         wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
                                         dv, dbeta, *chunks, V=V, BV=BV, KB=min(64, p.flags["BK"]),
                                         **wy_flags)

@@ -1,0 +1,27 @@
+"""Run the op once (forward+backward) at one shape with CUDA_LAUNCH_BLOCKING=1 and report the
+first failing kernel launch, or the relative errors against float64 if none fails."""
+import os
+import sys
+import traceback
+
+os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
+import torch  # noqa: E402
+
+from gdn.ops import chunk_gated_delta_rule  # noqa: E402
+from gdn.testing import forward_backward, random_inputs, rel_error  # noqa: E402
+
+B, T, H, K, V = (int(x) for x in sys.argv[1].split(","))
+x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0, device="cuda")
+try:
+    got = forward_backward(chunk_gated_delta_rule, x.to(torch.bfloat16, requires_grad=True),
+                           seed=3, backend="triton")
+    torch.cuda.synchronize()
+except Exception:
+    lines = traceback.format_exc().splitlines()
+    print("FAILED:", *[ln for ln in lines if "launch.py" in ln or "passes.py" in ln][-3:],
+          lines[-1][:200], sep="\n  ")
+    sys.exit(0)
+ref = forward_backward(chunk_gated_delta_rule, x.to(torch.float64, requires_grad=True),
+                       seed=3, backend="torch")
+print("o", f"{rel_error(got[0], ref[0]):.1e}", "state", f"{rel_error(got[1], ref[1]):.1e}",
+      *[f"d{n} {rel_error(got[2][n], g):.1e}" for n, g in ref[2].items()])
