@@ -45,16 +45,21 @@ _MIN_SEGMENT_CHUNKS = 16
 # and u tiles took 80-120 KiB of shared memory a program, leaving room for one or two
 # (NOTES.md §8). GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands and
 # state_stages=2 the prefetch, to measure them.
-STATE_LAUNCH = dict(num_warps=TILES.get("state_warps", 4),
-                    num_stages=TILES.get("state_stages", 1),
+# Warps: four for the forward pass, two for the reverse one up to K = 128 (measured at
+# 8x4096-h16 on an H100: 0.60 ms against 1.03 with four, while four beat two in the
+# forward, 0.93 against 0.97; NOTES.md §8). Above K = 128 two warps would spill
+# (sm90_resources: 208 bytes at K = 256), so four. state_warps / state_bwd_warps override.
+STATE_LAUNCH = dict(num_stages=TILES.get("state_stages", 1),
                     **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
+STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
 KB = 64   # rows of one block of the state (state.py): K ≤ 256 is up to four blocks
 
 
-def _state_flags(p) -> dict:
+def _state_flags(p, direction: str) -> dict:
     """The launch plan's flags for a state kernel: row blocks of KB instead of one BK tile."""
     flags = {key: value for key, value in p.flags.items() if key != "BK"}
-    return flags | STATE_LAUNCH | dict(KB=min(KB, p.flags["BK"]))
+    warps = STATE_WARPS[direction] or (2 if direction == "reverse" and p.K <= 128 else 4)
+    return flags | STATE_LAUNCH | dict(KB=min(KB, p.flags["BK"]), num_warps=warps)
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
     state.state_forward_kernel[grid](
         k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p))
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
@@ -176,7 +181,7 @@ def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh
     state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.BV_state))](
         q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
         BV=p.BV_state, DELTA=w is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p))
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p, "reverse"))
 
 
 def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,
