@@ -219,10 +219,13 @@ def _fla_why_not(case: Case, dtype: torch.dtype) -> str | None:
 
 
 def _sdpa_call(variant: str, x: RecurrenceInputs) -> torch.Tensor:
-    """Causal softmax attention at the same (B, T, H, K, V): the quadratic yardstick."""
-    q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                         enable_gqa=q.shape[1] != v.shape[1])
+    """Causal softmax attention at the same (B, T, H, K, V): the quadratic yardstick. With GVA
+    (more v heads than q/k heads) every v head attends with the q/k head it reads, so q and
+    k are repeated to HV heads (SDPA's enable_gqa covers the opposite case only)."""
+    G = x.v.shape[2] // x.q.shape[2]
+    q, k = (t.repeat_interleave(G, dim=2) if G > 1 else t for t in (x.q, x.k))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, x.v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     return o.transpose(1, 2)
 
 
