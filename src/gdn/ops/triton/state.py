@@ -49,6 +49,39 @@ def _load_block(h0, p_state, HAS_H0: tl.constexpr, row0, K, col0, V, KB: tl.cons
 
 
 @triton.jit
+def _program_slice(cu, offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BV: tl.constexpr):
+    """Which slice this program carries: v head, its q/k head, the sequence's token bounds,
+    the index of its first chunk, the first value column, and the offset of its [K, V]
+    state in an [N, HV, K, V] tensor."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
+    first = tl.load(offsets + i_n)
+    p_state = (i_n * HV + i_hv).to(tl.int64) * (K * V)
+    return i_hv, i_h, bos, end, first, i_v * BV, p_state
+
+
+@triton.jit
+def _load_blocks(h0, p_state, HAS_H0: tl.constexpr, K: tl.constexpr, col0, V,
+                 KB: tl.constexpr, BV: tl.constexpr):
+    """The row blocks of a [K, V] float32 state from h0 (zeros without it). Blocks K does not
+    have are never read; they are returned as copies of the first so the names exist."""
+    S1 = _load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV)
+    S2 = S1
+    S3 = S1
+    S4 = S1
+    if K > KB:
+        S2 = _load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV)
+    if K > 2 * KB:
+        S3 = _load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV)
+    if K > 3 * KB:
+        S4 = _load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV)
+    return S1, S2, S3, S4
+
+
+@triton.jit
 def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexpr,
                   BV: tl.constexpr):
     """The state's row blocks to a [K, V] matrix at ptr (only the blocks K has)."""
@@ -94,25 +127,10 @@ def state_forward_kernel(
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8)."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
-    bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
-    first = tl.load(offsets + i_n)
-    col0 = i_v * BV
+    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
-    p_state = (i_n * HV + i_hv).to(tl.int64) * state_kv
     p_k = k + i_h * K
-    S1 = _load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV)
-    S2 = S1   # blocks K does not have are never read; the names must exist for the loop
-    S3 = S1
-    S4 = S1
-    if K > KB:
-        S2 = _load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV)
-    if K > 2 * KB:
-        S3 = _load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV)
-    if K > 3 * KB:
-        S4 = _load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV)
+    S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
         if STORE_CHUNKS:
@@ -173,25 +191,10 @@ def state_backward_kernel(
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
-    bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
-    first = tl.load(offsets + i_n)
-    col0 = i_v * BV
+    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
-    p_state = (i_n * HV + i_hv).to(tl.int64) * state_kv
     p_q, p_k = q + i_h * K, k + i_h * K
-    dS1 = _load_block(dht, p_state, HAS_DHT, 0, K, col0, V, KB, BV)
-    dS2 = dS1
-    dS3 = dS1
-    dS4 = dS1
-    if K > KB:
-        dS2 = _load_block(dht, p_state, HAS_DHT, KB, K, col0, V, KB, BV)
-    if K > 2 * KB:
-        dS3 = _load_block(dht, p_state, HAS_DHT, 2 * KB, K, col0, V, KB, BV)
-    if K > 3 * KB:
-        dS4 = _load_block(dht, p_state, HAS_DHT, 3 * KB, K, col0, V, KB, BV)
+    dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
