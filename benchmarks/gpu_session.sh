@@ -55,18 +55,20 @@ if [ "$what" = stages ]; then
     # The yardstick's kernels at the first shape, to compare stage by stage.
     python3 benchmarks/stages.py --backend fla --out "$out/stages" 2>/dev/null | head -16
 fi
-if [ "$what" = tiles ]; then
-    # Tile/warp choices of launch/tiles.py, kernel by kernel (NOTES.md §6), then the segment
-    # length of the segmented passes on the long sequence.
-    stage_lines() { grep -E "ms of kernels|state_|output_backward|wy_backward"; }
-    for tiles in "" state_bv=64 state_bv=64,state_warps=8 state_warps=8 state_bv=16 \
-                 state_lowp=1; do
+stage_lines() { grep -E "ms of kernels|state_|wy_|output_"; }
+tile_sweep() {
+    # Kernel times per tile choice (GDN_TRITON_TILES keys in triton/tiles.py), the default
+    # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_lowp=1".
+    for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
         GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
             --out "$out/stages" 2>/dev/null | stage_lines
     done
-    GDN_TRITON_TILES=state_lowp=1 timeout 200 python3 benchmarks/ops.py --shapes 8x4096-h16 \
-        --backends triton --tag lowp --out "$out/results" 2>&1 | grep -E "^\| [0-9]|Error"
+}
+if [ "$what" = tiles ]; then
+    # The tile sweep, then the segment length of the segmented passes on the long sequence
+    # (NOTES.md §6).
+    tile_sweep
     for seg in 0 128 64; do
         echo "== segment chunks: $seg"
         GDN_TRITON_SEGMENT_CHUNKS=$seg python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
@@ -74,18 +76,13 @@ if [ "$what" = tiles ]; then
     done
 fi
 if [ "$what" = state ]; then
-    # The state passes (NOTES.md §8): correctness against float64 at full shapes, then their
-    # time by tile choice.
-    for case in 8x4096-h16 8x4096-h6-k256v512 1x65536-h16; do
-        timeout 200 python3 benchmarks/ops.py --shapes "$case" --backends triton --tag "$case" \
-            --out "$out/results" 2>&1 | grep -E "^\| [0-9]|Error"
+    # Correctness against float64 at three full shapes (a kernel change first shows up
+    # here: NOTES.md §8), then the tile sweep.
+    for shape in 8,4096,16,128,128 8,4096,6,256,512 1,65536,16,128,128; do
+        echo "== probe $shape"
+        timeout 150 python3 benchmarks/probe_launch.py "$shape" 2>&1 | grep -v Warn | tail -4
     done
-    stage_lines() { grep -E "ms of kernels|state_|wy_|output_"; }
-    for tiles in "" ${GDN_TILE_SWEEP:-}; do
-        echo "== tiles: ${tiles:-default}"
-        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
-            --out "$out/stages" 2>/dev/null | stage_lines
-    done
+    tile_sweep
 fi
 if [ "$what" = train ]; then
     # Training throughput (issue 5), one preset per process so a time-out keeps the others.

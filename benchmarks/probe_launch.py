@@ -1,5 +1,12 @@
 """Run the op once (forward+backward) at one shape with CUDA_LAUNCH_BLOCKING=1 and report the
-first failing kernel launch, or the relative errors against float64 if none fails."""
+first failing kernel launch, or the relative errors against float64 if none fails.
+
+    PYTHONPATH=src python3 benchmarks/probe_launch.py 8,4096,16,128,128     # B,T,H,K,V
+
+The quick full-shape check after a kernel change (``gpu_session.sh state`` runs it at three
+shapes): the interpreter tests cannot see a GPU miscompile, and this names the kernel that
+went wrong in a minute, where the gpu-marked tests take ten (benchmarks/NOTES.md §8).
+"""
 import os
 import sys
 import traceback

@@ -11,30 +11,9 @@ import triton.language as tl
 
 
 @triton.jit
-def load_rows(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
-    """[BT, BD] float32 tile of rows t0 … t0+BT−1, columns col0 … col0+BD−1."""
-    o_t = t0 + tl.arange(0, BT).to(tl.int64)
-    o_d = col0 + tl.arange(0, BD)
-    p = ptr + o_t[:, None] * stride + o_d[None, :]
-    m = (o_t < end)[:, None] & (o_d < n_cols)[None, :]
-    return tl.load(p, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_cols(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
-    """The transpose of ``load_rows``: [BD, BT] float32, read transposed from memory, so a
-    product with the tile as its transposed left operand needs no transpose in registers."""
-    o_t = t0 + tl.arange(0, BT).to(tl.int64)
-    o_d = col0 + tl.arange(0, BD)
-    p = ptr + o_t[None, :] * stride + o_d[:, None]
-    m = (o_t < end)[None, :] & (o_d < n_cols)[:, None]
-    return tl.load(p, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def load_rows_stored(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
-    """``load_rows`` in the stored dtype: a tile that goes straight into ``tl.dot``, which
-    Triton's pipeliner can then prefetch into shared memory a chunk ahead."""
+    """[BT, BD] tile of rows t0 … t0+BT−1, columns col0 … col0+BD−1, in the stored dtype: a
+    tile that goes straight into ``tl.dot`` (bf16 tensor cores for bf16 tensors)."""
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     o_d = col0 + tl.arange(0, BD)
     p = ptr + o_t[:, None] * stride + o_d[None, :]
@@ -44,12 +23,19 @@ def load_rows_stored(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: t
 
 @triton.jit
 def load_cols_stored(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
-    """``load_cols`` in the stored dtype (see ``load_rows_stored``)."""
+    """The transpose of ``load_rows_stored``: [BD, BT], read transposed from memory, so a
+    product with the tile as its transposed left operand needs no transpose in registers."""
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     o_d = col0 + tl.arange(0, BD)
     p = ptr + o_t[None, :] * stride + o_d[:, None]
     m = (o_t < end)[None, :] & (o_d < n_cols)[:, None]
     return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def load_rows(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """``load_rows_stored`` as float32, for element-wise work."""
+    return load_rows_stored(ptr, t0, end, stride, col0, n_cols, BT, BD).to(tl.float32)
 
 
 @triton.jit
@@ -75,24 +61,20 @@ def store_vec(ptr, x, t0, end, stride, BT: tl.constexpr):
 
 
 @triton.jit
-def load_matrix(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
-                BC: tl.constexpr):
-    """[BR, BC] float32 tile of a row-major matrix (a state [K, V])."""
-    o_r = row0 + tl.arange(0, BR)
-    o_c = col0 + tl.arange(0, BC)
-    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
-    return tl.load(ptr + o_r[:, None] * stride + o_c[None, :], mask=m, other=0.0).to(
-        tl.float32)
-
-
-@triton.jit
 def load_matrix_stored(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
                        BC: tl.constexpr):
-    """``load_matrix`` in the stored dtype (see ``load_rows_stored``)."""
+    """[BR, BC] tile of a row-major matrix (a state [K, V]) in the stored dtype."""
     o_r = row0 + tl.arange(0, BR)
     o_c = col0 + tl.arange(0, BC)
     m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
     return tl.load(ptr + o_r[:, None] * stride + o_c[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def load_matrix(ptr, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
+                BC: tl.constexpr):
+    """``load_matrix_stored`` as float32."""
+    return load_matrix_stored(ptr, row0, n_rows, col0, n_cols, stride, BR, BC).to(tl.float32)
 
 
 @triton.jit

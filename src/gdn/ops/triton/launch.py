@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gdn.ops.triton import output, passes, wy
 from gdn.ops.triton.indexing import ChunkTable, chunk_table
-from gdn.ops.triton.tiles import TILES, tile_sizes
+from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
 
@@ -182,10 +182,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
-        wy_flags = {key: value for key, value in flags.items() if key != "BK"} | WY_BACKWARD_LAUNCH
         wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
-                                        dv, dbeta, *chunks, V=V, BV=BV, KB=min(64, p.flags["BK"]),
-                                        **wy_flags)
+                                        dv, dbeta, *chunks, V=V, BV=BV,
+                                        **(row_block_flags(flags) | WY_BACKWARD_LAUNCH))
     if not delta:
         dv = d_delta
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton import state
-from gdn.ops.triton.tiles import TILES
+from gdn.ops.triton.tiles import TILES, row_block_flags
 
 # Chunks per segment of the segmented passes: None chooses by ``_auto_segments``, 0 turns
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
@@ -52,14 +52,13 @@ _MIN_SEGMENT_CHUNKS = 16
 STATE_LAUNCH = dict(num_stages=TILES.get("state_stages", 1),
                     **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
-KB = 64   # rows of one block of the state (state.py): K ≤ 256 is up to four blocks
 
 
 def _state_flags(p, direction: str) -> dict:
-    """The launch plan's flags for a state kernel: row blocks of KB instead of one BK tile."""
-    flags = {key: value for key, value in p.flags.items() if key != "BK"}
+    """The launch plan's flags for a state kernel: the state in row blocks of KB (state.py:
+    K ≤ 256 is up to four blocks) instead of one BK tile."""
     warps = STATE_WARPS[direction] or (2 if direction == "reverse" and p.K <= 128 else 4)
-    return flags | STATE_LAUNCH | dict(KB=min(KB, p.flags["BK"]), num_warps=warps)
+    return row_block_flags(p.flags) | STATE_LAUNCH | dict(num_warps=warps)
 
 
 @dataclass

@@ -9,9 +9,12 @@ independent per value column), and sequences × heads sit on grid axis 0, which 
 The state is held as up to four row blocks of KB = 64 rows (S1 … S4; K ≤ 256), so every
 product is a [BT, KB] or [KB, BT] tile from memory times a [·, BV] tile, whatever K is, and
 no [BT, K] tile of K = 256 has to live in registers. The tiles read from memory go into
-``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), so Triton's pipeliner
-can fetch the next chunk's tiles while this chunk's products run: the loop is otherwise
-bound by one round trip to memory per chunk (benchmarks/NOTES.md §8).
+``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), and the gate decays are
+applied to the [BT, BV] side of each product, never to a loaded tile: the first kernels, which
+scaled and converted tiles in registers, computed inf with bf16 operands on Triton 3.6 and an
+H100 (benchmarks/NOTES.md §3 v4, §8). Few registers and little shared memory per program
+matter more than prefetching here: the 512 programs of a pass at (8, 4096, 16, 128, 128)
+must all be resident at once (launch options in passes.py).
 """
 
 import triton
@@ -103,6 +106,23 @@ def _rows_times_block(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
 
 
 @triton.jit
+def _rows_times_blocks(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr, DT: tl.constexpr,
+                       PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                       BV: tl.constexpr):
+    """X S = Σ_b X[:, block b] S_b for a [BT, K] tile X of a packed row and the state's blocks:
+    [BT, BV] float32."""
+    acc = _rows_times_block(x, S1, tl.zeros([BT, BV], dtype=tl.float32), 0, t0, end, stride,
+                            K, DT, PREC, BT, KB)
+    if K > KB:
+        acc = _rows_times_block(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB)
+    if K > 2 * KB:
+        acc = _rows_times_block(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB)
+    if K > 3 * KB:
+        acc = _rows_times_block(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB)
+    return acc
+
+
+@triton.jit
 def _update_block(x, S, e_last, rhs, row0, t0, end, stride, K, HAS_GATE: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
     """e^{Γ_C} S + X[:, row0:row0+KB]ᵀ rhs, with X read transposed from memory."""
@@ -110,6 +130,24 @@ def _update_block(x, S, e_last, rhs, row0, t0, end, stride, K, HAS_GATE: tl.cons
     if HAS_GATE:
         S = S * e_last
     return mma(b_xt, rhs, S, DT, PREC)
+
+
+@triton.jit
+def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.constexpr,
+                   HAS_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                   BT: tl.constexpr, KB: tl.constexpr):
+    """Every block of S ← e^{Γ_C} S + Xᵀ rhs (``_update_block``)."""
+    S1 = _update_block(x, S1, e_last, rhs, 0, t0, end, stride, K, HAS_GATE, DT, PREC, BT, KB)
+    if K > KB:
+        S2 = _update_block(x, S2, e_last, rhs, KB, t0, end, stride, K, HAS_GATE, DT, PREC, BT,
+                           KB)
+    if K > 2 * KB:
+        S3 = _update_block(x, S3, e_last, rhs, 2 * KB, t0, end, stride, K, HAS_GATE, DT, PREC,
+                           BT, KB)
+    if K > 3 * KB:
+        S4 = _update_block(x, S4, e_last, rhs, 3 * KB, t0, end, stride, K, HAS_GATE, DT, PREC,
+                           BT, KB)
+    return S1, S2, S3, S4
 
 
 @triton.jit
@@ -129,7 +167,6 @@ def state_forward_kernel(
     from S = I gives a segment's transition matrix (math.md §3.8)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
-    p_k = k + i_h * K
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
@@ -141,17 +178,8 @@ def state_forward_kernel(
         else:
             delta = load_rows(u + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if DELTA:
-            p_w = w + i_hv * K
-            ws = _rows_times_block(p_w, S1, tl.zeros([BT, BV], dtype=tl.float32), 0, t0, end,
-                                   HV * K, K, DT, PREC, BT, KB)
-            if K > KB:
-                ws = _rows_times_block(p_w, S2, ws, KB, t0, end, HV * K, K, DT, PREC, BT, KB)
-            if K > 2 * KB:
-                ws = _rows_times_block(p_w, S3, ws, 2 * KB, t0, end, HV * K, K, DT, PREC, BT,
-                                       KB)
-            if K > 3 * KB:
-                ws = _rows_times_block(p_w, S4, ws, 3 * KB, t0, end, HV * K, K, DT, PREC, BT,
-                                       KB)
+            ws = _rows_times_blocks(w + i_hv * K, S1, S2, S3, S4, t0, end, HV * K, K, DT, PREC,
+                                    BT, KB, BV)
             delta -= ws
             if STORE_CHUNKS:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
@@ -161,18 +189,8 @@ def state_forward_kernel(
             # goes from memory into the product untouched.
             _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
             delta = delta * to_end[:, None]
-        rhs = delta.to(DT)
-        S1 = _update_block(p_k, S1, e_last, rhs, 0, t0, end, H * K, K, HAS_GATE, DT, PREC,
-                           BT, KB)
-        if K > KB:
-            S2 = _update_block(p_k, S2, e_last, rhs, KB, t0, end, H * K, K, HAS_GATE, DT,
-                               PREC, BT, KB)
-        if K > 2 * KB:
-            S3 = _update_block(p_k, S3, e_last, rhs, 2 * KB, t0, end, H * K, K, HAS_GATE, DT,
-                               PREC, BT, KB)
-        if K > 3 * KB:
-            S4 = _update_block(p_k, S4, e_last, rhs, 3 * KB, t0, end, H * K, K, HAS_GATE, DT,
-                               PREC, BT, KB)
+        S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT), t0,
+                                        end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
     if STORE_HT:
         _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
@@ -193,7 +211,6 @@ def state_backward_kernel(
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
-    p_q, p_k = q + i_h * K, k + i_h * K
     dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
@@ -203,17 +220,8 @@ def state_backward_kernel(
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
         # K̃ dS_{n+1} = diag(e^{Γ_C − Γ_r}) K dS_{n+1}, one product per row block of dS.
-        kds = _rows_times_block(p_k, dS1.to(DT), tl.zeros([BT, BV], dtype=tl.float32), 0, t0,
-                                end, H * K, K, DT, PREC, BT, KB)
-        if K > KB:
-            kds = _rows_times_block(p_k, dS2.to(DT), kds, KB, t0, end, H * K, K, DT, PREC, BT,
-                                    KB)
-        if K > 2 * KB:
-            kds = _rows_times_block(p_k, dS3.to(DT), kds, 2 * KB, t0, end, H * K, K, DT, PREC,
-                                    BT, KB)
-        if K > 3 * KB:
-            kds = _rows_times_block(p_k, dS4.to(DT), kds, 3 * KB, t0, end, H * K, K, DT, PREC,
-                                    BT, KB)
+        kds = _rows_times_blocks(k + i_h * K, dS1, dS2, dS3, dS4, t0, end, H * K, K, DT, PREC,
+                                 BT, KB, BV)
         d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         e_last = 1.0
@@ -225,31 +233,12 @@ def state_backward_kernel(
             d_d += kds
         if STORE_CHUNKS:
             store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
-        rhs_q = b_do.to(DT)
-        dS1 = _update_block(p_q, dS1, e_last, rhs_q, 0, t0, end, H * K, K, HAS_GATE, DT, PREC,
-                            BT, KB)
-        if K > KB:
-            dS2 = _update_block(p_q, dS2, e_last, rhs_q, KB, t0, end, H * K, K, HAS_GATE, DT,
-                                PREC, BT, KB)
-        if K > 2 * KB:
-            dS3 = _update_block(p_q, dS3, e_last, rhs_q, 2 * KB, t0, end, H * K, K, HAS_GATE,
-                                DT, PREC, BT, KB)
-        if K > 3 * KB:
-            dS4 = _update_block(p_q, dS4, e_last, rhs_q, 3 * KB, t0, end, H * K, K, HAS_GATE,
-                                DT, PREC, BT, KB)
+        dS1, dS2, dS3, dS4 = _update_blocks(q + i_h * K, dS1, dS2, dS3, dS4, e_last,
+                                            b_do.to(DT), t0, end, H * K, K, HAS_GATE, DT, PREC,
+                                            BT, KB)
         if DELTA:
-            p_w = w + i_hv * K
-            rhs_w = (-d_d).to(DT)
-            dS1 = _update_block(p_w, dS1, 1.0, rhs_w, 0, t0, end, HV * K, K, False, DT, PREC,
-                                BT, KB)
-            if K > KB:
-                dS2 = _update_block(p_w, dS2, 1.0, rhs_w, KB, t0, end, HV * K, K, False, DT,
-                                    PREC, BT, KB)
-            if K > 2 * KB:
-                dS3 = _update_block(p_w, dS3, 1.0, rhs_w, 2 * KB, t0, end, HV * K, K, False,
-                                    DT, PREC, BT, KB)
-            if K > 3 * KB:
-                dS4 = _update_block(p_w, dS4, 1.0, rhs_w, 3 * KB, t0, end, HV * K, K, False,
-                                    DT, PREC, BT, KB)
+            dS1, dS2, dS3, dS4 = _update_blocks(w + i_hv * K, dS1, dS2, dS3, dS4, 1.0,
+                                                (-d_d).to(DT), t0, end, HV * K, K, False, DT,
+                                                PREC, BT, KB)
     if STORE_DH0:
         _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)

@@ -39,3 +39,12 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
     # nothing: NOTES.md §6).
     BV_state = TILES.get("state_bv") or min(32, max(16, triton.next_power_of_2(V)))
     return BK, BV, BV_state
+
+
+KB = 64   # columns of K per block in the kernels that walk K in blocks (state passes, wy backward)
+
+
+def row_block_flags(flags: dict) -> dict:
+    """A launch plan's flags for a kernel that walks K in blocks of KB: KB instead of BK."""
+    return {key: value for key, value in flags.items() if key != "BK"} | dict(
+        KB=min(KB, flags["BK"]))
