@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from gdn.ops.triton import output, passes, wy
@@ -44,6 +45,10 @@ WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
 F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = {} if TILES.get("output_lowp") else F32
 WY_BACKWARD_LAUNCH = {} if TILES.get("wy_lowp") else F32
+# GDN_TRITON_TILES=wy_split=1: the wy backward as two kernels, the second one program per
+# (chunk, head, 64 columns of dk) reading H from memory; written for the next GPU run (the
+# one kernel holds 255 registers, two programs per SM; NOTES.md §8), not yet measured.
+WY_SPLIT = bool(TILES.get("wy_split"))
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -182,9 +187,16 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
-        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
-                                        dv, dbeta, *chunks, V=V, BV=BV,
-                                        **(row_block_flags(flags) | WY_BACKWARD_LAUNCH))
+        wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH
+        if WY_SPLIT:
+            h = torch.empty(TT, HV, BT, **f32)
+            wy.wy_backward_sums_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, h, dg, dv,
+                                                 dbeta, *chunks, V=V, BV=BV, **wy_flags)
+            wy.wy_backward_dk_kernel[(NC, HV, triton.cdiv(K, wy_flags["KB"]))](
+                k_, g_, b_, a, dw, h, dk_partial, dk, *chunks, **wy_flags)
+        else:
+            wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk,
+                                            dg, dv, dbeta, *chunks, V=V, BV=BV, **wy_flags)
     if not delta:
         dv = d_delta
 

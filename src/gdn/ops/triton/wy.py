@@ -174,40 +174,20 @@ def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def wy_backward_kernel(
-    k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
-    dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
-    dk_partial, dk, dg,       # in [TT, HV, K] float32: the output stage's part; out: dk;
-                              # in/out [TT, HV] float32: dg
-    dv, dbeta,                # out: [TT, HV, V], [TT, HV]
-    chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
-):
-    """math.md §4.3 for one chunk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ), then dk, dv, dβ
-    and dg, reading dw and the output stage's dk and dg parts.
+def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
+                  PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
+    """math.md §4.3 for one chunk up to dk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ); stores
+    dv and dβ and adds this stage's part to dg. Returns Aᵀ (in DT), β, e^Γ and
+    H = dL ⊙ D ⊙ β, from which dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk.
 
-    K is walked in blocks of KB columns twice (once for dB_w wᵀ, k kᵀ and the dβ, dΓ sums,
-    once for dk) and V in blocks of BV once, so no [BT, K] float32 tile is ever held whole:
-    the first version held five and spilled (NOTES.md §8). The products take their operands
-    in DT, except the two with H = dL ⊙ D ⊙ β, which stay float32 (H is a sum of products in
-    the tensor cores' own layout, and Hᵀ as an operand is the pattern that Triton 3.4-3.7.0
-    miscompiles on Hopper in bf16: fla-org/flash-linear-attention#640).
-    """
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    i_h = i_hv // (HV // H)
+    K is walked in blocks of KB columns and V in blocks of BV, so no [BT, K] float32 tile is
+    ever held whole: the first version held five and spilled (NOTES.md §8)."""
     o = tl.arange(0, BT)
     A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
-    if HAS_GATE:
-        gg = load_vec(g + i_hv, t0, end, HV, BT)
-        e_gamma = tl.exp(tl.cumsum(gg, axis=0))
-    else:
-        e_gamma = tl.full([BT], 1.0, tl.float32)
+    e_gamma = tl.exp(tl.cumsum(gg, axis=0)) if HAS_GATE else tl.full([BT], 1.0, tl.float32)
     p_k = k + i_h * K
     dX_X = tl.zeros([BT, BT], dtype=tl.float32)     # Σ over w and u of dB Xᵀ
     kk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -243,12 +223,106 @@ def wy_backward_kernel(
         p_dg = dg + i_hv
         store_vec(p_dg, load_vec(p_dg, t0, end, HV, BT) + d_g, t0, end, HV, BT)
     store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)
+    return A_t, b, e_gamma, H_
+
+
+@triton.jit
+def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j,
+              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + H k + Hᵀ k + the output stage's dk. The
+    two products with H stay float32: H is a sum of products in the tensor cores' own layout,
+    and its transpose as a bf16 operand is the pattern that Triton 3.4-3.7.0 miscompiles on
+    Hopper (fla-org/flash-linear-attention#640)."""
+    b_k = load_rows(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
+    d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
+    d_k = d_k * (b * e_gamma)[:, None]
+    d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
+    d_k = tl.dot(H_, b_k, d_k, input_precision=PREC)
+    d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
+    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
+
+
+@triton.jit
+def wy_backward_kernel(
+    k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
+    dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
+    dk_partial, dk, dg,       # in [TT, HV, K] float32: the output stage's part; out: dk;
+                              # in/out [TT, HV] float32: dg
+    dv, dbeta,                # out: [TT, HV, V], [TT, HV]
+    chunk_seq, chunk_start, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
+):
+    """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
+    block."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
+    A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv,
+                                        i_h, t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT,
+                                        BT)
     H_t = tl.trans(H_)
-    for j in range(0, tl.cdiv(K, KB)):               # dk, block by block
-        b_k = load_rows(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
-        d_k = d_k * (b * e_gamma)[:, None]
-        d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
-        d_k = tl.dot(H_, b_k, d_k, input_precision=PREC)
-        d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
-        store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
+    for j in range(0, tl.cdiv(K, KB)):
+        _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H,
+                  HV, K, DT, PREC, BT, KB)
+
+
+@triton.jit
+def wy_backward_sums_kernel(
+    k, v, g, beta, a, w, u, dw, du,   # as in wy_backward_kernel
+    h_out,                    # out: [TT, HV, BT] float32, H = dL ⊙ D ⊙ β, row r at token r
+    dg, dv, dbeta,            # in/out [TT, HV] float32: dg; out: [TT, HV, V], [TT, HV]
+    chunk_seq, chunk_start, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
+):
+    """The first half of the split wy backward (GDN_TRITON_TILES=wy_split=1, NOTES.md §8):
+    ``_wy_gradients``, with H stored for ``wy_backward_dk_kernel``."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
+    _, _, _, H_ = _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0,
+                                end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
+    store_rows(h_out + i_hv * BT, H_, t0, end, HV * BT, 0, BT, BT, BT)
+
+
+@triton.jit
+def wy_backward_dk_kernel(
+    k, g, beta, a, dw,        # as in wy_backward_kernel
+    h_in,                     # [TT, HV, BT] float32 from wy_backward_sums_kernel
+    dk_partial, dk,           # in [TT, HV, K] float32: the output stage's part; out: dk
+    chunk_seq, chunk_start, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    KB: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr,
+):
+    """The second half of the split wy backward: one program per (chunk, v head, block of KB
+    columns of dk), with H and Hᵀ read from memory (no transpose in registers)."""
+    i_c, i_hv, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    i_h = i_hv // (HV // H)
+    A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
+    b = load_vec(beta + i_hv, t0, end, HV, BT)
+    if HAS_GATE:
+        e_gamma = tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
+    else:
+        e_gamma = tl.full([BT], 1.0, tl.float32)
+    p_h = h_in + i_hv * BT
+    H_ = load_rows(p_h, t0, end, HV * BT, 0, BT, BT, BT)
+    o = tl.arange(0, BT)
+    o_t = t0 + o.to(tl.int64)
+    H_t = tl.load(p_h + o_t[None, :] * (HV * BT) + o[:, None], mask=(o_t < end)[None, :],
+                  other=0.0)
+    _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H, HV,
+              K, DT, PREC, BT, KB)
