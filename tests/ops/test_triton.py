@@ -178,13 +178,3 @@ def test_segments_only_when_the_plain_pass_is_short_of_programs():
     assert auto_segment_chunks(1024, 64, 132) == 114    # 1x65536-h16: 9 segments, 576 programs
     assert auto_segment_chunks(256, 128, 132) == 52     # 2x16384-h16: 5 segments
     assert auto_segment_chunks(20, 8, 132) == 0         # too short for two segments
-
-
-@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "k_in_four_blocks"])
-def test_split_wy_backward_matches_reference(case, monkeypatch):
-    """The wy backward as two kernels (GDN_TRITON_TILES=wy_split=1, not yet the default)."""
-    from gdn.ops.triton import launch
-
-    monkeypatch.setattr(launch, "WY_SPLIT", True)
-    kwargs, delta = CASES[case]
-    _check(random_inputs(**kwargs, delta=delta, seed=19), delta, torch.float32, 1e-5)

@@ -43,12 +43,10 @@ WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
 # failed the same way; their second version, which feeds every tile from memory straight
 # into the products, is right in bf16. GDN_TRITON_TILES=output_lowp=1 / wy_lowp=1 try bf16.
 F32 = dict(DT=tl.float32)
-OUTPUT_LAUNCH = {} if TILES.get("output_lowp") else F32
-WY_BACKWARD_LAUNCH = {} if TILES.get("wy_lowp") else F32
-# GDN_TRITON_TILES=wy_split=1: the wy backward as two kernels, the second one program per
-# (chunk, head, 64 columns of dk) reading H from memory; written for the next GPU run (the
-# one kernel holds 255 registers, two programs per SM; NOTES.md §8), not yet measured.
-WY_SPLIT = bool(TILES.get("wy_split"))
+OUTPUT_LAUNCH = ({} if TILES.get("output_lowp") else F32) | dict(
+    num_stages=TILES.get("output_stages", 1))
+WY_BACKWARD_LAUNCH = ({} if TILES.get("wy_lowp") else F32) | dict(
+    num_stages=TILES.get("wy_stages", 1))
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -188,15 +186,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
         wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH
-        if WY_SPLIT:
-            h = torch.empty(TT, HV, BT, **f32)
-            wy.wy_backward_sums_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, h, dg, dv,
-                                                 dbeta, *chunks, V=V, BV=BV, **wy_flags)
-            wy.wy_backward_dk_kernel[(NC, HV, triton.cdiv(K, wy_flags["KB"]))](
-                k_, g_, b_, a, dw, h, dk_partial, dk, *chunks, **wy_flags)
-        else:
-            wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk,
-                                            dg, dv, dbeta, *chunks, V=V, BV=BV, **wy_flags)
+        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
+                                        dv, dbeta, *chunks, V=V, BV=BV, **wy_flags)
     if not delta:
         dv = d_delta
 
