@@ -58,7 +58,7 @@ fi
 stage_lines() { grep -E "ms of kernels|state_|wy_|output_"; }
 tile_sweep() {
     # Kernel times per tile choice (GDN_TRITON_TILES keys in triton/tiles.py), the default
-    # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_lowp=1".
+    # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_f32=1".
     for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
         GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \

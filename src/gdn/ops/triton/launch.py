@@ -35,18 +35,18 @@ INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, n
 # The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
 # warps they spill registers.
 WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
-# Operand dtypes. The state passes and output_backward multiply in the operand dtype (bf16
-# for bf16 inputs). The forward output and the wy backward multiply in float32 (TF32): with
-# bf16 operands, Triton 3.6 on an H100 computes them wrong (output 2.2 relative error, the wy
-# gradients inf, an illegal address at K = 256) at every shape tried, while the interpreter
-# and float32 operands give the right values (NOTES.md §3 v4, §8). The first state passes
-# failed the same way; their second version, which feeds every tile from memory straight
-# into the products, is right in bf16. GDN_TRITON_TILES=output_lowp=1 / wy_lowp=1 try bf16.
+# Operand dtypes: every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The
+# forward output and the wy backward hold a product in registers and feed it to another
+# product; Triton 3.6 on an H100 computes that wrong in bf16 when the loop is not pipelined
+# (output 2.2 relative error, the wy gradients inf, an illegal address at K = 256), and right
+# with two stages: benchmarks/bf16_dot_probe.py reproduces it in 20 lines (NOTES.md §9). So
+# these two kernels run with two stages, which their shared memory allows (44 / 72 KiB).
+# GDN_TRITON_TILES=output_f32=1 / wy_f32=1 give them float32 (TF32) operands instead.
 F32 = dict(DT=tl.float32)
-OUTPUT_LAUNCH = ({} if TILES.get("output_lowp") else F32) | dict(
-    num_stages=TILES.get("output_stages", 1))
-WY_BACKWARD_LAUNCH = ({} if TILES.get("wy_lowp") else F32) | dict(
-    num_stages=TILES.get("wy_stages", 1))
+OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
+    num_stages=TILES.get("output_stages", 2))
+WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
+    num_stages=TILES.get("wy_stages", 2))
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -12,7 +12,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
     """Tile and warp choices for a measurement, e.g. GDN_TRITON_TILES="state_bv=64,
     state_warps=8" (benchmarks/NOTES.md); the defaults below are what measurements chose."""
     known = ("bv", "state_bv", "state_warps", "state_bwd_warps", "state_stages", "wide_warps",
-             "state_f32", "output_lowp", "wy_lowp", "output_stages", "wy_stages")
+             "state_f32", "output_f32", "wy_f32", "output_stages", "wy_stages")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
