@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|check|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -73,6 +73,21 @@ if [ "$what" = tiles ]; then
         echo "== segment chunks: $seg"
         GDN_TRITON_SEGMENT_CHUNKS=$seg python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
             --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
+    done
+fi
+if [ "$what" = check ]; then
+    # Each tile choice (default first, then GDN_TILE_SWEEP) probed against float64 at a
+    # full shape, a K = 256 one and an awkward one, then its kernel times: for a kernel
+    # change whose variants may compute differently on the GPU (NOTES.md §9).
+    for tiles in "" ${GDN_TILE_SWEEP:-}; do
+        echo "== tiles: ${tiles:-default}"
+        for shape in 8,4096,16,128,128 8,4096,6,256,512 2,512,4,100,72; do
+            printf "%-18s " "$shape"
+            GDN_TRITON_TILES=$tiles timeout 120 python3 benchmarks/probe_launch.py "$shape" \
+                2>&1 | grep -v Warn | tail -1
+        done
+        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
+            --out "$out/stages" 2>/dev/null | stage_lines
     done
 fi
 if [ "$what" = state ]; then

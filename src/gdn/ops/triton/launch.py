@@ -32,9 +32,14 @@ BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
 # (measured: 368 KiB asked for by output_backward at K = V = 128 with the default).
 LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
-# The two backward kernels that hold several [BT, BK] float32 accumulators at once: with four
-# warps they spill registers.
-WIDE_LAUNCH = dict(num_warps=TILES.get("wide_warps", 8))
+# The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
+# [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
+OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 4),
+                              num_stages=TILES.get("obwd_stages", 2))
+OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 32)
+OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 64)
+
+
 # Operand dtypes: every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The
 # forward output and the wy backward hold a product in registers and feed it to another
 # product; Triton 3.6 on an H100 computes that wrong in bf16 when the loop is not pipelined
@@ -173,10 +178,13 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
     dk = torch.empty(TT, HV, K, **(f32 if delta else final_dtype))
     dw = torch.empty(TT, HV, K, **lo) if delta else None
-    dg = torch.empty(TT, HV, **f32) if g is not None else None
-    output.output_backward_kernel[(NC, HV)](
-        q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg, *chunks,
-        scale, V=V, BV=BV, DELTA=delta, **(flags | WIDE_LAUNCH))
+    o_flags = row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
+    n_kb = triton.cdiv(K, o_flags["KB"])
+    dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
+    output.output_backward_kernel[(NC, HV, n_kb)](
+        q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg_parts, *chunks,
+        scale, TT * HV, V=V, BV=OUTPUT_BACKWARD_BV, DELTA=delta, **o_flags)
+    dg = None if g is None else dg_parts[0] if n_kb == 1 else dg_parts.sum(0)
     del states, d_states, v_new
     # The wy backward's outputs are allocated only now, in the memory the chunk states held:
     # the peak of the backward is during output_backward.

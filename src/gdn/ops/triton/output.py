@@ -12,7 +12,6 @@ from gdn.ops.triton.common import (
     causal_decay,
     chunk_bounds,
     decay_to_end,
-    load_matrix,
     load_matrix_stored,
     load_rows,
     load_rows_stored,
@@ -104,58 +103,75 @@ def output_backward_kernel(
     q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
     v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
-    dq, dk, dw, dg,        # out (per v head): [TT, HV, K] ×3, [TT, HV]
-    chunk_seq, chunk_start, cu, scale,
+    dq, dk, dw,            # out (per v head): [TT, HV, K] ×3
+    dg_parts,              # out: [cdiv(K, KB), TT, HV] float32, dg's part from each K block
+    chunk_seq, chunk_start, cu, scale, dg_part_stride,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
 ):
-    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part)."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for the
+    KB columns of K of program axis 2.
+
+    Every term is a sum over K of per-column terms or a product that splits by columns, so
+    the K blocks are independent programs; each recomputes dO Δᵀ (a sum over V), and its
+    part of dg (QKᵀ and the write term restricted to its columns) is summed by the caller.
+    Tiles go from memory into the products in their stored dtype; the loop is pipelined
+    (two stages), which Triton 3.6 needs to compute a register product's bf16 products
+    right (NOTES.md §9).
+    """
+    i_c, i_hv, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
-    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, e_gamma = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
+    col0 = i_kb * KB
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
-    d_q = tl.zeros([BT, BK], dtype=tl.float32)      # dO Sᵀ
-    d_k = tl.zeros([BT, BK], dtype=tl.float32)      # Δ dS′ᵀ
-    d_w = tl.zeros([BT, BK], dtype=tl.float32)      # dΔ Sᵀ
+    d_q = tl.zeros([BT, KB], dtype=tl.float32)      # dO Sᵀ
+    d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
+    d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
-    S_dS = 0.0                                       # ⟨S, dS′⟩
+    S_dS = 0.0                                       # ⟨S, dS′⟩ over this block's rows
     for i_v in range(0, tl.cdiv(V, BV)):
-        S = load_matrix(states + p_state, 0, K, i_v * BV, V, V, BK, BV)
-        dS = load_matrix(d_states + p_state, 0, K, i_v * BV, V, V, BK, BV)
-        b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        delta = load_rows(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_q += mm(b_do, tl.trans(S), DT, PREC)
-        dO_Dt += mm(b_do, tl.trans(delta), DT, PREC)
-        d_k += mm(delta, tl.trans(dS), DT, PREC)
+        S = load_matrix_stored(states + p_state, col0, K, i_v * BV, V, V, KB, BV)
+        dS = load_matrix_stored(d_states + p_state, col0, K, i_v * BV, V, V, KB, BV)
+        b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        delta = load_rows_stored(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        d_q = mma(b_do, tl.trans(S), d_q, DT, PREC)
+        dO_Dt = mma(b_do, tl.trans(delta), dO_Dt, DT, PREC)
+        d_k = mma(delta, tl.trans(dS), d_k, DT, PREC)
         if DELTA:
-            d_d = load_rows(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-            d_w += mm(d_d, tl.trans(S), DT, PREC)
+            d_d = load_rows_stored(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            d_w = mma(d_d, tl.trans(S), d_w, DT, PREC)
         if HAS_GATE:
-            S_dS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
+            S_dS += tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
 
-    d_q = d_q * (scale * e_gamma)[:, None]
-    dM = dO_Dt * D * scale
+    # Each result is stored as soon as it is complete, so fewer [BT, KB] tiles are live at
+    # once (registers: NOTES.md §9).
+    if DELTA:
+        store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, col0, K, BT, KB)
+    b_q = load_rows_stored(q + i_h * K, t0, end, H * K, col0, K, BT, KB)
+    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, col0, K, BT, KB)
+    o = tl.arange(0, BT)
+    if HAS_GATE:
+        gg = load_vec(g + i_hv, t0, end, HV, BT)
+        d_q = d_q * (scale * tl.exp(tl.cumsum(gg, axis=0)))[:, None]
+        dM = dO_Dt * causal_decay(gg, BT) * scale
+        # dg's part from these columns (d_q ⊙ q, QKᵀ and the write term over KB columns).
+        d_gamma = tl.sum(d_q * b_q.to(tl.float32), axis=1)
+    else:
+        d_q = d_q * scale
+        dM = tl.where(o[:, None] >= o[None, :], dO_Dt, 0.0) * scale
+    d_q = mma(dM, b_k, d_q, DT, PREC)
+    store_rows(dq + i_hv * K, d_q, t0, end, HV * K, col0, K, BT, KB)
     if HAS_GATE:
         chunk_end = tl.minimum(t0 + BT, end)
-        to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
-        d_k = d_k * to_end[:, None]
-        E = dM * qk
-        write_term = tl.sum(d_k * b_k, axis=1)        # k̃_rᵀ dS′ δ_r
-        d_gamma = tl.sum(d_q * b_q, axis=1) + tl.sum(E, axis=1) - tl.sum(E, axis=0) - write_term
-        e_last = tl.exp(tl.sum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
-        d_last = e_last * S_dS + tl.sum(write_term, axis=0)   # dΓ_C, reaches every g_j
-        d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last
-    d_q += mm(dM, b_k, DT, PREC)
-    d_k += mm(tl.trans(dM), b_q, DT, PREC)
-    store_rows(dq + i_hv * K, d_q, t0, end, HV * K, 0, K, BT, BK)
-    if DELTA:
-        store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, 0, K, BT, BK)
-    if HAS_GATE:
-        store_vec(dg + i_hv, d_g, t0, end, HV, BT)
-    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, 0, K, BT, BK)
+        d_k = d_k * decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))[:, None]
+        E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
+        write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r
+        d_gamma += tl.sum(E, axis=1) - tl.sum(E, axis=0) - write_term
+        d_last = tl.exp(tl.sum(gg, axis=0)) * S_dS + tl.sum(write_term, axis=0)  # dΓ_C
+        d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last  # dΓ_C reaches every g_j
+        store_vec(dg_parts + i_kb.to(tl.int64) * dg_part_stride + i_hv, d_g, t0, end, HV, BT)
+    d_k = mma(tl.trans(dM), b_q, d_k, DT, PREC)
+    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, col0, K, BT, KB)

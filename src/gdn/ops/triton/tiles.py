@@ -11,8 +11,9 @@ import triton
 def _tile_overrides(text: str) -> dict[str, int]:
     """Tile and warp choices for a measurement, e.g. GDN_TRITON_TILES="state_bv=64,
     state_warps=8" (benchmarks/NOTES.md); the defaults below are what measurements chose."""
-    known = ("bv", "state_bv", "state_warps", "state_bwd_warps", "state_stages", "wide_warps",
-             "state_f32", "output_f32", "wy_f32", "output_stages", "wy_stages")
+    known = ("bv", "state_bv", "state_warps", "state_bwd_warps", "state_stages",
+             "state_f32", "output_f32", "wy_f32", "output_stages", "wy_stages",
+             "obwd_kb", "obwd_bv", "obwd_warps", "obwd_stages")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -44,7 +45,7 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
 KB = 64   # columns of K per block in the kernels that walk K in blocks (state passes, wy backward)
 
 
-def row_block_flags(flags: dict) -> dict:
-    """A launch plan's flags for a kernel that walks K in blocks of KB: KB instead of BK."""
+def row_block_flags(flags: dict, kb: int = KB) -> dict:
+    """A launch plan's flags for a kernel that walks K in blocks of kb: KB instead of BK."""
     return {key: value for key, value in flags.items() if key != "BK"} | dict(
-        KB=min(KB, flags["BK"]))
+        KB=min(kb, flags["BK"]))
