@@ -34,10 +34,12 @@ LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
 # The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
-OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 4),
+# Measured at 8x4096-h16 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64 on 4 warps
+# 1.19, on 8 warps 1.71.
+OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 8),
                               num_stages=TILES.get("obwd_stages", 2))
 OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 32)
-OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 64)
+OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 
 
 # Operand dtypes: every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The
@@ -52,6 +54,9 @@ OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
     num_stages=TILES.get("wy_stages", 2))
+# wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
+# tiles in a loop: two stages too.
+TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -121,7 +126,7 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     w = torch.empty(p.TT, p.HV, p.K, **p.lo)
     u = torch.empty(p.TT, p.HV, p.V, **p.lo)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V,
-                                                   BV=p.BV, **p.flags)
+                                                   BV=p.BV, **(p.flags | TWO_STAGE_LAUNCH))
     return w, u
 
 
@@ -165,7 +170,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
-                                     **flags)
+                                     **(flags | TWO_STAGE_LAUNCH))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=transitions)

@@ -13,7 +13,6 @@ from gdn.ops.triton.common import (
     chunk_bounds,
     decay_to_end,
     load_matrix_stored,
-    load_rows,
     load_rows_stored,
     load_vec,
     mm,
@@ -88,12 +87,12 @@ def dv_local_kernel(
     if i_n < 0:
         return
     i_h = i_hv // (HV // H)
-    b_q = load_rows(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
     qk, D, _ = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
     P_t = tl.trans(qk * D) * scale
     for i_v in range(0, tl.cdiv(V, BV)):
-        b_do = load_rows(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         store_rows(dv_local + i_hv * V, mm(P_t, b_do, DT, PREC), t0, end,
                    HV * V, i_v * BV, V, BT, BV)
 

@@ -11,9 +11,10 @@ backward both use it.
 ``wy_apply`` turns A into w and u with two tensor-core products per chunk.
 ``wy_backward`` is math.md §4.3 and finishes dk, dv, dβ and dg.
 
-The forward products here stay in float32 (TF32, or IEEE in exact mode) whatever the input
-dtype (DT is accepted for a uniform launch but unused): A feeds every later stage. The
-backward takes most of its operands in DT (see its docstring).
+A is float32, and inverted in float32 (TF32 products, or IEEE in exact mode): it feeds every
+later stage. The products with k and v take them in their stored dtype; in ``wy_apply`` A is
+carried as two 16-bit parts for 16-bit inputs (``_split_mm``). The backward takes most of its
+operands in DT (see its docstring).
 """
 
 import triton
@@ -49,9 +50,11 @@ def wy_l_kernel(
         return
     i_h = i_hv // (HV // H)
     o = tl.arange(0, BT)
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
-    kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    # k in its stored dtype: bf16 and fp16 products are exact in the float32 sums, as TF32
+    # products of the same values would be.
+    kk = mma(b_k, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
     if HAS_GATE:
         kk = kk * tl.exp(segment_sums(load_vec(g + i_hv, t0, end, HV, BT), BT))
     b_L = tl.where(o[:, None] > o[None, :], b[:, None] * kk, 0.0)
@@ -157,12 +160,28 @@ def wy_apply_kernel(
     kb = b
     if HAS_GATE:
         kb = b * tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
-    b_k = load_rows(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    store_rows(w + i_hv * K, _mm(A, b_k * kb[:, None], PREC), t0, end, HV * K, 0, K, BT, BK)
+    # The diagonal scalings go on A's columns, so k and v go from memory straight into the
+    # products: w = (A diag(β e^Γ)) K, u = (A diag(β)) V.
+    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
+    store_rows(w + i_hv * K, _split_mm(A * kb[None, :], b_k, DT, PREC), t0, end, HV * K, 0,
+               K, BT, BK)
+    A_u = A * b[None, :]
     for i_v in range(0, tl.cdiv(V, BV)):
-        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(u + i_hv * V, _mm(A, b_v * b[:, None], PREC), t0, end, HV * V, i_v * BV,
-                   V, BT, BV)
+        b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        store_rows(u + i_hv * V, _split_mm(A_u, b_v, DT, PREC), t0, end, HV * V, i_v * BV, V,
+                   BT, BV)
+
+
+@triton.jit
+def _split_mm(A, x, DT: tl.constexpr, PREC: tl.constexpr):
+    """A x for a float32 A and a tile x in DT. For 16-bit x, A is split as hi + lo, both in
+    DT (hi = A rounded, lo = the rest rounded), so two 16-bit products carry A to about 16
+    bits of mantissa (more than TF32's 10) while x goes straight from memory into them."""
+    if tl.float32 == DT:
+        return tl.dot(A, x, input_precision=PREC)
+    hi = A.to(DT)
+    lo = (A - hi.to(tl.float32)).to(DT)
+    return tl.dot(hi, x, tl.dot(lo, x))
 
 
 @triton.jit
