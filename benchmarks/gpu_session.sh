@@ -55,7 +55,7 @@ if [ "$what" = stages ]; then
     # The yardstick's kernels at the first shape, to compare stage by stage.
     python3 benchmarks/stages.py --backend fla --out "$out/stages" 2>/dev/null | head -16
 fi
-stage_lines() { grep -E "ms of kernels|state_|wy_|output_"; }
+stage_lines() { grep -E "ms of kernels|state_|wy_|output_|dv_local"; }
 tile_sweep() {
     # Kernel times per tile choice (GDN_TRITON_TILES keys in triton/tiles.py), the default
     # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_f32=1".
@@ -81,7 +81,8 @@ if [ "$what" = check ]; then
     # change whose variants may compute differently on the GPU (NOTES.md §9).
     for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
-        for shape in 8,4096,16,128,128 8,4096,6,256,512 2,512,4,100,72; do
+        # GDN_PROBE=0: timings only (a sweep whose winners are probed in a later call).
+        [ "${GDN_PROBE:-1}" = 0 ] || for shape in 8,4096,16,128,128 8,4096,6,256,512 2,512,4,100,72; do
             printf "%-18s " "$shape"
             GDN_TRITON_TILES=$tiles timeout 120 python3 benchmarks/probe_launch.py "$shape" \
                 2>&1 | grep -v Warn | tail -1

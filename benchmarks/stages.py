@@ -31,13 +31,23 @@ def profile(case: bench.Case, dtype: torch.dtype, steps: int,
     x = case.inputs(torch.device("cuda"), seed=0).to(dtype, requires_grad=True)
     dO = torch.randn(case.B, case.T, case.HV, case.V, device="cuda", dtype=dtype)
     call = bench.BACKENDS[backend].call
-    for _ in range(2):  # compile and warm up outside the profile
+    leaves = list(x.tensors().values())
+
+    def step():
+        # Gradients cleared first, as ops.py's timing does: otherwise every call after the
+        # first adds into .grad, an element-wise kernel that is not the op's (0.40 ms at
+        # 8x4096-h16 in the profiles up to NOTES.md §9).
+        for t in leaves:
+            t.grad = None
         call(case.variant, x).backward(dO)
+
+    for _ in range(2):  # compile and warm up outside the profile
+        step()
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
-            call(case.variant, x).backward(dO)
+            step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(float)
     for event in prof.key_averages():
