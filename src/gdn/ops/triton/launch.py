@@ -34,11 +34,11 @@ LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
 # The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
-# Measured at 8x4096-h16 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64 on 4 warps
-# 1.19, on 8 warps 1.71.
+# Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
+# on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
 OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 8),
                               num_stages=TILES.get("obwd_stages", 2))
-OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 32)
+OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 64)
 OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 
 

@@ -32,11 +32,15 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
     """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes.
 
     The state passes keep a [K, BV] float32 state in registers as row blocks of 64 (state.py),
-    BV = 32 for every K ≤ 256. The parallel kernels walk V in BV blocks; their float32 tiles of
-    [BT, BK] and [BK, BV] must fit the 227 KiB of shared memory of an H100 with room to spare.
+    BV = 32 for every K ≤ 256. The parallel kernels walk V in BV blocks; their tiles of
+    [BT, BK] and [BK, BV], two pipeline stages of them, must fit the 227 KiB of shared memory
+    of an H100 with room for more than one program.
     """
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(TILES.get("bv", 64 if BK <= 64 else 32), max(16, triton.next_power_of_2(V)))
+    # 64 up to K = 128 (measured with bf16 tiles: wy_backward 0.92 → 0.82 ms, output_forward
+    # 0.36 → 0.31 at 8x4096-h16, NOTES.md §9); at K = 256 the forward output would take
+    # 120 KiB of shared memory, one program per SM: 32 there, not measured against 64.
+    BV = min(TILES.get("bv", 64 if BK <= 128 else 32), max(16, triton.next_power_of_2(V)))
     # An explicit state_bv is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
     BV_state = TILES.get("state_bv") or min(32, max(16, triton.next_power_of_2(V)))
