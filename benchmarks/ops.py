@@ -271,6 +271,11 @@ def median_ms(fn, device, *, repeats, budget_s, grads=()) -> tuple[float, int | 
         for t in grads:
             t.grad = None
 
+    # The warm-up call compiles (Triton, fla's autotune) and is not what decides the timer:
+    # when it did, every freshly compiled backend fell to the wall-clock timer, which on
+    # CUDA adds the host's launch time to the GPU's (NOTES.md §9).
+    clear()
+    _wall_ms(fn, device)
     clear()
     first = _wall_ms(fn, device)
     if device.type == "cuda" and first < SLOW_MS:
@@ -279,8 +284,8 @@ def median_ms(fn, device, *, repeats, budget_s, grads=()) -> tuple[float, int | 
         except ImportError:
             return _cuda_events_ms(fn, clear, n=25), 25, "cuda events"
         return do_bench(fn, grad_to_none=list(grads), return_mode="median"), None, "do_bench"
-    times, start = [], time.perf_counter()
-    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
+    times, start = [first], time.perf_counter()
+    while len(times) < repeats and time.perf_counter() - start < budget_s:
         clear()
         times.append(_wall_ms(fn, device))
     return statistics.median(times), len(times), "perf_counter"
