@@ -32,7 +32,10 @@ Columns:
   `deltanet` (g = None) or `gated_linear_attention` (no delta term).
 - **fwd ms**: forward without autograd; **fwd+bwd ms**: forward with autograd and backward
   of a fixed random dO. Median of the repeats (`triton.testing.do_bench` on CUDA, wall clock
-  on CPU; the JSON says which and how many).
+  on CPU; the JSON says which and how many). **‡**: a CUDA time by the wall clock, host
+  launch time included: until commit 86c4ce3 the compiling first call made ops.py pick that
+  timer for every backend it had just compiled, so ‡ figures are not comparable with
+  do_bench ones (fla's 3.95 ms at 9313c30 was do_bench, ours beside it were not).
 - **TFLOP/s**, **GB/s**: `fwd / fwd+bwd`, from the model counts of `model_flops` and
   `model_bytes` in `benchmarks/ops.py` (ANCHORS.md cost model, chunk C = 64). Every backend
   is charged the same count, so the rates compare like inverse times.
@@ -75,7 +78,7 @@ def _peak(r: dict) -> str:
     return _sig(r["peak_mib"])
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], cuda: bool = False) -> list[str]:
     """Markdown table lines for the rows of one results file."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -86,9 +89,12 @@ def table(rows: list[dict]) -> list[str]:
             errors = r["rel_err"] or {}
             grads = [e for name, e in errors.items() if name != "o"]
             mark = "" if (r["err_vs"] or "reference").startswith("reference") else " †"
+            # ‡: a CUDA time taken by the wall clock (host launch time included), which
+            # ops.py chose for every freshly compiled backend before NOTES.md §9.
+            wall = " ‡" if cuda and r.get("timer") == "perf_counter" else ""
             cells += [
-                _sig(r["fwd_ms"]),
-                _sig(r["fwd_bwd_ms"]),
+                _sig(r["fwd_ms"]) + wall,
+                _sig(r["fwd_bwd_ms"]) + wall,
                 f"{_sig(r['fwd_tflops'])} / {_sig(r['fwd_bwd_tflops'])}",
                 f"{_sig(r['fwd_gbps'])} / {_sig(r['fwd_bwd_gbps'])}",
                 _peak(r),
@@ -111,7 +117,7 @@ def section(result: dict, name: str) -> list[str]:
         if h.get("load_avg_end") is not None:
             load += f", {_loads(h['load_avg_end'])} at end"
         facts.append(load)
-    return [title, "", " · ".join(facts) + f" · `{name}`", "", *table(result["rows"]), ""]
+    return [title, "", " · ".join(facts) + f" · `{name}`", "", *table(result["rows"], h["device_type"] == "cuda"), ""]
 
 
 TRAIN_LEGEND = """\
