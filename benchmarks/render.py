@@ -117,7 +117,8 @@ def section(result: dict, name: str) -> list[str]:
         if h.get("load_avg_end") is not None:
             load += f", {_loads(h['load_avg_end'])} at end"
         facts.append(load)
-    return [title, "", " · ".join(facts) + f" · `{name}`", "", *table(result["rows"], h["device_type"] == "cuda"), ""]
+    rows = table(result["rows"], cuda=h["device_type"] == "cuda")
+    return [title, "", " · ".join(facts) + f" · `{name}`", "", *rows, ""]
 
 
 TRAIN_LEGEND = """\
