@@ -1,8 +1,10 @@
 """Stage 4, output: o = scale·(diag(e^Γ) Q S + (QKᵀ ⊙ D) Δ) (math.md §3.3), and its backward.
 
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk, NC
-chunks. One program per (chunk, v head); the value dimension is walked in BV blocks inside
-the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per chunk.
+chunks. The forward and ``dv_local``: one program per (chunk, v head), the value dimension
+walked in BV blocks inside the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per
+chunk. ``output_backward``: one program per (chunk, v head, KB columns of K), KB = 128 by
+default (one block up to K = 128).
 """
 
 import triton
