@@ -1,4 +1,4 @@
-"""Which bf16 `tl.dot` pattern does Triton 3.6 get wrong on an H100? (benchmarks/NOTES.md §8)
+"""Which bf16 `tl.dot` pattern does Triton 3.6 get wrong on an H100? (benchmarks/NOTES.md §8, §9)
 
     PYTHONPATH=src python3 benchmarks/bf16_dot_probe.py            # on the GPU, seconds
     TRITON_INTERPRET=1 python3 benchmarks/bf16_dot_probe.py --cpu  # checks the probe itself
@@ -9,13 +9,19 @@ operands were right. Both multiply a product held in registers by a tile, `tl.do
 acc)`; the state passes, right in bf16, only multiply tiles from memory. Each kernel here is
 one variant of the forward output's chunk step, o = (Q S) ⊙ e + (QKᵀ ⊙ D) Δ, one program per
 64-row chunk walking V in blocks as the real kernel does, launched as the real kernels are
-(4 warps, 1 stage) and with 2 stages, and is compared with the same arithmetic in float32
+(4 warps, 1 stage), with 2 stages, and on 8 warps (output_backward's launch, right in bf16
+at 1 stage), each in its own process, and is compared with the same arithmetic in float32
 on the bf16-rounded inputs. A variant that is wrong on the GPU names the pattern to avoid.
+First run (NOTES.md §9, before the 8-warp column and the per-process runs): every form was
+wrong at one stage and right at two, and the register product alone hit an illegal address
+at one stage, which ended that run.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import torch
 import triton
@@ -70,30 +76,50 @@ def expected(variant: int, q, k, s, d, e) -> torch.Tensor:
     return P.transpose(-1, -2) @ d
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="interpreter check of the probe")
-    parser.add_argument("--programs", type=int, default=4096)
-    args = parser.parse_args()
-    device = "cpu" if args.cpu else "cuda"
-    n = 4 if args.cpu else args.programs
-    # The interpreter mishandles bf16 (README): there the probe runs on float16 tiles.
-    dtype = torch.float16 if args.cpu else torch.bfloat16
+def run_one(variant: int, stages: int, warps: int, device: str, n: int) -> float:
+    """Relative error of one variant at one launch configuration."""
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(n, BT, BK, generator=gen) / BK**0.5 for _ in range(2))
     s, d = torch.randn(n, BK, V, generator=gen), torch.randn(n, BT, V, generator=gen)
     e = torch.rand(n, BT, generator=gen)
     q, k, s, d = (x.to(device, dtype) for x in (q, k, s, d))
     e = e.to(device)
-    print(f"{'variant':32} {'stages':>6} {'rel. error':>10}")
+    ref = expected(variant, q, k, s, d, e)
+    out = torch.full((n, BT, V), float("nan"), device=device)
+    probe_kernel[(n,)](q, k, s, d, e, out, VARIANT=variant, BT=BT, BK=BK, V=V, BV=BV,
+                       num_warps=warps, num_stages=stages)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="interpreter check of the probe")
+    parser.add_argument("--programs", type=int, default=4096)
+    parser.add_argument("--one", help="VARIANT,STAGES,WARPS: run one configuration (the "
+                        "parent runs each in its own process)")
+    args = parser.parse_args()
+    device = "cpu" if args.cpu else "cuda"
+    n = 4 if args.cpu else args.programs
+    if args.one:
+        variant, stages, warps = map(int, args.one.split(","))
+        print(f"{run_one(variant, stages, warps, device, n):.3e}")
+        return
+    # Each configuration in its own process: an illegal address (seen at one stage on the
+    # H100, NOTES.md §9) poisons the CUDA context and would end the probe.
+    print(f"{'variant':32} {'stages':>6} {'warps':>5} {'rel. error':>10}")
     for variant, name in enumerate(VARIANTS):
-        ref = expected(variant, q, k, s, d, e)
-        for stages in (1, 2):
-            out = torch.full((n, BT, V), float("nan"), device=device)
-            probe_kernel[(n,)](q, k, s, d, e, out, VARIANT=variant, BT=BT, BK=BK, V=V, BV=BV,
-                               num_warps=4, num_stages=stages)
-            err = ((out - ref).norm() / ref.norm()).item()
-            print(f"{name:32} {stages:6} {err:10.1e}  {'ok' if err < 1e-2 else 'WRONG'}")
+        for stages, warps in ((1, 4), (2, 4), (1, 8)):
+            cmd = [sys.executable, __file__, "--one", f"{variant},{stages},{warps}",
+                   "--programs", str(n)] + (["--cpu"] if args.cpu else [])
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                last = (run.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"{name:32} {stages:6} {warps:5} {'FAILED':>10}  {last[:60]}")
+                continue
+            err = float(run.stdout.split()[-1])
+            print(f"{name:32} {stages:6} {warps:5} {err:10.1e}  "
+                  f"{'ok' if err < 1e-2 else 'WRONG'}")
 
 
 if __name__ == "__main__":
