@@ -75,6 +75,24 @@ def test_float16_matches_reference(case):
     _check(x, delta, torch.float16, 2e-3)
 
 
+@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "k_in_four_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wy_backward_variants_for_the_next_gpu_run(case, dtype, monkeypatch):
+    """GDN_TRITON_TILES=wy_from_inputs=1,dk_part_lowp=1 (not yet the default, NOTES.md §9):
+    the wy backward without reading w and u, and dk's first part in the operand dtype."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "WY_BACKWARD_LAUNCH",
+                        launch.WY_BACKWARD_LAUNCH | dict(FROM_INPUTS=True))
+    monkeypatch.setattr(launch, "DK_PART_LOWP", True)
+    kwargs, delta = CASES[case]
+    x = random_inputs(**kwargs, delta=delta, seed=21)
+    if dtype == torch.float16:
+        _check(x.to(torch.float16).to(torch.float64), delta, dtype, 2e-3)
+    else:
+        _check(x, delta, dtype, 1e-5)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

@@ -53,7 +53,11 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4))
+    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4),
+    FROM_INPUTS=bool(TILES.get("wy_from_inputs")))
+# GDN_TRITON_TILES=dk_part_lowp=1: the output stage's part of dk handed to the wy backward in
+# the operand dtype instead of float32 (half its bytes; written for the next GPU run, §9).
+DK_PART_LOWP = bool(TILES.get("dk_part_lowp"))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
 # tiles in a loop: two stages too.
 TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
@@ -181,7 +185,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
-    dk = torch.empty(TT, HV, K, **(f32 if delta else final_dtype))
+    dk = torch.empty(TT, HV, K, **((lo if DK_PART_LOWP else f32) if delta else final_dtype))
     dw = torch.empty(TT, HV, K, **lo) if delta else None
     o_flags = row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
     n_kb = triton.cdiv(K, o_flags["KB"])

@@ -196,13 +196,16 @@ def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
 def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
-                  PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
+                  PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+                  FROM_INPUTS: tl.constexpr):
     """math.md §4.3 for one chunk up to dk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ); stores
     dv and dβ and adds this stage's part to dg. Returns Aᵀ (in DT), β, e^Γ and
     H = dL ⊙ D ⊙ β, from which dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk.
 
     K is walked in blocks of KB columns and V in blocks of BV, so no [BT, K] float32 tile is
-    ever held whole: the first version held five and spilled (NOTES.md §8)."""
+    ever held whole: the first version held five and spilled (NOTES.md §8). FROM_INPUTS forms
+    dB Xᵀ from k and v (already loaded) and multiplies by Aᵀ once, instead of reading w and
+    u (GDN_TRITON_TILES=wy_from_inputs=1, NOTES.md §9: not yet measured on a GPU)."""
     o = tl.arange(0, BT)
     A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
@@ -213,9 +216,13 @@ def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0,
     k_dbw = tl.zeros([BT], dtype=tl.float32)        # k_rᵀ dB_w,r
     for j in range(0, tl.cdiv(K, KB)):
         dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
-        b_w = load_rows_stored(w + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
         b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        dX_X = mma(dB_w.to(DT), tl.trans(b_w), dX_X, DT, PREC)
+        if FROM_INPUTS:   # dB X_wᵀ, X_w = diag(β e^Γ) K: w is not read (times Aᵀ below)
+            x_w = (b_k.to(tl.float32) * (b * e_gamma)[:, None]).to(DT)
+            dX_X = mma(dB_w.to(DT), tl.trans(x_w), dX_X, DT, PREC)
+        else:
+            b_w = load_rows_stored(w + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
+            dX_X = mma(dB_w.to(DT), tl.trans(b_w), dX_X, DT, PREC)
         kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
         k_dbw += tl.sum(dB_w * b_k.to(tl.float32), axis=1)
     d_beta = k_dbw * e_gamma                         # e^{Γ_r} k_rᵀ dB_w,r
@@ -226,8 +233,15 @@ def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0,
         store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
         b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         d_beta += tl.sum(dB_u * b_v, axis=1)
-        b_u = load_rows_stored(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dX_X = mma(dB_u.to(DT), tl.trans(b_u), dX_X, DT, PREC)
+        if FROM_INPUTS:   # dB X_uᵀ, X_u = diag(β) V
+            dX_X = mma(dB_u.to(DT), tl.trans((b_v * b[:, None]).to(DT)), dX_X, DT, PREC)
+        else:
+            b_u = load_rows_stored(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            dX_X = mma(dB_u.to(DT), tl.trans(b_u), dX_X, DT, PREC)
+    if FROM_INPUTS:
+        # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
+        # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
+        dX_X = tl.dot(dX_X, tl.trans(load_a(a, i_hv, t0, end, HV, BT)), input_precision=PREC)
     if HAS_GATE:  # noqa: SIM108 (formed here, not above the loops: fewer live registers)
         D = causal_decay(gg, BT)
     else:
@@ -266,13 +280,14 @@ def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, en
 def wy_backward_kernel(
     k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
-    dk_partial, dk, dg,       # in [TT, HV, K] float32: the output stage's part; out: dk;
+    dk_partial, dk, dg,       # in [TT, HV, K] float32 (DT with dk_part_lowp): the output
+                              # stage's part; out: dk;
                               # in/out [TT, HV] float32: dg
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr, FROM_INPUTS: tl.constexpr = False,
 ):
     """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
     block."""
@@ -284,7 +299,7 @@ def wy_backward_kernel(
     gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
     A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv,
                                         i_h, t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT,
-                                        BT)
+                                        BT, FROM_INPUTS)
     H_t = tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
         _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H,
