@@ -93,6 +93,17 @@ def test_wy_backward_variants_for_the_next_gpu_run(case, dtype, monkeypatch):
         _check(x, delta, dtype, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["gated", "gva_varlen", "gla", "wide_k_short"])
+def test_state_prefetch_for_the_next_gpu_run(case, monkeypatch):
+    """GDN_TRITON_TILES=state_prefetch=1 (not yet the default, NOTES.md §9): the forward
+    state pass loads the next chunk's u tile early; ragged ends and one-token documents."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "STATE_PREFETCH", True)
+    kwargs, delta = CASES[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=22), delta, torch.float32, 1e-5)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

@@ -52,6 +52,10 @@ _MIN_SEGMENT_CHUNKS = 16
 STATE_LAUNCH = dict(num_stages=TILES.get("state_stages", 1),
                     **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
+# GDN_TRITON_TILES=state_prefetch=1 (for the next GPU run, NOTES.md §9): the forward pass
+# loads the next chunk's u early, capped at 128 registers, the most that keeps four programs
+# of four warps on an SM (sm90_resources: 148 uncapped, 128 capped without spills).
+STATE_PREFETCH = bool(TILES.get("state_prefetch"))
 
 
 def _state_flags(p, direction: str) -> dict:
@@ -111,7 +115,17 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
     state.state_forward_kernel[grid](
         k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"),
+        **_prefetch_flags(p, k_.device))
+
+
+def _prefetch_flags(p, device: torch.device) -> dict:
+    """Up to K = 128 only: at K = 256 the cap spills 208 bytes, and without it 191 registers
+    leave two programs per SM instead of three (sm90_resources)."""
+    if not STATE_PREFETCH or p.K > 128:
+        return {}
+    # maxnreg is a compile option of the CUDA backend only; the interpreter runs without it.
+    return dict(PREFETCH_U=True) | (dict(maxnreg=128) if device.type == "cuda" else {})
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
