@@ -27,9 +27,9 @@ from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
 
 
-# Launch options of every kernel: no software pipelining of the loops (num_stages=1): the
-# loops carry float32 tiles, and staging them multiplies shared memory past the H100's limit
-# (measured: 368 KiB asked for by output_backward at K = V = 128 with the default).
+# Default launch options: four warps, no software pipelining (num_stages=1). The kernels
+# below whose loops multiply a tile held in registers override it with two stages (§9);
+# the state passes stay at one (passes.py: stages cost them programs per SM).
 LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
 # The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
