@@ -53,14 +53,11 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4),
-    FROM_INPUTS=bool(TILES.get("wy_from_inputs")))
-# GDN_TRITON_TILES=dk_part_lowp=1: the output stage's part of dk handed to the wy backward in
-# the operand dtype instead of float32 (half its bytes; written for the next GPU run, §9).
-DK_PART_LOWP = bool(TILES.get("dk_part_lowp"))
+    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
 # tiles in a loop: two stages too.
 TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
+APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -96,7 +93,7 @@ class _Plan:
     K: int
     V: int
     BV: int
-    BV_state: int
+    state_bv: dict   # BV of the state passes by direction (tiles.tile_sizes)
     prec: str
     table: ChunkTable
     flags: dict
@@ -115,12 +112,12 @@ class _Plan:
 def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    BK, BV, BV_state = tile_sizes(K, V)
+    BK, BV, state_bv = tile_sizes(K, V)
     prec = "ieee" if exact else "tf32"
     inter = operand_dtype(q.dtype, exact)
     flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
                  DT=TL_DTYPES[inter], **LAUNCH)
-    return _Plan(B, T, H, HV, K, V, BV, BV_state, prec,
+    return _Plan(B, T, H, HV, K, V, BV, state_bv, prec,
                  chunk_table(B, T, cu_seqlens, BT, q.device), flags,
                  dict(device=q.device, dtype=torch.float32),
                  dict(device=q.device, dtype=inter))
@@ -129,8 +126,9 @@ def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     w = torch.empty(p.TT, p.HV, p.K, **p.lo)
     u = torch.empty(p.TT, p.HV, p.V, **p.lo)
-    wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V,
-                                                   BV=p.BV, **(p.flags | TWO_STAGE_LAUNCH))
+    wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
+        k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
+        **(row_block_flags(p.flags) | APPLY_LAUNCH))
     return w, u
 
 
@@ -171,6 +169,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, _, transitions = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
+    del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
@@ -180,12 +179,14 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         segs=segs, transitions=transitions)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow).
-    del dv_local, transitions
+    del dv_local, transitions, w
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)
     dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
-    dk = torch.empty(TT, HV, K, **((lo if DK_PART_LOWP else f32) if delta else final_dtype))
+    # With the delta term, dk's first part goes to the wy backward in the operand dtype (half
+    # the bytes of float32: output_backward 0.95 → 0.90 ms, NOTES.md §10).
+    dk = torch.empty(TT, HV, K, **(lo if delta else final_dtype))
     dw = torch.empty(TT, HV, K, **lo) if delta else None
     o_flags = row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
     n_kb = triton.cdiv(K, o_flags["KB"])
@@ -203,8 +204,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
         wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH
-        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, w, u, dw, d_delta, dk_partial, dk, dg,
-                                        dv, dbeta, *chunks, V=V, BV=BV, **wy_flags)
+        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk, dg, dv,
+                                        dbeta, *chunks, V=V, BV=BV, **wy_flags)
     if not delta:
         dv = d_delta
 

@@ -30,39 +30,49 @@ from gdn.ops.triton.tiles import TILES, row_block_flags
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
 _FORCED = os.environ.get("GDN_TRITON_SEGMENT_CHUNKS")
 SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
-# Measured at (1, 65536, 16, 128, 128) on an H100 (132 SMs; NOTES.md §6): the plain passes
-# run 64 programs; segments of 128 chunks (512 programs) took the kernels of one
-# forward+backward from 23.6 to 20.4 ms, 64 chunks to 22.2, 16 chunks to 23.4; at
-# (8, 4096, 16, …) the plain passes' 512 programs already run at full rate.
-_SEGMENT_BELOW_PROGRAMS_PER_SM = 2    # segment only when the plain pass has fewer programs
-_SEGMENTED_PROGRAMS_PER_SM = 4        # aim for about this many programs per SM
+# Measured at (1, 65536, 16, 128, 128) on an H100 (132 SMs): with the first passes (BV = 32,
+# four programs per SM, 64 programs plain), segments of 128 chunks (512 programs) took the
+# kernels of one forward+backward from 23.6 to 20.4 ms, 64 chunks to 22.2 (NOTES.md §6); with
+# the forward's BV = 64 (two per SM, 32 programs plain), plain 18.0 ms, 9 segments of 114
+# chunks (288 programs, one per slot) 13.4, 16 of 64 (512, about two per slot) 12.6
+# (NOTES.md §10). So: segment only when the plain pass fills less than half of the GPU's
+# resident slots (SMs × programs resident per SM), and then aim for two programs per slot.
+_PROGRAMS_PER_SLOT = 2
 _MIN_SEGMENT_CHUNKS = 16
 
 # The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
 # kernels, with [K, BV] states and float32 tiles, computed inf with bf16 operands on Triton 3.6
-# and an H100, NOTES.md §3 v4, §8). No pipeline stages: at (8, 4096, 16, 128, 128) the 512
-# programs of a pass must all be resident at once (about 4 per SM), and two stages of k, w
-# and u tiles took 80-120 KiB of shared memory a program, leaving room for one or two
-# (NOTES.md §8). GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands and
-# state_stages=2 the prefetch, to measure them.
-# Warps: four for the forward pass, two for the reverse one up to K = 128 (measured at
-# 8x4096-h16 on an H100: 0.60 ms against 1.03 with four, while four beat two in the
-# forward, 0.93 against 0.97; NOTES.md §8). Above K = 128 two warps would spill
-# (sm90_resources: 208 bytes at K = 256), so four. state_warps / state_bwd_warps override.
-STATE_LAUNCH = dict(num_stages=TILES.get("state_stages", 1),
-                    **(dict(DT=tl.float32) if TILES.get("state_f32") else {}))
+# and an H100, NOTES.md §3 v4, §8). A pass's programs must all be resident at once (each
+# walks a whole sequence, so a second wave waits for the first to finish), which sets its
+# tiles, warps and stages, measured at 8x4096-h16 on an H100 (NOTES.md §8, §10):
+# - forward, K ≤ 128: BV = 64 on four warps in two pipeline stages, 192 registers and 96 KiB
+#   of shared memory, two programs per SM for its 256 programs: 0.32 ms a call, against 0.45
+#   for BV = 32 in one stage (four per SM for 512 programs; a second stage there cost a wave);
+#   above K = 128 that spills, so BV = 32 (tiles.py) in one stage;
+# - reverse: BV = 32, one stage, two warps up to K = 128 (0.60 ms against 1.03 on four; BV = 64
+#   on four warps 0.61, and its two stages take 136 KiB, one program per SM); above K = 128
+#   two warps would spill (sm90_resources: 208 bytes at K = 256), so four.
+# GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
+# state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
+STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
+STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_bwd_stages"))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
-# GDN_TRITON_TILES=state_prefetch=1 (for the next GPU run, NOTES.md §9): the forward pass
-# loads the next chunk's u early, capped at 128 registers, the most that keeps four programs
-# of four warps on an SM (sm90_resources: 148 uncapped, 128 capped without spills).
-STATE_PREFETCH = bool(TILES.get("state_prefetch"))
+
+
+def _forward_resident_per_sm(K: int) -> int:
+    """Forward-pass programs resident on one SM with the default choices above
+    (sm90_resources: registers and shared memory at K ≤ 128 and above)."""
+    return 2 if K <= 128 else 4
 
 
 def _state_flags(p, direction: str) -> dict:
     """The launch plan's flags for a state kernel: the state in row blocks of KB (state.py:
     K ≤ 256 is up to four blocks) instead of one BK tile."""
-    warps = STATE_WARPS[direction] or (2 if direction == "reverse" and p.K <= 128 else 4)
-    return row_block_flags(p.flags) | STATE_LAUNCH | dict(num_warps=warps)
+    small_k = p.K <= 128
+    warps = STATE_WARPS[direction] or (2 if direction == "reverse" and small_k else 4)
+    stages = STATE_STAGES[direction] or (2 if direction == "forward" and small_k else 1)
+    return row_block_flags(p.flags) | STATE_DTYPE | dict(
+        num_warps=warps, num_stages=stages, BV=p.state_bv[direction])
 
 
 @dataclass
@@ -75,20 +85,20 @@ class Segments:
     offsets: torch.Tensor    # [B·P + 1] int64 index of each segment's first chunk
 
 
-def auto_segment_chunks(per_row: int, programs: int, sms: int) -> int:
+def auto_segment_chunks(per_row: int, programs: int, slots: int) -> int:
     """Chunks per segment for a pass of ``programs`` programs over rows of ``per_row`` chunks
-    on ``sms`` multiprocessors; 0 when the plain pass fills the GPU."""
-    if programs >= _SEGMENT_BELOW_PROGRAMS_PER_SM * sms:
+    on a GPU with ``slots`` resident programs; 0 when the plain pass fills the GPU."""
+    if 2 * programs >= slots:
         return 0
-    P = -(-_SEGMENTED_PROGRAMS_PER_SM * sms // programs)
+    P = -(-_PROGRAMS_PER_SLOT * slots // programs)
     L = max(_MIN_SEGMENT_CHUNKS, -(-per_row // P))
     return L if per_row >= 2 * L else 0
 
 
-def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *,
-                  programs: int) -> Segments | None:
+def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
+                  per_sm: int) -> Segments | None:
     """How to cut rows of T tokens for the state passes, or None for the plain passes;
-    ``programs`` is the plain pass's program count."""
+    ``programs`` is the plain pass's program count, ``per_sm`` how many are resident per SM."""
     per_row = -(-T // BT)
     if cu_seqlens is not None:
         return None
@@ -96,7 +106,8 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *,
     if L is None:
         device = torch.device(device)
         L = 0 if device.type != "cuda" else auto_segment_chunks(
-            per_row, programs, torch.cuda.get_device_properties(device).multi_processor_count)
+            per_row, programs,
+            per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
     if L <= 0 or per_row <= L:
         return None
     P = -(-per_row // L)
@@ -111,27 +122,18 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *,
 def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_seqs, *,
                     V=None, store_chunks=True, u_zero=False):
     V = p.V if V is None else V
-    grid = (n_seqs * p.HV, triton.cdiv(V, p.BV_state))
+    grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V, BV=p.BV_state,
+        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"),
-        **_prefetch_flags(p, k_.device))
-
-
-def _prefetch_flags(p, device: torch.device) -> dict:
-    """Up to K = 128 only: at K = 256 the cap spills 208 bytes, and without it 191 registers
-    leave two programs per SM instead of three (sm90_resources)."""
-    if not STATE_PREFETCH or p.K > 128:
-        return {}
-    # maxnreg is a compile option of the CUDA backend only; the interpreter runs without it.
-    return dict(PREFETCH_U=True) | (dict(maxnreg=128) if device.type == "cuda" else {})
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
     """``plan_segments`` for a launch plan (without cu_seqlens its sequences are the rows)."""
-    programs = p.B * p.HV * triton.cdiv(p.V, p.BV_state)
-    return plan_segments(p.B, p.T, BT, cu_seqlens, device, programs=programs)
+    programs = p.B * p.HV * triton.cdiv(p.V, p.state_bv["forward"])
+    return plan_segments(p.B, p.T, BT, cu_seqlens, device, programs=programs,
+                         per_sm=_forward_resident_per_sm(p.K))
 
 
 def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
@@ -191,9 +193,9 @@ def _apply(M: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.T
 
 def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
-    state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.BV_state))](
+    state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))](
         q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
-        BV=p.BV_state, DELTA=w is not None, HAS_DHT=dht is not None,
+        DELTA=w is not None, HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p, "reverse"))
 
 

@@ -161,18 +161,13 @@ def state_forward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
-    PREFETCH_U: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
-    from S = I gives a segment's transition matrix (math.md §3.8). PREFETCH_U loads the next
-    chunk's u tile during this chunk's products, off the chain of dependent loads (for the
-    next GPU run, NOTES.md §9)."""
+    from S = I gives a segment's transition matrix (math.md §3.8)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
-    if PREFETCH_U and not U_ZERO:
-        u_next = load_rows_stored(u + i_hv * V, bos, end, HV * V, col0, V, BT, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
         if STORE_CHUNKS:
@@ -180,9 +175,6 @@ def state_forward_kernel(
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         if U_ZERO:
             delta = tl.zeros([BT, BV], dtype=tl.float32)
-        elif PREFETCH_U:
-            delta = u_next.to(tl.float32)
-            u_next = load_rows_stored(u + i_hv * V, t0 + BT, end, HV * V, col0, V, BT, BV)
         else:
             delta = load_rows(u + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if DELTA:

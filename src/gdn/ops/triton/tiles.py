@@ -11,11 +11,10 @@ import triton
 def _tile_overrides(text: str) -> dict[str, int]:
     """Tile and warp choices for a measurement, e.g. GDN_TRITON_TILES="state_bv=64,
     state_warps=8" (benchmarks/NOTES.md); the defaults below are what measurements chose."""
-    known = ("bv", "state_bv", "state_warps", "state_bwd_warps", "state_stages",
-             "state_f32", "output_f32", "wy_f32", "output_stages", "wy_stages",
-             "obwd_kb", "obwd_bv", "obwd_warps", "obwd_stages", "loop_stages",
-             "wy_warps", "wy_from_inputs", "dk_part_lowp",
-             "state_prefetch")
+    known = ("bv", "state_bv", "state_warps", "state_stages", "state_bwd_bv",
+             "state_bwd_warps", "state_bwd_stages", "state_f32", "output_f32", "wy_f32",
+             "output_stages", "wy_stages", "obwd_kb", "obwd_bv", "obwd_warps", "obwd_stages",
+             "loop_stages", "wy_warps", "apply_warps")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -29,23 +28,28 @@ def _tile_overrides(text: str) -> dict[str, int]:
 TILES = _tile_overrides(os.environ.get("GDN_TRITON_TILES", ""))
 
 
-def tile_sizes(K: int, V: int) -> tuple[int, int, int]:
-    """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes.
+def tile_sizes(K: int, V: int) -> tuple[int, int, dict[str, int]]:
+    """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes by
+    direction ({"forward": …, "reverse": …}).
 
-    The state passes keep a [K, BV] float32 state in registers as row blocks of 64 (state.py),
-    BV = 32 for every K ≤ 256. The parallel kernels walk V in BV blocks; their tiles of
-    [BT, BK] and [BK, BV], two pipeline stages of them, must fit the 227 KiB of shared memory
-    of an H100 with room for more than one program.
+    The state passes keep a [K, BV] float32 state in registers as row blocks of 64 (state.py);
+    state_bv / state_bwd_bv override their BV. The parallel kernels walk V in BV blocks; their
+    tiles of [BT, BK] and [BK, BV], two pipeline stages of them, must fit the 227 KiB of
+    shared memory of an H100 with room for more than one program.
     """
     BK = max(16, triton.next_power_of_2(K))
     # 64 up to K = 128 (measured with bf16 tiles: wy_backward 0.92 → 0.82 ms, output_forward
     # 0.36 → 0.31 at 8x4096-h16, NOTES.md §9); at K = 256 the forward output would take
     # 120 KiB of shared memory, one program per SM: 32 there, not measured against 64.
     BV = min(TILES.get("bv", 64 if BK <= 128 else 32), max(16, triton.next_power_of_2(V)))
-    # An explicit state_bv is taken as given (a first sweep capped it at BV and measured
+    # An explicit state BV is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
-    BV_state = TILES.get("state_bv") or min(32, max(16, triton.next_power_of_2(V)))
-    return BK, BV, BV_state
+    # The forward pass takes BV = 64 up to K = 128 (two stages, two programs per SM; at
+    # K = 256 its state would spill), the reverse one 32 (passes.py has the measurements).
+    v_tile = max(16, triton.next_power_of_2(V))
+    state_bv = dict(forward=TILES.get("state_bv") or min(64 if BK <= 128 else 32, v_tile),
+                    reverse=TILES.get("state_bwd_bv") or min(32, v_tile))
+    return BK, BV, state_bv
 
 
 KB = 64   # columns of K per block in the kernels that walk K in blocks (state passes, wy backward)

@@ -13,7 +13,7 @@ backward both use it.
 
 A is float32, and inverted in float32 (TF32 products, or IEEE in exact mode): it feeds every
 later stage. The products with k and v take them in their stored dtype; in ``wy_apply`` A is
-carried as two 16-bit parts for 16-bit inputs (``_split_mm``). The backward takes most of its
+carried as two 16-bit parts for 16-bit inputs (``_split``). The backward takes most of its
 operands in DT (see its docstring).
 """
 
@@ -123,8 +123,8 @@ def wy_inverse_kernel(
     store_rows(p_a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
     store_rows(p_a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
     store_rows(p_a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
-    # Zeros above the diagonal too: the kernels never read them, but A is an output of the
-    # custom op, and uninitialised memory there would make it differ from call to call.
+    # Zeros above the diagonal too: load_a reads them (whole rows load vectorised), and A is
+    # an output of the custom op, which must not differ from call to call.
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for i in tl.static_range(0, 3):
         for j in tl.static_range(i + 1, 4):
@@ -133,12 +133,13 @@ def wy_inverse_kernel(
 
 @triton.jit
 def load_a(a, i_hv, t0, end, HV: tl.constexpr, BT: tl.constexpr):
-    """A [BT, BT] of one chunk; above the diagonal (never stored) reads as 0."""
+    """A [BT, BT] of one chunk. Its zeros above the diagonal are read from memory (the inverse
+    stores them) rather than masked: a mask that varies along a row keeps each element its
+    own load, where rows masked whole load four at a time."""
     o = tl.arange(0, BT)
     o_t = t0 + o.to(tl.int64)
     p = a + (o_t[:, None] * HV + i_hv) * BT + o[None, :]
-    m = (o_t < end)[:, None] & (o[:, None] >= o[None, :])
-    return tl.load(p, mask=m, other=0.0)
+    return tl.load(p, mask=(o_t < end)[:, None], other=0.0)
 
 
 @triton.jit
@@ -147,9 +148,12 @@ def wy_apply_kernel(
     w, u,                  # out: [TT, HV, K], [TT, HV, V]
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr,
 ):
+    """w and u of one chunk, K in blocks of KB and V in blocks of BV: one [BT, KB or BV]
+    float32 result live at a time (a whole [BT, K] one took 206 registers, two programs per
+    SM; NOTES.md §10)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -162,25 +166,35 @@ def wy_apply_kernel(
         kb = b * tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
     # The diagonal scalings go on A's columns, so k and v go from memory straight into the
     # products: w = (A diag(β e^Γ)) K, u = (A diag(β)) V.
-    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    store_rows(w + i_hv * K, _split_mm(A * kb[None, :], b_k, DT, PREC), t0, end, HV * K, 0,
-               K, BT, BK)
-    A_u = A * b[None, :]
+    hi, lo = _split(A * kb[None, :], DT)
+    for j in range(0, tl.cdiv(K, KB)):
+        b_k = load_rows_stored(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
+        store_rows(w + i_hv * K, _split_dot(hi, lo, b_k, DT, PREC), t0, end, HV * K, j * KB,
+                   K, BT, KB)
+    hi, lo = _split(A * b[None, :], DT)
     for i_v in range(0, tl.cdiv(V, BV)):
         b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(u + i_hv * V, _split_mm(A_u, b_v, DT, PREC), t0, end, HV * V, i_v * BV, V,
-                   BT, BV)
+        store_rows(u + i_hv * V, _split_dot(hi, lo, b_v, DT, PREC), t0, end, HV * V, i_v * BV,
+                   V, BT, BV)
 
 
 @triton.jit
-def _split_mm(A, x, DT: tl.constexpr, PREC: tl.constexpr):
-    """A x for a float32 A and a tile x in DT. For 16-bit x, A is split as hi + lo, both in
-    DT (hi = A rounded, lo = the rest rounded), so two 16-bit products carry A to about 16
-    bits of mantissa (more than TF32's 10) while x goes straight from memory into them."""
+def _split(A, DT: tl.constexpr):
+    """A float32 A as hi + lo for products with 16-bit tiles: hi = A rounded to DT, lo = the
+    rest rounded, so two 16-bit products carry A to about 16 bits of mantissa (more than
+    TF32's 10) while the other operand goes straight from memory into them. For a float32 DT,
+    A itself (lo unused)."""
     if tl.float32 == DT:
-        return tl.dot(A, x, input_precision=PREC)
+        return A, A
     hi = A.to(DT)
-    lo = (A - hi.to(tl.float32)).to(DT)
+    return hi, (A - hi.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _split_dot(hi, lo, x, DT: tl.constexpr, PREC: tl.constexpr):
+    """A x from ``_split``'s parts."""
+    if tl.float32 == DT:
+        return tl.dot(hi, x, input_precision=PREC)
     return tl.dot(hi, x, tl.dot(lo, x))
 
 
@@ -193,19 +207,18 @@ def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
+def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
-                  PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-                  FROM_INPUTS: tl.constexpr):
+                  PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
     """math.md §4.3 for one chunk up to dk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ); stores
     dv and dβ and adds this stage's part to dg. Returns Aᵀ (in DT), β, e^Γ and
     H = dL ⊙ D ⊙ β, from which dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk.
 
     K is walked in blocks of KB columns and V in blocks of BV, so no [BT, K] float32 tile is
-    ever held whole: the first version held five and spilled (NOTES.md §8). FROM_INPUTS forms
-    dB Xᵀ from k and v (already loaded) and multiplies by Aᵀ once, instead of reading w and
-    u (GDN_TRITON_TILES=wy_from_inputs=1, NOTES.md §9: not yet measured on a GPU)."""
+    ever held whole: the first version held five and spilled (NOTES.md §8). dB wᵀ and dB uᵀ
+    are formed as (dB Xᵀ) Aᵀ from the k and v tiles the kernel loads anyway, so w and u are
+    not read (2 × 134 MB less at 8x4096-h16; wy_backward 0.82 → 0.78 ms, NOTES.md §10)."""
     o = tl.arange(0, BT)
     A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
     b = load_vec(beta + i_hv, t0, end, HV, BT)
@@ -217,12 +230,9 @@ def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0,
     for j in range(0, tl.cdiv(K, KB)):
         dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
         b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        if FROM_INPUTS:   # dB X_wᵀ, X_w = diag(β e^Γ) K: w is not read (times Aᵀ below)
-            x_w = (b_k.to(tl.float32) * (b * e_gamma)[:, None]).to(DT)
-            dX_X = mma(dB_w.to(DT), tl.trans(x_w), dX_X, DT, PREC)
-        else:
-            b_w = load_rows_stored(w + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
-            dX_X = mma(dB_w.to(DT), tl.trans(b_w), dX_X, DT, PREC)
+        # dB X_wᵀ, X_w = diag(β e^Γ) K (times Aᵀ below)
+        x_w = (b_k.to(tl.float32) * (b * e_gamma)[:, None]).to(DT)
+        dX_X = mma(dB_w.to(DT), tl.trans(x_w), dX_X, DT, PREC)
         kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
         k_dbw += tl.sum(dB_w * b_k.to(tl.float32), axis=1)
     d_beta = k_dbw * e_gamma                         # e^{Γ_r} k_rᵀ dB_w,r
@@ -233,15 +243,11 @@ def _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0,
         store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
         b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         d_beta += tl.sum(dB_u * b_v, axis=1)
-        if FROM_INPUTS:   # dB X_uᵀ, X_u = diag(β) V
-            dX_X = mma(dB_u.to(DT), tl.trans((b_v * b[:, None]).to(DT)), dX_X, DT, PREC)
-        else:
-            b_u = load_rows_stored(u + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-            dX_X = mma(dB_u.to(DT), tl.trans(b_u), dX_X, DT, PREC)
-    if FROM_INPUTS:
-        # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
-        # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
-        dX_X = tl.dot(dX_X, tl.trans(load_a(a, i_hv, t0, end, HV, BT)), input_precision=PREC)
+        # dB X_uᵀ, X_u = diag(β) V
+        dX_X = mma(dB_u.to(DT), tl.trans((b_v * b[:, None]).to(DT)), dX_X, DT, PREC)
+    # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
+    # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
+    dX_X = tl.dot(dX_X, tl.trans(load_a(a, i_hv, t0, end, HV, BT)), input_precision=PREC)
     if HAS_GATE:  # noqa: SIM108 (formed here, not above the loops: fewer live registers)
         D = causal_decay(gg, BT)
     else:
@@ -278,16 +284,15 @@ def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, en
 
 @triton.jit
 def wy_backward_kernel(
-    k, v, g, beta, a, w, u,   # inputs and the recomputed forward intermediates
+    k, v, g, beta, a,         # inputs and the forward's A
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
-    dk_partial, dk, dg,       # in [TT, HV, K] float32 (DT with dk_part_lowp): the output
-                              # stage's part; out: dk;
+    dk_partial, dk, dg,       # in [TT, HV, K] in DT: the output stage's part; out: dk;
                               # in/out [TT, HV] float32: dg
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr, FROM_INPUTS: tl.constexpr = False,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
     block."""
@@ -297,9 +302,8 @@ def wy_backward_kernel(
         return
     i_h = i_hv // (HV // H)
     gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
-    A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, w, u, dw, du, dg, dv, dbeta, gg, i_hv,
-                                        i_h, t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT,
-                                        BT, FROM_INPUTS)
+    A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h,
+                                        t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
     H_t = tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
         _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H,
