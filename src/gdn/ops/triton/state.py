@@ -12,9 +12,9 @@ no [BT, K] tile of K = 256 has to live in registers. The tiles read from memory 
 ``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), and the gate decays are
 applied to the [BT, BV] side of each product, never to a loaded tile: the first kernels, which
 scaled and converted tiles in registers, computed inf with bf16 operands on Triton 3.6 and an
-H100 (benchmarks/NOTES.md §3 v4, §8). Few registers and little shared memory per program
-matter more than prefetching here: the 512 programs of a pass at (8, 4096, 16, 128, 128)
-must all be resident at once (launch options in passes.py).
+H100 (benchmarks/NOTES.md §3 v4, §8). All programs of a pass must be resident at once (each
+walks a whole sequence), so registers and shared memory per program decide the tiles, warps
+and pipeline stages of each pass (launch options and their measurements in passes.py).
 """
 
 import triton
