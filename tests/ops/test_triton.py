@@ -161,12 +161,15 @@ SEGMENTED = {
 }
 
 
+@pytest.mark.parametrize("combine_kernel", [False, True], ids=["torch_combine", "kernel"])
 @pytest.mark.parametrize("case", sorted(SEGMENTED))
-def test_segmented_state_passes_match_reference(case, monkeypatch):
-    """Long sequences split into segments run side by side (math.md §3.8)."""
+def test_segmented_state_passes_match_reference(case, combine_kernel, monkeypatch):
+    """Long sequences split into segments run side by side (math.md §3.8), their seams
+    combined in PyTorch or by combine.py's kernel (GDN_TRITON_TILES=combine_kernel=1)."""
     from gdn.ops.triton import passes
 
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(passes, "COMBINE_KERNEL", combine_kernel)
     kwargs, delta = SEGMENTED[case]
     x = random_inputs(**kwargs, delta=delta, seed=18)
     assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu", programs=1,

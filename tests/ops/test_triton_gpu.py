@@ -114,6 +114,25 @@ def test_long_sequence_is_finite():
             assert torch.isfinite(t).all(), name
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_segment_combine_kernel_equals_the_torch_combine(exact, monkeypatch):
+    """GDN_TRITON_TILES=combine_kernel=1 (combine.py, not yet the default): the seams of the
+    segmented passes from one kernel per pass agree with PyTorch's per-segment combine."""
+    from gdn.ops.triton import passes
+
+    x = _on_cuda(random_inputs(B=1, T=16384, H=2, K=128, V=100, initial_state=True,
+                               seed=27), torch.float32)
+    results = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(passes, "COMBINE_KERNEL", kernel)
+        results[kernel] = forward_backward(chunk_gated_delta_rule, x, seed=5,
+                                           backend="triton", exact=exact)
+    (o0, s0, g0), (o1, s1, g1) = results[False], results[True]
+    errors = {"o": rel_error(o1, o0), "state": rel_error(s1, s0)}
+    errors |= {f"d{n}": rel_error(g1[n], g) for n, g in g0.items() if g is not None}
+    _assert_within(errors, 1e-5, None, 1e-5)
+
+
 def test_varlen_equals_a_loop_over_documents():
     docs = [5, 64, 1, 300, 0, 129]
     x = _on_cuda(random_inputs(T=sum(docs), H=2, HV=4, K=128, V=128, initial_state=True,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import state
+from gdn.ops.triton import combine, state
 from gdn.ops.triton.tiles import TILES, row_block_flags
 
 # Chunks per segment of the segmented passes: None chooses by ``_auto_segments``, 0 turns
@@ -39,6 +39,10 @@ SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
 # resident slots (SMs × programs resident per SM), and then aim for two programs per slot.
 _PROGRAMS_PER_SLOT = 2
 _MIN_SEGMENT_CHUNKS = 16
+# GDN_TRITON_TILES=combine_kernel=1: the combine over segments as one Triton kernel per pass
+# (combine.py) instead of two PyTorch launches per segment (interpreter-tested, not yet
+# measured on a GPU: NOTES.md §10).
+COMBINE_KERNEL = bool(TILES.get("combine_kernel"))
 
 # The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
 # kernels, with [K, BV] states and float32 tiles, computed inf with bf16 operands on Triton 3.6
@@ -153,14 +157,9 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
     _forward_kernel(p, k_, w, u, g_, None, states, v_new, own, segs.cu, segs.offsets, n_segs,
                     store_chunks=False)
     transitions = _transitions(p, k_, w, g_, segs)
-    S = h0 if h0 is not None else torch.zeros_like(final)
-    starts = []
-    own = own.view(p.B, segs.P, p.HV, p.K, p.V)
-    for j in range(segs.P):
-        starts.append(S)
-        S = _apply(transitions[:, j], S) + own[:, j]
+    start_states, S = _combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V), h0,
+                               reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
-    start_states = torch.stack(starts, dim=1).view(n_segs, p.HV, p.K, p.V).contiguous()
     _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
                     n_segs)
     return states, v_new, final, transitions
@@ -185,10 +184,23 @@ def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
 
-def _apply(M: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    if M.shape[-1] == 1:                                  # scalar decay (no delta term)
-        return M * S
-    return (M.transpose(-1, -2) if transpose else M) @ S
+def _combine(transitions, own, s_in, *, reverse: bool, exact: bool):
+    """The states at the seams [B·P, HV, K, V] and the state leaving the walk [B, HV, K, V]:
+    S ← M_p S + R_p over the segments in order, or dS ← M_pᵀ dS + R_p in reverse (math.md
+    §3.8). ``own`` is [B, P, HV, K, V], ``s_in`` [B, HV, K, V] or None (zeros)."""
+    if COMBINE_KERNEL:
+        return combine.combine(transitions, own, s_in, reverse=reverse, exact=exact)
+    P = own.shape[1]
+    S = s_in if s_in is not None else torch.zeros_like(own[:, 0])
+    seams = [None] * P
+    for j in reversed(range(P)) if reverse else range(P):
+        seams[j] = S
+        M = transitions[:, j]
+        if M.shape[-1] == 1:                              # scalar decay (no delta term)
+            S = M * S + own[:, j]
+        else:
+            S = (M.transpose(-1, -2) if reverse else M) @ S + own[:, j]
+    return torch.stack(seams, dim=1).flatten(0, 1).contiguous(), S
 
 
 def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
@@ -214,15 +226,10 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
     _backward_kernel(p, q_, k_, w, g_, do_, dv_local, None, d_states, d_delta, own, segs.cu,
                      segs.offsets, n_segs, scale, store_chunks=False)
-    dS = dht_ if dht_ is not None else torch.zeros(p.B, p.HV, p.K, p.V, **p.f32)
-    own = own.view(p.B, segs.P, p.HV, p.K, p.V)
-    ends = [None] * segs.P
-    for j in reversed(range(segs.P)):
-        ends[j] = dS
-        dS = _apply(transitions[:, j], dS, transpose=True) + own[:, j]
+    end_grads, dS = _combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V), dht_,
+                             reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
-    end_grads = torch.stack(ends, dim=1).view(n_segs, p.HV, p.K, p.V).contiguous()
     _backward_kernel(p, q_, k_, w, g_, do_, dv_local, end_grads, d_states, d_delta, None,
                      segs.cu, segs.offsets, n_segs, scale)
     return d_states, d_delta, dh0
