@@ -25,15 +25,14 @@ from gdn.ops.triton.common import (
 
 
 @triton.jit
-def _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE: tl.constexpr,
-                        PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
-    """QKᵀ, D and e^{Γ_r} of one chunk (D causal with its diagonal)."""
+def _decayed_scores(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE: tl.constexpr,
+                    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
+    """QKᵀ ⊙ D of one chunk (D causal with its diagonal, the gate decays if any)."""
     o = tl.arange(0, BT)
     qk = mm(b_q, tl.trans(b_k), DT, PREC)
     if HAS_GATE:
-        gg = load_vec(g + i_hv, t0, end, HV, BT)
-        return qk, causal_decay(gg, BT), tl.exp(tl.cumsum(gg, axis=0))
-    return qk, tl.where(o[:, None] >= o[None, :], 1.0, 0.0), tl.full([BT], 1.0, tl.float32)
+        return qk * causal_decay(load_vec(g + i_hv, t0, end, HV, BT), BT)
+    return tl.where(o[:, None] >= o[None, :], qk, 0.0)
 
 
 @triton.jit
@@ -91,8 +90,8 @@ def dv_local_kernel(
     i_h = i_hv // (HV // H)
     b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    qk, D, _ = _attention_in_chunk(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
-    P_t = tl.trans(qk * D) * scale
+    P_t = tl.trans(_decayed_scores(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT,
+                                   BT)) * scale
     for i_v in range(0, tl.cdiv(V, BV)):
         b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         store_rows(dv_local + i_hv * V, mm(P_t, b_do, DT, PREC), t0, end,
