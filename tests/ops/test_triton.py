@@ -95,9 +95,9 @@ def test_every_output_element_is_written():
     original = torch.empty
     torch.empty = lambda *a, **kw: original(*a, **kw).fill_(float("nan"))
     try:
-        o, s, _ = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
-                                       initial_state=None, cu_seqlens=x.cu_seqlens,
-                                       exact=True)
+        o, s, _, _ = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
+                                          initial_state=None, cu_seqlens=x.cu_seqlens,
+                                          exact=True)
     finally:
         torch.empty = original
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
@@ -116,17 +116,27 @@ def test_split_and_carry_equals_one_call():
     assert rel_error(s2, s) <= 1e-6
 
 
-def test_custom_ops_pass_opcheck():
-    """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward."""
-    from gdn.ops.triton import function
+@pytest.mark.parametrize("segmented", [False, True], ids=["varlen", "segmented"])
+def test_custom_ops_pass_opcheck(segmented, monkeypatch):
+    """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
+    segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K],
+    whose shapes the fake must predict."""
+    from gdn.ops.triton import function, passes
 
-    x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
-                      doc_lengths=[30, 40], seed=16).to(torch.float32)
+    if segmented:
+        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
+        x = random_inputs(B=2, T=150, H=1, HV=2, K=16, V=16, initial_state=True, seed=16)
+    else:
+        x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
+                          doc_lengths=[30, 40], seed=16)
+    x = x.to(torch.float32)
     args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, True)
     torch.library.opcheck(function.chunk_forward_op, args)
-    o, final, a = function.chunk_forward_op(*args)
+    o, final, a, seam_starts, transitions = function.chunk_forward_op(*args)
+    assert seam_starts.shape == ((6, 2, 16, 16) if segmented else (0,))
+    assert transitions.shape == ((2, 3, 2, 16, 16) if segmented else (0,))
     backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
-                     a, 0.25, x.initial_state, x.cu_seqlens, True)
+                     a, 0.25, x.initial_state, x.cu_seqlens, True, seam_starts, transitions)
     torch.library.opcheck(function.chunk_backward_op, backward_args)
 
 
@@ -175,6 +185,24 @@ def test_segmented_state_passes_match_reference(case, combine_kernel, monkeypatc
     assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu", programs=1,
                                 per_sm=2).P == 3
     _check(x, delta, torch.float32, 1e-5)
+
+
+def test_backward_reuses_the_forward_seams(monkeypatch):
+    """The backward recomputes the chunk states in one forward pass from the seams the
+    forward saved, not in three (own parts, transitions, final pass)."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    launches = []
+    kernel = passes._forward_kernel
+    monkeypatch.setattr(passes, "_forward_kernel",
+                        lambda *a, **kw: launches.append(1) or kernel(*a, **kw))
+    kwargs, delta = SEGMENTED["gated"]
+    x = random_inputs(**kwargs, delta=delta, seed=19).to(torch.float32, requires_grad=True)
+    o, s = chunk_gated_delta_rule(**x.kwargs(), backend="triton", output_final_state=True)
+    assert len(launches) == 3
+    (o.square().sum() + s.sum()).backward()
+    assert len(launches) == 4
 
 
 def test_segments_only_when_the_plain_pass_is_short_of_programs():

@@ -133,7 +133,8 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool):
-    """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None."""
+    """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, and
+    the segmented pass's ``passes.Seams`` or None."""
     p = _plan(q, v, g, cu_seqlens, exact)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
@@ -148,17 +149,18 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    states, v_new, final, _ = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
+    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
                                        BV=p.BV, **(p.flags | OUTPUT_LAUNCH))
-    return o.view(p.B, p.T, p.HV, p.V), final, a
+    return o.view(p.B, p.T, p.HV, p.V), final, a, seams
 
 
 def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state, cu_seqlens,
-                   exact: bool):
+                   exact: bool, seams=None):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
-    input was None. ``dht`` (gradient of the final state) may be None."""
+    input was None. ``dht`` (gradient of the final state) may be None; ``seams`` are the
+    forward's (``chunk_forward``), or None to recompute them."""
     p = _plan(q, v, g, cu_seqlens, exact)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
     G = HV // H
@@ -168,7 +170,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     delta = beta is not None
     w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    states, v_new, _, transitions = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
+    states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs,
+                                                   seams if segs is not None else None)
     del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     dv_local = torch.empty(TT, HV, V, **lo)
@@ -176,10 +179,10 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                                      **(flags | TWO_STAGE_LAUNCH))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
-        segs=segs, transitions=transitions)
+        segs=segs, transitions=None if seams is None else seams.transitions)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow).
-    del dv_local, transitions, w
+    del dv_local, seams, w
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)

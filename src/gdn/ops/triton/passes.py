@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton import combine, state
-from gdn.ops.triton.tiles import TILES, row_block_flags
+from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
 # Chunks per segment of the segmented passes: None chooses by ``_auto_segments``, 0 turns
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
@@ -99,21 +99,31 @@ def auto_segment_chunks(per_row: int, programs: int, slots: int) -> int:
     return L if per_row >= 2 * L else 0
 
 
-def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
-                  per_sm: int) -> Segments | None:
-    """How to cut rows of T tokens for the state passes, or None for the plain passes;
-    ``programs`` is the plain pass's program count, ``per_sm`` how many are resident per SM."""
+def segment_chunks(T: int, BT: int, cu_seqlens, device, *, programs: int,
+                   per_sm: int) -> int:
+    """Chunks per segment for rows of T tokens, 0 for the plain passes; ``programs`` is the
+    plain pass's program count, ``per_sm`` how many are resident per SM. Shapes only, so the
+    custom op's fake can size the seams (function.py)."""
     per_row = -(-T // BT)
     if cu_seqlens is not None:
-        return None
+        return 0
     L = SEGMENT_CHUNKS
     if L is None:
         device = torch.device(device)
         L = 0 if device.type != "cuda" else auto_segment_chunks(
             per_row, programs,
             per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
-    if L <= 0 or per_row <= L:
+    return L if 0 < L < per_row else 0
+
+
+def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
+                  per_sm: int) -> Segments | None:
+    """How to cut rows of T tokens for the state passes (``segment_chunks``), or None for
+    the plain passes."""
+    L = segment_chunks(T, BT, cu_seqlens, device, programs=programs, per_sm=per_sm)
+    if L == 0:
         return None
+    per_row = -(-T // BT)
     P = -(-per_row // L)
     rows = torch.arange(B, device=device, dtype=torch.int64)[:, None]
     starts = rows * T + torch.arange(P, device=device, dtype=torch.int64)[None, :] * (L * BT)
@@ -133,19 +143,51 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
         STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
 
+def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
+    programs = B * HV * triton.cdiv(V, tile_sizes(K, V)[2]["forward"])
+    return dict(programs=programs, per_sm=_forward_resident_per_sm(K))
+
+
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
     """``plan_segments`` for a launch plan (without cu_seqlens its sequences are the rows)."""
-    programs = p.B * p.HV * triton.cdiv(p.V, p.state_bv["forward"])
-    return plan_segments(p.B, p.T, BT, cu_seqlens, device, programs=programs,
-                         per_sm=_forward_resident_per_sm(p.K))
+    return plan_segments(p.B, p.T, BT, cu_seqlens, device,
+                         **_segment_args(p.B, p.T, p.HV, p.K, p.V, BT))
 
 
-def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
-    """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V]
-    and, when segmented, the segments' transitions [B·P, HV, K, K] (or their scalar decays)."""
+def seam_shapes(B: int, T: int, HV: int, K: int, V: int, BT: int, cu_seqlens, device, *,
+                delta: bool) -> tuple[tuple, tuple]:
+    """Shapes of ``Seams.starts`` and ``Seams.transitions`` for these sizes, (0,) and (0,)
+    when the passes are not segmented."""
+    L = segment_chunks(T, BT, cu_seqlens, device, **_segment_args(B, T, HV, K, V, BT))
+    if L == 0:
+        return (0,), (0,)
+    per_row = -(-T // BT)
+    P = -(-per_row // L)
+    return (B * P, HV, K, V), (B, P, HV, K, K) if delta else (B, P, HV, 1, 1)
+
+
+@dataclass
+class Seams:
+    """What the forward's segmented pass leaves for the backward, so that it recomputes the
+    chunk states in one pass instead of three (math.md §3.8): the state entering each segment
+    and each segment's transition, float32."""
+
+    starts: torch.Tensor         # [B·P, HV, K, V]
+    transitions: torch.Tensor    # [B, P, HV, K, K], or [B, P, HV, 1, 1] without delta
+
+
+def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
+                  seams: Seams | None = None):
+    """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
+    when segmented, the ``Seams``. Given the forward's seams, only the last pass runs (the
+    final state is then None)."""
     delta = w is not None
     states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
+    if seams is not None:
+        _forward_kernel(p, k_, w, u, g_, seams.starts, states, v_new, None, segs.cu,
+                        segs.offsets, p.B * segs.P)
+        return states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
@@ -162,7 +204,7 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None):
     final.copy_(S)
     _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
                     n_segs)
-    return states, v_new, final, transitions
+    return states, v_new, final, Seams(start_states, transitions)
 
 
 def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
