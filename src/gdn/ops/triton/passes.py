@@ -5,13 +5,14 @@ sequence, L chunks per segment, BT the chunk.
 
 A state pass runs one program per (sequence, v head, block of V columns) through all the
 chunks of its sequence, so it has N·HV·V/BV programs whatever T is: one 65,536-token sequence
-with 16 heads gives 64 programs on a GPU with 132 SMs, each walking 1,024 chunks. The
+with 16 heads gives 32 forward programs on a GPU with 132 SMs, each walking 1,024 chunks. The
 segmented pass (math.md §3.8) cuts each sequence into P segments of L chunks and runs them
 side by side: every segment's own contribution and its transition matrix, a short combine
-over the P segments in PyTorch, and the pass again from the right starting states. It does
-about three times the work of one pass with P times the programs, so it is used only when the
-plain pass leaves the GPU short of programs, and only without ``cu_seqlens``
-(``plan_segments``).
+over the P segments (PyTorch, or combine.py's kernel), and the pass again from the right
+starting states. It does about three times the work of one pass with P times the programs,
+so it is used only when the plain pass leaves the GPU short of programs, and only without
+``cu_seqlens`` (``plan_segments``). The backward gets the forward's ``Seams`` and recomputes
+the chunk states with the last pass alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton.language as tl
 from gdn.ops.triton import combine, state
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
-# Chunks per segment of the segmented passes: None chooses by ``_auto_segments``, 0 turns
+# Chunks per segment of the segmented passes: None chooses by ``auto_segment_chunks``, 0 turns
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
 _FORCED = os.environ.get("GDN_TRITON_SEGMENT_CHUNKS")
 SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
@@ -63,10 +64,9 @@ STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
 
 
-def _forward_resident_per_sm(K: int) -> int:
-    """Forward-pass programs resident on one SM with the default choices above
-    (sm90_resources: registers and shared memory at K ≤ 128 and above)."""
-    return 2 if K <= 128 else 4
+# Forward-pass programs resident on one SM with the choices above (sm90_resources: 192
+# registers and 96 KiB at K ≤ 128; 178 registers at K = 256, also two).
+_FORWARD_RESIDENT_PER_SM = 2
 
 
 def _state_flags(p, direction: str) -> dict:
@@ -145,7 +145,7 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
     programs = B * HV * triton.cdiv(V, tile_sizes(K, V)[2]["forward"])
-    return dict(programs=programs, per_sm=_forward_resident_per_sm(K))
+    return dict(programs=programs, per_sm=_FORWARD_RESIDENT_PER_SM)
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
