@@ -77,6 +77,17 @@ def test_float16_matches_reference(case):
     _check(x, delta, torch.float16, 2e-3)
 
 
+@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "two_chunks_exact"])
+def test_inverse_from_whole_blocks_for_the_next_gpu_run(case, monkeypatch):
+    """GDN_TRITON_TILES=inverse_tiles=1 (not yet the default, NOTES.md §10): the diagonal
+    blocks of L loaded whole, their rows taken from registers; ragged and 1-token documents."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "INVERSE_LAUNCH", launch.INVERSE_LAUNCH | dict(TILE_ROWS=True))
+    kwargs, delta = CASES[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=23), delta, torch.float32, 1e-5)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

@@ -62,14 +62,23 @@ def wy_l_kernel(
 
 
 @triton.jit
-def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr):
+def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr,
+                           TILE_ROWS: tl.constexpr):
     """(I + L_bb)⁻¹ of one diagonal block by forward substitution: row i of the inverse is
-    e_i − Σ_{j<i} L_ij (row j of the inverse); rows of L are read from memory one at a time."""
+    e_i − Σ_{j<i} L_ij (row j of the inverse). Rows of L are read from memory one at a time,
+    or with TILE_ROWS taken from the block loaded whole beforehand (wy_l stores L's zeros on
+    and above the diagonal), so that no load waits inside the chain of dependent rows
+    (GDN_TRITON_TILES=inverse_tiles=1, for the next GPU run: NOTES.md §10)."""
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    if TILE_ROWS:
+        L_bb = load_rows(p_L, t0, end, stride, col0, col0 + BC, BC, BC)
     for i in tl.static_range(1, BC):
-        m_row = (o < i) & (tl.full([BC], t0 + i, tl.int64) < end)
-        row = tl.load(p_L + (t0 + i) * stride + col0 + o, mask=m_row, other=0.0)
+        if TILE_ROWS:
+            row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
+        else:
+            m_row = (o < i) & (tl.full([BC], t0 + i, tl.int64) < end)
+            row = tl.load(p_L + (t0 + i) * stride + col0 + o, mask=m_row, other=0.0)
         x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
         X = tl.where(o[:, None] == i, x_i[None, :], X)
     return X
@@ -86,6 +95,7 @@ def wy_inverse_kernel(
     a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
     chunk_seq, chunk_start, cu,
     HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    TILE_ROWS: tl.constexpr = False,
 ):
     """Diagonal 16 × 16 blocks by forward substitution, the blocks below them from
     X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); BT = 4·BC."""
@@ -95,10 +105,10 @@ def wy_inverse_kernel(
         return
     stride = HV * BT
     p_L = L + i_hv * BT
-    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC)
-    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC)
-    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC)
-    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC)
+    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC, TILE_ROWS)
+    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC, TILE_ROWS)
+    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC, TILE_ROWS)
+    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC, TILE_ROWS)
     L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
     L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
     L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
