@@ -88,6 +88,18 @@ def test_inverse_from_whole_blocks_for_the_next_gpu_run(case, monkeypatch):
     _check(random_inputs(**kwargs, delta=delta, seed=23), delta, torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "k_in_four_blocks"])
+def test_wy_backward_symmetric_h_for_the_next_gpu_run(case, monkeypatch):
+    """GDN_TRITON_TILES=wy_sym_h=1 (not yet the default, NOTES.md §10): dk's (H + Hᵀ) k as
+    one product."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "WY_BACKWARD_LAUNCH",
+                        launch.WY_BACKWARD_LAUNCH | dict(SYM_H=True))
+    kwargs, delta = CASES[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=24), delta, torch.float32, 1e-5)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

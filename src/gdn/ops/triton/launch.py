@@ -56,7 +56,8 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4))
+    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4),
+    SYM_H=bool(TILES.get("wy_sym_h")))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
 # tiles in a loop: two stages too.
 TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))

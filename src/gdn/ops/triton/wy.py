@@ -278,17 +278,20 @@ def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
 @triton.jit
 def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j,
               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
-    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + H k + Hᵀ k + the output stage's dk. The
-    two products with H stay float32: H is a sum of products in the tensor cores' own layout,
-    and its transpose as a bf16 operand is the pattern that Triton 3.4-3.7.0 miscompiles on
-    Hopper (fla-org/flash-linear-attention#640)."""
+              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+              SYM_H: tl.constexpr):
+    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + H k + Hᵀ k + the output stage's dk (with
+    SYM_H, H_ is H + Hᵀ already and H_t unused: one product). The products with H stay
+    float32: H is a sum of products in the tensor cores' own layout, and its transpose as a
+    bf16 operand is the pattern that Triton 3.4-3.7.0 miscompiles on Hopper
+    (fla-org/flash-linear-attention#640)."""
     b_k = load_rows(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
     d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
     d_k = d_k * (b * e_gamma)[:, None]
     d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
     d_k = tl.dot(H_, b_k, d_k, input_precision=PREC)
-    d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
+    if not SYM_H:
+        d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
     store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
 
 
@@ -302,10 +305,11 @@ def wy_backward_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr, SYM_H: tl.constexpr = False,
 ):
     """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
-    block."""
+    block. SYM_H forms H + Hᵀ once (one product per block instead of two, one [BT, BT] tile
+    less; GDN_TRITON_TILES=wy_sym_h=1, for the next GPU run: NOTES.md §10)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -315,6 +319,8 @@ def wy_backward_kernel(
     A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h,
                                         t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
     H_t = tl.trans(H_)
+    if SYM_H:
+        H_ = H_ + H_t
     for j in range(0, tl.cdiv(K, KB)):
         _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H,
-                  HV, K, DT, PREC, BT, KB)
+                  HV, K, DT, PREC, BT, KB, SYM_H)
