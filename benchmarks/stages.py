@@ -77,11 +77,7 @@ def main() -> None:
     case = bench.parse_cases([args.shape], [args.variant])[0]
     times = profile(case, getattr(torch, args.dtype), args.steps, args.backend)
     head = bench.header(torch.device("cuda"))
-    total = sum(times.values())
-    print(f"{args.backend} {case.name} {args.variant} {args.dtype} "
-          f"fp32_operands={args.fp32_operands}: {total:.3f} ms of kernels per forward+backward")
-    for name, ms in times.items():
-        print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
+    # The file first: a caller that pipes the table into `head` must not lose it (NOTES §10).
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
     tag += f"-{args.tag}" if args.tag else ""
@@ -91,6 +87,11 @@ def main() -> None:
                                 "dtype": args.dtype, "backend": args.backend,
                                 "fp32_operands": args.fp32_operands,
                                 "ms_per_fwd_bwd": times}, indent=1) + "\n")
+    total = sum(times.values())
+    print(f"{args.backend} {case.name} {args.variant} {args.dtype} "
+          f"fp32_operands={args.fp32_operands}: {total:.3f} ms of kernels per forward+backward")
+    for name, ms in times.items():
+        print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
     print(f"wrote {path}")
 
 
