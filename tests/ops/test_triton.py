@@ -77,29 +77,6 @@ def test_float16_matches_reference(case):
     _check(x, delta, torch.float16, 2e-3)
 
 
-@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "two_chunks_exact"])
-def test_inverse_from_whole_blocks_for_the_next_gpu_run(case, monkeypatch):
-    """GDN_TRITON_TILES=inverse_tiles=1 (not yet the default, NOTES.md §10): the diagonal
-    blocks of L loaded whole, their rows taken from registers; ragged and 1-token documents."""
-    from gdn.ops.triton import launch
-
-    monkeypatch.setattr(launch, "INVERSE_LAUNCH", launch.INVERSE_LAUNCH | dict(TILE_ROWS=True))
-    kwargs, delta = CASES[case]
-    _check(random_inputs(**kwargs, delta=delta, seed=23), delta, torch.float32, 1e-5)
-
-
-@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "k_in_four_blocks"])
-def test_wy_backward_symmetric_h_for_the_next_gpu_run(case, monkeypatch):
-    """GDN_TRITON_TILES=wy_sym_h=1 (not yet the default, NOTES.md §10): dk's (H + Hᵀ) k as
-    one product."""
-    from gdn.ops.triton import launch
-
-    monkeypatch.setattr(launch, "WY_BACKWARD_LAUNCH",
-                        launch.WY_BACKWARD_LAUNCH | dict(SYM_H=True))
-    kwargs, delta = CASES[case]
-    _check(random_inputs(**kwargs, delta=delta, seed=24), delta, torch.float32, 1e-5)
-
-
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)
@@ -194,20 +171,41 @@ SEGMENTED = {
 }
 
 
-@pytest.mark.parametrize("combine_kernel", [False, True], ids=["torch_combine", "kernel"])
 @pytest.mark.parametrize("case", sorted(SEGMENTED))
-def test_segmented_state_passes_match_reference(case, combine_kernel, monkeypatch):
+def test_segmented_state_passes_match_reference(case, monkeypatch):
     """Long sequences split into segments run side by side (math.md §3.8), their seams
-    combined in PyTorch or by combine.py's kernel (GDN_TRITON_TILES=combine_kernel=1)."""
+    combined by combine.py's kernel."""
     from gdn.ops.triton import passes
 
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
-    monkeypatch.setattr(passes, "COMBINE_KERNEL", combine_kernel)
     kwargs, delta = SEGMENTED[case]
     x = random_inputs(**kwargs, delta=delta, seed=18)
     assert passes.plan_segments(x.q.shape[0], 300, 64, None, "cpu", programs=1,
                                 per_sm=2).P == 3
     _check(x, delta, torch.float32, 1e-5)
+
+
+# The combine kernel alone against a float64 loop: K and V not powers of two and below the
+# tile (masked rows and columns), V in two column blocks, the matrix and the scalar form.
+COMBINE_SHAPES = {"matrix": dict(B=2, P=3, HV=2, K=20, V=40, scalar=False),
+                  "k_in_two_blocks": dict(B=1, P=4, HV=1, K=48, V=12, scalar=False),
+                  "scalar": dict(B=2, P=3, HV=2, K=20, V=12, scalar=True)}
+
+
+@pytest.mark.parametrize("with_s_in", [False, True], ids=["zero_start", "s_in"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", sorted(COMBINE_SHAPES))
+def test_segment_combine_kernel_matches_a_float64_loop(shape, reverse, with_s_in):
+    from seam_combine_reference import random_combine_inputs, seam_combine_reference
+
+    from gdn.ops.triton.combine import combine
+
+    M, own, s_in = random_combine_inputs(**COMBINE_SHAPES[shape], with_s_in=with_s_in, seed=31)
+    seams_ref, out_ref = seam_combine_reference(M, own, s_in, reverse=reverse)
+    for exact in (True, False):
+        seams, out = combine(M, own, s_in, reverse=reverse, exact=exact)
+        assert seams.shape == seams_ref.shape and out.shape == out_ref.shape
+        assert rel_error(seams, seams_ref) <= 1e-6 and rel_error(out, out_ref) <= 1e-6
 
 
 def test_backward_reuses_the_forward_seams(monkeypatch):

@@ -32,9 +32,6 @@ BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
 # the state passes stay at one (passes.py: stages cost them programs per SM).
 LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
-# GDN_TRITON_TILES=inverse_tiles=1: the inverse's diagonal blocks loaded whole before their
-# forward substitution instead of row by row inside it (wy.py; not yet measured, NOTES §10).
-INVERSE_LAUNCH |= dict(TILE_ROWS=bool(TILES.get("inverse_tiles")))
 # The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
 # Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
@@ -56,8 +53,7 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4),
-    SYM_H=bool(TILES.get("wy_sym_h")))
+    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
 # tiles in a loop: two stages too.
 TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))

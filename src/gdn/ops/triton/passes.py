@@ -8,7 +8,7 @@ chunks of its sequence, so it has N·HV·V/BV programs whatever T is: one 65,536
 with 16 heads gives 32 forward programs on a GPU with 132 SMs, each walking 1,024 chunks. The
 segmented pass (math.md §3.8) cuts each sequence into P segments of L chunks and runs them
 side by side: every segment's own contribution and its transition matrix, a short combine
-over the P segments (PyTorch, or combine.py's kernel), and the pass again from the right
+over the P segments (combine.py, one kernel), and the pass again from the right
 starting states. It does about three times the work of one pass with P times the programs,
 so it is used only when the plain pass leaves the GPU short of programs, and only without
 ``cu_seqlens`` (``plan_segments``). The backward gets the forward's ``Seams`` and recomputes
@@ -40,10 +40,6 @@ SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
 # resident slots (SMs × programs resident per SM), and then aim for two programs per slot.
 _PROGRAMS_PER_SLOT = 2
 _MIN_SEGMENT_CHUNKS = 16
-# GDN_TRITON_TILES=combine_kernel=1: the combine over segments as one Triton kernel per pass
-# (combine.py) instead of two PyTorch launches per segment (interpreter-tested, not yet
-# measured on a GPU: NOTES.md §10).
-COMBINE_KERNEL = bool(TILES.get("combine_kernel"))
 
 # The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
 # kernels, with [K, BV] states and float32 tiles, computed inf with bf16 operands on Triton 3.6
@@ -199,8 +195,8 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
     _forward_kernel(p, k_, w, u, g_, None, states, v_new, own, segs.cu, segs.offsets, n_segs,
                     store_chunks=False)
     transitions = _transitions(p, k_, w, g_, segs)
-    start_states, S = _combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V), h0,
-                               reverse=False, exact=p.prec == "ieee")
+    start_states, S = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
+                                      h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
     _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
                     n_segs)
@@ -226,25 +222,6 @@ def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
 
-def _combine(transitions, own, s_in, *, reverse: bool, exact: bool):
-    """The states at the seams [B·P, HV, K, V] and the state leaving the walk [B, HV, K, V]:
-    S ← M_p S + R_p over the segments in order, or dS ← M_pᵀ dS + R_p in reverse (math.md
-    §3.8). ``own`` is [B, P, HV, K, V], ``s_in`` [B, HV, K, V] or None (zeros)."""
-    if COMBINE_KERNEL:
-        return combine.combine(transitions, own, s_in, reverse=reverse, exact=exact)
-    P = own.shape[1]
-    S = s_in if s_in is not None else torch.zeros_like(own[:, 0])
-    seams = [None] * P
-    for j in reversed(range(P)) if reverse else range(P):
-        seams[j] = S
-        M = transitions[:, j]
-        if M.shape[-1] == 1:                              # scalar decay (no delta term)
-            S = M * S + own[:, j]
-        else:
-            S = (M.transpose(-1, -2) if reverse else M) @ S + own[:, j]
-    return torch.stack(seams, dim=1).flatten(0, 1).contiguous(), S
-
-
 def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
     state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))](
@@ -268,8 +245,8 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
     _backward_kernel(p, q_, k_, w, g_, do_, dv_local, None, d_states, d_delta, own, segs.cu,
                      segs.offsets, n_segs, scale, store_chunks=False)
-    end_grads, dS = _combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V), dht_,
-                             reverse=True, exact=p.prec == "ieee")
+    end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
+                                    dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
     _backward_kernel(p, q_, k_, w, g_, do_, dv_local, end_grads, d_states, d_delta, None,

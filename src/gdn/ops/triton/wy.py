@@ -62,23 +62,17 @@ def wy_l_kernel(
 
 
 @triton.jit
-def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr,
-                           TILE_ROWS: tl.constexpr):
+def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr):
     """(I + L_bb)⁻¹ of one diagonal block by forward substitution: row i of the inverse is
-    e_i − Σ_{j<i} L_ij (row j of the inverse). Rows of L are read from memory one at a time,
-    or with TILE_ROWS taken from the block loaded whole beforehand (wy_l stores L's zeros on
-    and above the diagonal), so that no load waits inside the chain of dependent rows
-    (GDN_TRITON_TILES=inverse_tiles=1, for the next GPU run: NOTES.md §10)."""
+    e_i − Σ_{j<i} L_ij (row j of the inverse). The block is loaded whole first (wy_l stores
+    L's zeros on and above the diagonal) and its rows taken from registers, so that no load
+    waits inside the chain of dependent rows: 0.145 → 0.123 ms at 8x4096-h16 against rows
+    loaded one at a time inside it (NOTES.md §11)."""
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    if TILE_ROWS:
-        L_bb = load_rows(p_L, t0, end, stride, col0, col0 + BC, BC, BC)
+    L_bb = load_rows(p_L, t0, end, stride, col0, col0 + BC, BC, BC)
     for i in tl.static_range(1, BC):
-        if TILE_ROWS:
-            row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
-        else:
-            m_row = (o < i) & (tl.full([BC], t0 + i, tl.int64) < end)
-            row = tl.load(p_L + (t0 + i) * stride + col0 + o, mask=m_row, other=0.0)
+        row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
         x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
         X = tl.where(o[:, None] == i, x_i[None, :], X)
     return X
@@ -95,7 +89,6 @@ def wy_inverse_kernel(
     a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
     chunk_seq, chunk_start, cu,
     HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    TILE_ROWS: tl.constexpr = False,
 ):
     """Diagonal 16 × 16 blocks by forward substitution, the blocks below them from
     X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); BT = 4·BC."""
@@ -105,10 +98,10 @@ def wy_inverse_kernel(
         return
     stride = HV * BT
     p_L = L + i_hv * BT
-    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC, TILE_ROWS)
-    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC, TILE_ROWS)
-    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC, TILE_ROWS)
-    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC, TILE_ROWS)
+    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC)
+    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC)
+    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC)
+    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC)
     L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
     L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
     L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
@@ -276,12 +269,12 @@ def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
 
 
 @triton.jit
-def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j,
+def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
-              SYM_H: tl.constexpr):
-    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + H k + Hᵀ k + the output stage's dk (with
-    SYM_H, H_ is H + Hᵀ already and H_t unused: one product). The products with H stay
+              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk, with
+    H_sym = H + Hᵀ formed once: one product per block instead of two, and one [BT, BT] tile
+    less (wy_backward 0.733 → 0.701 ms at 8x4096-h16, NOTES.md §11). The product with it stays
     float32: H is a sum of products in the tensor cores' own layout, and its transpose as a
     bf16 operand is the pattern that Triton 3.4-3.7.0 miscompiles on Hopper
     (fla-org/flash-linear-attention#640)."""
@@ -289,9 +282,7 @@ def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, en
     d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
     d_k = d_k * (b * e_gamma)[:, None]
     d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
-    d_k = tl.dot(H_, b_k, d_k, input_precision=PREC)
-    if not SYM_H:
-        d_k = tl.dot(H_t, b_k, d_k, input_precision=PREC)
+    d_k = tl.dot(H_sym, b_k, d_k, input_precision=PREC)
     store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
 
 
@@ -305,11 +296,10 @@ def wy_backward_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr, SYM_H: tl.constexpr = False,
+    DT: tl.constexpr, BT: tl.constexpr,
 ):
     """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
-    block. SYM_H forms H + Hᵀ once (one product per block instead of two, one [BT, BT] tile
-    less; GDN_TRITON_TILES=wy_sym_h=1, for the next GPU run: NOTES.md §10)."""
+    block."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
@@ -318,9 +308,7 @@ def wy_backward_kernel(
     gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
     A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h,
                                         t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
-    H_t = tl.trans(H_)
-    if SYM_H:
-        H_ = H_ + H_t
+    H_sym = H_ + tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
-        _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_, H_t, i_hv, i_h, t0, end, j, H,
-                  HV, K, DT, PREC, BT, KB, SYM_H)
+        _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j, H,
+                  HV, K, DT, PREC, BT, KB)
