@@ -538,11 +538,22 @@ def main() -> None:
     if args.no_save:
         return
     stem = results_stem(head)
-    path = args.out / f"{stem}-{args.tag}.json" if args.tag else args.out / f"{stem}.json"
+    path = unused_path(args.out, f"{stem}-{args.tag}" if args.tag else stem)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     print(f"wrote {render.render(args.out)}")
+
+
+
+def unused_path(folder: Path, name: str) -> Path:
+    """folder/name.json, or name-2.json, -3 … if taken: runs of one commit with the same tag
+    (one case per process, say) must not overwrite each other's results."""
+    path, n = folder / f"{name}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{name}-{n}.json"
+    return path
 
 
 if __name__ == "__main__":
