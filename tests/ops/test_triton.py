@@ -35,6 +35,7 @@ CASES = {
     "gva_varlen": (dict(T=150, H=2, HV=4, K=32, V=100, initial_state=True,
                         doc_lengths=[1, 70, 0, 14, 65]), True),
     "wide_k_short": (dict(B=1, T=5, H=1, K=100, V=24), True),
+    "gva_three_per_head": (dict(B=1, T=70, H=2, HV=6, K=16, V=20), True),   # G > 2 sums
     "k_in_four_blocks": (dict(B=1, T=70, H=1, K=200, V=20, initial_state=True), True),
     "two_chunks_exact": (dict(B=1, T=128, H=1, K=16, V=16, initial_state=True), True),
     "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False),
