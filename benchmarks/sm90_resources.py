@@ -80,7 +80,9 @@ def record_launches(shape: tuple, dtype: torch.dtype) -> list[dict]:
     x = random_inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, seed=0).to(dtype, requires_grad=True)
     InterpretedFunction.run = recording
     try:
-        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, backend="triton")
+        # With the in-op L2 norm, as the Gated DeltaNet layer calls it: its kernels too.
+        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, backend="triton",
+                                      use_qk_l2norm_in_kernel=True)
         o.float().square().sum().backward()
     finally:
         InterpretedFunction.run = original
@@ -110,6 +112,10 @@ def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
             sig[param.name] = "i1"
         elif isinstance(value, int):
             sig[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            # The launcher marks integers divisible by 16 the same way (strides, lengths),
+            # which lets loads through them vectorise.
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[param.name] = "fp32"
     return sig, constexprs, attrs

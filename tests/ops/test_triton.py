@@ -141,15 +141,18 @@ def test_custom_ops_pass_opcheck(segmented, monkeypatch):
     torch.library.opcheck(function.chunk_backward_op, backward_args)
 
 
-def test_torch_compile_fullgraph_traces_the_op():
+@pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
+def test_torch_compile_fullgraph_traces_the_op(l2norm):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
-    (aot_eager: the same graphs as inductor, without a C++ compiler)."""
+    (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,
+    its two ops too (triton/l2norm.py)."""
     x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                       seed=17).to(torch.float32, requires_grad=True)
 
     def loss(q, k, v, g, beta, h0):
         o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
-                                      output_final_state=True, backend="triton")
+                                      output_final_state=True, backend="triton",
+                                      use_qk_l2norm_in_kernel=l2norm)
         return o.square().sum() + s.sum()
 
     args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)

@@ -132,6 +132,30 @@ def test_segment_combine_kernel_matches_a_float64_loop(K, V, exact):
         assert all(e <= 1e-5 for e in errors.values()), (reverse, errors)
 
 
+@pytest.mark.parametrize("shape", [(4, 1000, 16, 128), (2, 300, 3, 100), (1, 70, 2, 256)])
+def test_l2norm_kernels_within_bounds(shape):
+    """triton/l2norm.py in bf16 against float64: y rounded once to bf16 (≤ 5·10⁻³ like the
+    op's outputs), dx ≤ 10⁻² like its gradients; a zero row stays finite."""
+    from gdn.ops.prepare import l2_normalize
+    from gdn.ops.triton import triton_l2_normalize
+
+    gen = torch.Generator().manual_seed(44)
+    x = (3 * torch.randn(*shape, generator=gen)).to("cuda", torch.bfloat16)
+    x[0, 0, 0] = 0.0
+    dy = torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+    x64 = x.double().requires_grad_()
+    y64 = l2_normalize(x64)
+    y64.backward(dy.double())
+    xg = x.clone().requires_grad_()
+    y = triton_l2_normalize(xg)
+    y.backward(dy)
+    rest = torch.ones(shape[:-1], dtype=torch.bool, device="cuda")
+    rest[0, 0, 0] = False
+    assert torch.isfinite(xg.grad).all() and not y[0, 0, 0].any()
+    assert rel_error(y[rest], y64[rest]) <= 5e-3
+    assert rel_error(xg.grad[rest], x64.grad[rest]) <= 1e-2
+
+
 def test_varlen_equals_a_loop_over_documents():
     docs = [5, 64, 1, 300, 0, 129]
     x = _on_cuda(random_inputs(T=sum(docs), H=2, HV=4, K=128, V=128, initial_state=True,

@@ -133,7 +133,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
     if scale is None:
         scale = dims.K ** -0.5
     if use_qk_l2norm_in_kernel:
-        q, k = l2_normalize(q), l2_normalize(k)
+        normalize = _triton_kernels().triton_l2_normalize if name == "triton" else l2_normalize
+        q, k = normalize(q), normalize(k)
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
     if name == "triton":
         o, final_state = _triton_kernels().triton_chunked_recurrence(q, k, v, g, beta,

@@ -1,4 +1,5 @@
-"""Triton kernels of the chunked recurrence, by stage: wy, state, output (math.md §3, §4).
+"""Triton kernels of the chunked recurrence, by stage: wy, state, output (math.md §3, §4),
+and of the q/k L2 norm (§5.4).
 
 Importing this package needs Triton; ``gdn.ops`` imports it lazily, so the rest of gdn works
 without it. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
@@ -8,9 +9,11 @@ without it. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERP
 import os
 
 from gdn.ops.triton.function import triton_chunked_recurrence
+from gdn.ops.triton.l2norm import triton_l2_normalize
 from gdn.ops.triton.launch import BT as CHUNK_SIZE
 
-__all__ = ["triton_chunked_recurrence", "CHUNK_SIZE", "MAX_HEAD_DIM", "interpreting"]
+__all__ = ["triton_chunked_recurrence", "triton_l2_normalize", "CHUNK_SIZE", "MAX_HEAD_DIM",
+           "interpreting"]
 
 MAX_HEAD_DIM = 256  # K: one [64, K] key tile per program
 
