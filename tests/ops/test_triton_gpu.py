@@ -176,6 +176,23 @@ def test_varlen_equals_a_loop_over_documents():
         start += length
 
 
+@pytest.mark.parametrize("T, split", [(1000, 333), (20_000, 7_777)],
+                         ids=["plain", "segmented"])
+def test_split_and_carry_equals_one_call(T, split):
+    """Two calls carrying the state equal one; at T = 20,000 with two heads the state passes
+    run segmented, so the carried state enters the segments' combine (passes.py)."""
+    x = _on_cuda(random_inputs(B=1, T=T, H=2, K=128, V=128, initial_state=True, seed=29),
+                 torch.float32, False)
+    kw = dict(backend="triton", output_final_state=True, exact=True)
+    o, s = chunk_gated_delta_rule(**x.kwargs(), **kw)
+    first, second = x.slice(slice(0, split)), x.slice(slice(split, T))
+    o1, s1 = chunk_gated_delta_rule(**first.kwargs(), **kw)
+    second.initial_state = s1
+    o2, s2 = chunk_gated_delta_rule(**second.kwargs(), **kw)
+    assert rel_error(torch.cat([o1, o2], dim=1), o) <= 1e-5
+    assert rel_error(s2, s) <= 1e-5
+
+
 def test_more_than_65535_programs_on_an_axis():
     """70,001 documents: 70,001 × HV programs on axis 0 of the state passes."""
     docs = [1] * 70_000 + [300]
