@@ -176,11 +176,11 @@ class Backend:
     same_function: bool = True  # False: a yardstick of another function (attention)
 
 
-def _gdn_op(backend: str) -> Callable[[str, RecurrenceInputs], torch.Tensor]:
+def _gdn_op(backend: str, **options) -> Callable[[str, RecurrenceInputs], torch.Tensor]:
     def call(variant: str, x: RecurrenceInputs) -> torch.Tensor:
         delta = VARIANTS[variant].delta
         op = chunk_gated_delta_rule if delta else chunk_gated_linear_attention
-        return op(**x.kwargs(delta=delta), backend=backend, chunk_size=C)[0]
+        return op(**x.kwargs(delta=delta), backend=backend, chunk_size=C, **options)[0]
     return call
 
 
@@ -241,6 +241,8 @@ BACKENDS = {b.name: b for b in [
     Backend("torch", _gdn_op("torch")),
     Backend("reference", _gdn_op("reference"), why_not=reference_too_big),
     Backend("triton", _gdn_op("triton"), why_not=_needs_cuda),
+    # recompute=False: the forward keeps w, Δ and the chunk states for the backward.
+    Backend("triton-keep", _gdn_op("triton", recompute=False), why_not=_needs_cuda),
     Backend("fla", _fla_call, why_not=_fla_why_not),
     Backend("sdpa", _sdpa_call, why_not=_sdpa_why_not, same_function=False),
 ]}

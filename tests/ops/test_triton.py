@@ -96,12 +96,15 @@ def test_every_output_element_is_written():
     original = torch.empty
     torch.empty = lambda *a, **kw: original(*a, **kw).fill_(float("nan"))
     try:
-        o, s, _, _ = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
-                                          initial_state=None, cu_seqlens=x.cu_seqlens,
-                                          exact=True)
+        o, s, _, _, kept = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
+                                                initial_state=None, cu_seqlens=x.cu_seqlens,
+                                                exact=True, keep=True)
     finally:
         torch.empty = original
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    # recompute=False's tensors too, the varlen grid's spare chunk states included.
+    for t in (kept.w, kept.states, kept.v_new):
+        assert torch.isfinite(t).all()
 
 
 def test_split_and_carry_equals_one_call():
@@ -117,11 +120,13 @@ def test_split_and_carry_equals_one_call():
     assert rel_error(s2, s) <= 1e-6
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["varlen", "segmented"])
-def test_custom_ops_pass_opcheck(segmented, monkeypatch):
+def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
-    segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K],
-    whose shapes the fake must predict."""
+    segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
+    ``keep`` w, the chunk states (a grid bound of them with varlen) and Δ, whose shapes the
+    fake must predict."""
     from gdn.ops.triton import function, passes
 
     if segmented:
@@ -131,28 +136,33 @@ def test_custom_ops_pass_opcheck(segmented, monkeypatch):
         x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                           doc_lengths=[30, 40], seed=16)
     x = x.to(torch.float32)
-    args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, True)
+    args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, True, keep)
     torch.library.opcheck(function.chunk_forward_op, args)
-    o, final, a, seam_starts, transitions = function.chunk_forward_op(*args)
+    o, final, a, seam_starts, transitions, *kept = function.chunk_forward_op(*args)
     assert seam_starts.shape == ((6, 2, 16, 16) if segmented else (0,))
     assert transitions.shape == ((2, 3, 2, 16, 16) if segmented else (0,))
+    chunks = 6 if segmented else 70 // 64 + 2       # 2 rows of 3; the varlen grid bound
+    tokens = 300 if segmented else 70
+    want = [(tokens, 2, 16), (chunks, 2, 16, 16), (tokens, 2, 16)] if keep else [(0,)] * 3
+    assert [tuple(t.shape) for t in kept] == want
     backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
-                     a, 0.25, x.initial_state, x.cu_seqlens, True, seam_starts, transitions)
+                     a, 0.25, x.initial_state, x.cu_seqlens, True, seam_starts, transitions,
+                     *kept)
     torch.library.opcheck(function.chunk_backward_op, backward_args)
 
 
-@pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
-def test_torch_compile_fullgraph_traces_the_op(l2norm):
+@pytest.mark.parametrize("options", [{}, dict(use_qk_l2norm_in_kernel=True),
+                                     dict(recompute=False)], ids=["plain", "l2norm", "keep"])
+def test_torch_compile_fullgraph_traces_the_op(options):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
     (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,
-    its two ops too (triton/l2norm.py)."""
+    its two ops too (triton/l2norm.py), and with recompute=False the kept tensors."""
     x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                       seed=17).to(torch.float32, requires_grad=True)
 
     def loss(q, k, v, g, beta, h0):
         o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
-                                      output_final_state=True, backend="triton",
-                                      use_qk_l2norm_in_kernel=l2norm)
+                                      output_final_state=True, backend="triton", **options)
         return o.square().sum() + s.sum()
 
     args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)

@@ -114,7 +114,7 @@ def _resolve_backend(backend: object, q: torch.Tensor, chunk_size: int | None) -
 
 def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
          output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size,
-         check_values, exact=False):
+         check_values, exact=False, recompute=True):
     """Validate, resolve the backend, normalise q/k if asked, and run.
 
     ``chunked_op`` is True for the chunk_* functions, whose "torch" backend is the chunked
@@ -129,6 +129,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         chunk_size = check_chunk_size(chunk_size)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool; got {type(recompute).__name__}")
     name = _resolve_backend(backend, q, chunk_size if chunked_op else None)
     if scale is None:
         scale = dims.K ** -0.5
@@ -137,8 +139,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         q, k = normalize(q), normalize(k)
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
     if name == "triton":
-        o, final_state = _triton_kernels().triton_chunked_recurrence(q, k, v, g, beta,
-                                                                     exact=exact, **common)
+        o, final_state = _triton_kernels().triton_chunked_recurrence(
+            q, k, v, g, beta, exact=exact, recompute=recompute, **common)
     elif name == "torch" and chunked_op:
         o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
                                                     **common)
@@ -181,7 +183,13 @@ _CHUNK_DOC = """
         chunk_size: tokens per chunk of the chunked algorithm (math.md §3); the Triton
             kernels use 64.
         exact: Triton backend with float32 inputs: IEEE float32 dot products instead of
-            TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error)."""
+            TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error).
+        recompute: Triton backend: the backward recomputes w, u, Δ and the chunk states
+            from the inputs (True, least memory). False keeps them from the forward until
+            the backward, which then skips two of its stages: the same gradients, bit for
+            bit, for (K + V)·2 bytes per token and v head and K·V·2 per 64-token chunk and v
+            head more saved in bf16 (536 MB at 8 × 4096 tokens, 16 heads of 128). The other
+            backends ignore it (autograd saves what they need)."""
 _CHUNK_BACKENDS = ('"auto", "reference" (token by token), "torch" (chunked) or "triton" '
                    '(chunked kernels); see ``gdn.ops``.')
 _RECURRENT_BACKENDS = ('"auto", "reference" or "torch": all step token by token in PyTorch '
@@ -202,14 +210,14 @@ def _doc(summary: str, *, delta: bool, chunk: bool) -> str:
 def chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
-    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False, recompute=True,
 ):
     return _run(q, k, v, g, beta, needs_beta=True, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values,
-                exact=exact)
+                exact=exact, recompute=recompute)
 
 
 def recurrent_gated_delta_rule(
@@ -226,14 +234,14 @@ def recurrent_gated_delta_rule(
 def chunk_gated_linear_attention(
     q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
-    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False,
+    chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False, recompute=True,
 ):
     return _run(q, k, v, g, None, needs_beta=False, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values,
-                exact=exact)
+                exact=exact, recompute=recompute)
 
 
 def recurrent_gated_linear_attention(

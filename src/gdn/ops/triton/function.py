@@ -9,7 +9,9 @@ Custom ops cannot return None, so absent outputs are empty tensors, turned back 
 here. Besides o and the final state, the forward op returns A and, for a segmented state
 pass (passes.py), the states at the segments' seams and their transitions: the backward
 recomputes the chunk states from them in one pass instead of three (a few MiB: [B·P, HV, K,
-V] and [B, P, HV, K, K] float32). Letters as in launch.py.
+V] and [B, P, HV, K, K] float32). With ``keep`` (``recompute=False`` in ``gdn.ops``) it also
+returns w, the chunk states and Δ (``launch.Kept``), and the backward recomputes nothing.
+Letters as in launch.py.
 """
 
 from __future__ import annotations
@@ -25,32 +27,38 @@ _EMPTY = (0,)
 def chunk_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
     beta: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None, exact: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o, final state, A, and the segmented pass's seam states and transitions (for the
-    backward; passes.Seams)."""
-    o, final_state, a, seams = launch.chunk_forward(q, k, v, g, beta, scale=scale,
-                                                    initial_state=initial_state,
-                                                    cu_seqlens=cu_seqlens, exact=exact)
+    cu_seqlens: torch.Tensor | None, exact: bool, keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """o, final state, A, the segmented pass's seam states and transitions (for the backward;
+    passes.Seams), and with ``keep`` w, the chunk states and Δ (launch.Kept)."""
+    o, final_state, a, seams, kept = launch.chunk_forward(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+        exact=exact, keep=keep)
+    lo = launch.operand_dtype(q.dtype, exact)
 
-    def empty():
-        return q.new_empty(_EMPTY, dtype=torch.float32)
-    return (o, final_state, a if a is not None else empty(),
-            seams.starts if seams is not None else empty(),
-            seams.transitions if seams is not None else empty())
+    def present(x, dtype=torch.float32):
+        return x if x is not None else q.new_empty(_EMPTY, dtype=dtype)
+    return (o, final_state, present(a),
+            present(seams and seams.starts), present(seams and seams.transitions),
+            present(kept and kept.w, lo), present(kept and kept.states, lo),
+            present(kept and kept.v_new, lo))
 
 
 @chunk_forward_op.register_fake
-def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact):
+def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
     B, T, HV, V = v.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
     a_shape = (B * T, HV, launch.BT) if beta is not None else _EMPTY
     starts, transitions = passes.seam_shapes(B, T, HV, q.shape[-1], V, launch.BT, cu_seqlens,
                                              q.device, delta=beta is not None)
+    kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None)
+    lo = dict(dtype=launch.operand_dtype(q.dtype, exact))
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
             q.new_empty(a_shape, **f32), q.new_empty(starts, **f32),
-            q.new_empty(transitions, **f32))
+            q.new_empty(transitions, **f32),
+            *(q.new_empty(shape if keep else _EMPTY, **lo) for shape in kept))
 
 
 @torch.library.custom_op("gdn::chunk_backward", mutates_args=())
@@ -58,18 +66,24 @@ def chunk_backward_op(
     do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None, a: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    exact: bool, seam_starts: torch.Tensor, transitions: torch.Tensor,
+    exact: bool, seam_starts: torch.Tensor, transitions: torch.Tensor, kept_w: torch.Tensor,
+    kept_states: torch.Tensor, kept_v_new: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seams = passes.Seams(seam_starts, transitions) if seam_starts.numel() else None
+    kept = None
+    if kept_states.numel():
+        delta = beta is not None
+        kept = launch.Kept(kept_w if delta else None, kept_states,
+                           kept_v_new if delta else None)
     grads = launch.chunk_backward(do, dht, q, k, v, g, beta, a if beta is not None else None,
                                   scale=scale, initial_state=initial_state,
-                                  cu_seqlens=cu_seqlens, exact=exact, seams=seams)
+                                  cu_seqlens=cu_seqlens, exact=exact, seams=seams, kept=kept)
     return tuple(x if x is not None else q.new_empty(_EMPTY) for x in grads)
 
 
 @chunk_backward_op.register_fake
 def _(do, dht, q, k, v, g, beta, a, scale, initial_state, cu_seqlens, exact, seam_starts,
-      transitions):
+      transitions, kept_w, kept_states, kept_v_new):
     def like(x):
         return torch.empty_like(x) if x is not None else q.new_empty(_EMPTY)
     return like(q), like(k), like(v), like(g), like(beta), like(initial_state)
@@ -79,31 +93,32 @@ class ChunkRecurrence(torch.autograd.Function):
     """o, final_state = chunked recurrence(q, k, v, g, beta, ...); see ``gdn.ops``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, cu_seqlens, exact):
-        o, final_state, a, seam_starts, transitions = chunk_forward_op(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens, exact)
-        ctx.save_for_backward(q, k, v, g, beta, a, initial_state, cu_seqlens, seam_starts,
-                              transitions)
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
+        o, final_state, a, *for_backward = chunk_forward_op(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep)
+        # for_backward: seam starts, transitions, and the kept w, states and Δ.
+        ctx.save_for_backward(q, k, v, g, beta, a, initial_state, cu_seqlens, *for_backward)
         ctx.scale, ctx.exact = scale, exact
         ctx.set_materialize_grads(False)
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, a, initial_state, cu_seqlens, seam_starts, transitions = \
-            ctx.saved_tensors
+        q, k, v, g, beta, a, initial_state, cu_seqlens, *for_backward = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward_op(do.contiguous(), dht, q, k, v, g, beta, a, ctx.scale,
-                                  initial_state, cu_seqlens, ctx.exact, seam_starts,
-                                  transitions)
+                                  initial_state, cu_seqlens, ctx.exact, *for_backward)
         present = (q, k, v, g, beta, initial_state)
         dq, dk, dv, dg, dbeta, dh0 = (d if x is not None else None
                                       for d, x in zip(grads, present, strict=True))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
 def triton_chunked_recurrence(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens,
-                              exact: bool):
-    """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels."""
-    return ChunkRecurrence.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact)
+                              exact: bool, recompute: bool = True):
+    """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels. With
+    ``recompute=False`` the forward keeps w, Δ and the chunk states for the backward
+    (``launch.Kept``) instead of the backward recomputing them."""
+    return ChunkRecurrence.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact,
+                                 not recompute)

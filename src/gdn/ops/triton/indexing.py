@@ -28,13 +28,20 @@ class ChunkTable:
     num_seqs: int             # N
 
 
+def chunk_count(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int) -> int:
+    """NC from shapes alone: exact without ``cu_seqlens``, else the bound TT // BT + N."""
+    if cu_seqlens is None:
+        return B * -(-T // BT)
+    return (B * T) // BT + cu_seqlens.shape[0] - 1            # ≥ Σ ceil(len_n / BT)
+
+
 def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int,
                 device: torch.device) -> ChunkTable:
     if cu_seqlens is None:
         cu = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int64) if T > 0 \
             else torch.zeros(B + 1, device=device, dtype=torch.int64)
         per_seq = -(-T // BT)
-        num_chunks = B * per_seq
+        num_chunks = chunk_count(B, T, None, BT)
         ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
         seq = ids // max(per_seq, 1)
         offsets = torch.arange(0, B + 1, device=device, dtype=torch.int64) * per_seq
@@ -44,7 +51,7 @@ def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int,
     N = cu.numel() - 1
     counts = (cu[1:] - cu[:-1] + BT - 1) // BT
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    num_chunks = (B * T) // BT + N                        # ≥ Σ ceil(len_n / BT)
+    num_chunks = chunk_count(B, T, cu_seqlens, BT)
     ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
     seq = torch.searchsorted(offsets[1:], ids, right=True)
     valid = ids < offsets[-1]

@@ -7,8 +7,9 @@ Inputs arrive validated by ``gdn.ops.validate`` and already L2-normalised if ask
 are flattened to one packed row. A and the gradient accumulators are float32; the other
 tensors the kernels hand to one another (w, u, Δ, the chunk-start states and their
 gradients) are in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32
-otherwise. Every state kept in registers is float32. The backward keeps only A from the
-forward and recomputes w, u, Δ and the states (math.md §4.6).
+otherwise. Every state kept in registers is float32. By default the backward keeps only A
+from the forward and recomputes w, u, Δ and the states (math.md §4.6); with ``keep`` the
+forward hands w, Δ and the states on (``Kept``) and the backward skips those two stages.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton import output, passes, wy
-from gdn.ops.triton.indexing import ChunkTable, chunk_table
+from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
@@ -132,9 +133,33 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     return w, u
 
 
-def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool):
-    """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, and
-    the segmented pass's ``passes.Seams`` or None."""
+@dataclass
+class Kept:
+    """What a forward with ``keep`` leaves for the backward instead of having it recompute
+    wy_apply and the forward state pass: w [TT, HV, K] (None without the delta term), the
+    chunk-start states [NC, HV, K, V] and Δ [TT, HV, V] (v itself without the delta term, so
+    None), all in the operand dtype. About (K + V)·2 bytes per token and v head and K·V·2 per
+    chunk and v head for bf16: 536 MB at 8x4096 with 16 heads of 128."""
+
+    w: torch.Tensor | None
+    states: torch.Tensor
+    v_new: torch.Tensor | None
+
+
+def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *,
+                delta: bool) -> tuple[tuple, tuple, tuple]:
+    """Shapes of ``Kept``'s w, states and v_new ((0,) for an absent one)."""
+    NC = chunk_count(B, T, cu_seqlens, BT)
+    empty = (0,)
+    return ((B * T, HV, K) if delta else empty, (NC, HV, K, V),
+            (B * T, HV, V) if delta else empty)
+
+
+def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
+                  keep: bool = False):
+    """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, the
+    segmented pass's ``passes.Seams`` or None, and with ``keep`` the ``Kept`` tensors for the
+    backward (else None)."""
     p = _plan(q, v, g, cu_seqlens, exact)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
@@ -153,14 +178,22 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
                                        BV=p.BV, **(p.flags | OUTPUT_LAUNCH))
-    return o.view(p.B, p.T, p.HV, p.V), final, a, seams
+    kept = None
+    if keep:
+        if cu_seqlens is not None:
+            # The grid's spare chunks (indexing) are never written; zeroed so that the op's
+            # outputs do not depend on what the allocator left there.
+            states.masked_fill_((p.table.seq < 0)[:, None, None, None], 0.0)
+        kept = Kept(w, states, v_new if beta is not None else None)
+    return o.view(p.B, p.T, p.HV, p.V), final, a, seams, kept
 
 
 def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state, cu_seqlens,
-                   exact: bool, seams=None):
+                   exact: bool, seams=None, kept: Kept | None = None):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None; ``seams`` are the
-    forward's (``chunk_forward``), or None to recompute them."""
+    forward's (``chunk_forward``), or None to recompute them; ``kept`` the forward's w, states
+    and Δ, or None to recompute them."""
     p = _plan(q, v, g, cu_seqlens, exact)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
     G = HV // H
@@ -168,11 +201,15 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     q_, k_, v_, g_, b_, do_ = (_flat(x) for x in (q, k, v, g, beta, do))
     TT, NC = p.TT, table.num_chunks
     delta = beta is not None
-    w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs,
-                                                   seams if segs is not None else None)
-    del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
+    if kept is not None:
+        w, states = kept.w, kept.states
+        v_new = kept.v_new if delta else v_
+    else:
+        w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
+        states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs,
+                                                       seams if segs is not None else None)
+        del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
@@ -181,8 +218,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
-    # caching allocator reuses them for the allocations that follow).
-    del dv_local, seams, w
+    # caching allocator reuses them for the allocations that follow; kept ones live on in
+    # the autograd context until the backward returns).
+    del dv_local, seams, w, kept
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)

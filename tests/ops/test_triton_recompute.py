@@ -1,0 +1,80 @@
+"""``recompute=False`` on the Triton backend (launch.Kept): the forward hands w, Δ and the
+chunk states to the backward, which skips wy_apply and the forward state pass. The kernels
+are the same ones on the same inputs, so outputs and gradients must equal the recomputing
+backward's bit for bit, in Triton's interpreter (CPU) as on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.testing import forward_backward, random_inputs
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
+
+CASES = {
+    # name: (random_inputs kwargs, delta, segmented)
+    "gated": (dict(B=2, T=70, H=2, HV=2, K=20, V=12, initial_state=True), True, False),
+    "deltanet": (dict(B=1, T=65, H=1, K=16, V=16, gate=False), True, False),
+    "gva_varlen": (dict(T=150, H=2, HV=4, K=32, V=100, initial_state=True,
+                        doc_lengths=[1, 70, 0, 14, 65]), True, False),
+    "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False, False),
+    "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
+                        True),
+    "gla_segmented": (dict(B=1, T=300, H=1, K=16, V=16, initial_state=True), False, True),
+}
+
+
+def _op(delta):
+    return chunk_gated_delta_rule if delta else chunk_gated_linear_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kept_tensors_give_the_same_gradients_bit_for_bit(case, dtype, monkeypatch):
+    from gdn.ops.triton import passes
+
+    kwargs, delta, segmented = CASES[case]
+    if segmented:
+        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    x = random_inputs(**kwargs, delta=delta, seed=51).to(dtype, requires_grad=True)
+    runs = [forward_backward(_op(delta), x, seed=6, backend="triton", recompute=recompute)
+            for recompute in (True, False)]
+    (o0, s0, g0), (o1, s1, g1) = runs
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    assert g0.keys() == g1.keys()
+    for name, grad in g0.items():
+        assert torch.equal(grad, g1[name]), name
+
+
+def test_the_backward_skips_the_recomputation(monkeypatch):
+    """recompute=False: no wy_apply and no forward state pass in the backward."""
+    from gdn.ops.triton import launch, passes
+
+    launches = []
+    for module, name in ((launch, "_wy_apply"), (passes, "state_forward")):
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            launches.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    x = random_inputs(B=1, T=70, H=1, K=16, V=16, seed=52).to(torch.float32,
+                                                              requires_grad=True)
+    for recompute, in_backward in ((True, 2), (False, 0)):
+        launches.clear()
+        o, _ = chunk_gated_delta_rule(**x.kwargs(), backend="triton", recompute=recompute)
+        assert launches == ["_wy_apply", "state_forward"]
+        o.square().sum().backward()
+        assert len(launches) == 2 + in_backward
+
+
+def test_recompute_must_be_a_bool():
+    x = random_inputs(B=1, T=10, H=1, K=16, V=16, seed=53)
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        chunk_gated_delta_rule(**x.kwargs(), backend="triton", recompute="no")
