@@ -156,6 +156,19 @@ def test_l2norm_kernels_within_bounds(shape):
     assert rel_error(xg.grad[rest], x64.grad[rest]) <= 1e-2
 
 
+@pytest.mark.parametrize("T", [1000, 20_000], ids=["plain", "segmented"])
+def test_recompute_false_gives_the_same_gradients_bit_for_bit(T):
+    """recompute=False (launch.Kept) runs the same kernels on the same inputs."""
+    x = _on_cuda(random_inputs(B=1, T=T, H=2, K=128, V=128, initial_state=True, seed=30),
+                 torch.bfloat16)
+    (o0, s0, g0), (o1, s1, g1) = (
+        forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton",
+                         recompute=recompute) for recompute in (True, False))
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    for name, grad in g0.items():
+        assert torch.equal(grad, g1[name]), name
+
+
 def test_varlen_equals_a_loop_over_documents():
     docs = [5, 64, 1, 300, 0, 129]
     x = _on_cuda(random_inputs(T=sum(docs), H=2, HV=4, K=128, V=128, initial_state=True,
