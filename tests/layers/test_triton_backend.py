@@ -23,9 +23,10 @@ pytestmark = pytest.mark.skipif(
 
 D = 32
 MIXERS = {
-    "gdn": lambda b: GatedDeltaNet(D, num_heads=2, head_k_dim=16, head_v_dim=16,
-                                   num_v_heads=4, backend=b),
-    "mamba2": lambda b: Mamba2(D, num_heads=2, head_dim=16, state_size=16, backend=b),
+    "gdn": lambda b, **kw: GatedDeltaNet(D, num_heads=2, head_k_dim=16, head_v_dim=16,
+                                         num_v_heads=4, backend=b, **kw),
+    "mamba2": lambda b, **kw: Mamba2(D, num_heads=2, head_dim=16, state_size=16, backend=b,
+                                     **kw),
 }
 
 
@@ -41,3 +42,31 @@ def test_triton_backend_matches_torch_with_prefill_and_decode(name):
     prefill = fast(x[:, :69], cache=cache)
     step = fast(x[:, 69:], cache=cache)
     assert rel_error(torch.cat([prefill, step], dim=1), slow(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_recompute_false_reaches_the_op_and_changes_no_gradient(name, monkeypatch):
+    """The layer's recompute=False is the op's (gdn.ops): the same output and parameter
+    gradients bit for bit, and the backward runs no forward state pass."""
+    from gdn.ops.triton import passes
+
+    torch.manual_seed(0)
+    keeping = MIXERS[name]("triton", recompute=False)
+    recomputing = MIXERS[name]("triton")
+    recomputing.load_state_dict(keeping.state_dict())
+    x = torch.randn(2, 70, D, generator=torch.Generator().manual_seed(2))
+    passes_run = []
+    forward_pass = passes.state_forward
+    monkeypatch.setattr(passes, "state_forward",
+                        lambda *a, **kw: passes_run.append(1) or forward_pass(*a, **kw))
+    outputs = []
+    for layer in (recomputing, keeping):
+        passes_run.clear()
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append((y, passes_run.copy()))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert outputs[0][1] == [1, 1] and outputs[1][1] == [1]
+    for (n, p), (_, q) in zip(recomputing.named_parameters(), keeping.named_parameters(),
+                              strict=True):
+        assert torch.equal(p.grad, q.grad), n

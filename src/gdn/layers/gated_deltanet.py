@@ -80,7 +80,7 @@ class GatedDeltaNet(nn.Module):
         head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
-        use_decay_gate: bool = True,
+        recompute: bool = True, use_decay_gate: bool = True,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
@@ -105,6 +105,7 @@ class GatedDeltaNet(nn.Module):
         self.norm_eps = positive_float("norm_eps", norm_eps)
         self.chunk_size = check_chunk_size(chunk_size)
         self.backend = check_backend(backend)
+        self.recompute = flag("recompute", recompute)
         self.use_decay_gate = flag("use_decay_gate", use_decay_gate)
 
         H, HV, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -172,7 +173,8 @@ class GatedDeltaNet(nn.Module):
         args = (q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V), g, beta)
         o, state = run_recurrence(chunk_gated_delta_rule, recurrent_gated_delta_rule, args,
                                   cache=cache, cu_seqlens=cu_seqlens, backend=self.backend,
-                                  chunk_size=self.chunk_size, use_qk_l2norm_in_kernel=True)
+                                  chunk_size=self.chunk_size, recompute=self.recompute,
+                                  use_qk_l2norm_in_kernel=True)
         o = self.out_norm(o, self.output_gate_proj(x).view(B, T, HV, V))
         if cache is not None:
             store(cache, conv_state=conv_state, recurrent_state=state, T=T,

@@ -25,7 +25,7 @@ from gdn.layers.cache import (
     new_recurrent_cache,
     store,
 )
-from gdn.layers.checks import positive_float, positive_int
+from gdn.layers.checks import flag, positive_float, positive_int
 from gdn.layers.conv import ShortConvolution
 from gdn.layers.gated_deltanet import check_backend, init_decay_parameters
 from gdn.layers.norm import GatedRMSNorm
@@ -48,7 +48,7 @@ class Mamba2(nn.Module):
     def __init__(
         self, d_model: int, *, num_heads: int, head_dim: int, state_size: int = 128,
         n_groups: int = 1, conv_size: int = 4, norm_eps: float = 1e-6, chunk_size: int = 64,
-        backend: str = "auto",
+        backend: str = "auto", recompute: bool = True,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
@@ -63,6 +63,7 @@ class Mamba2(nn.Module):
         self.norm_eps = positive_float("norm_eps", norm_eps)
         self.chunk_size = check_chunk_size(chunk_size)
         self.backend = check_backend(backend)
+        self.recompute = flag("recompute", recompute)
 
         HV, G, S = self.num_heads, self.n_groups, self.state_size
         self.inner_dim = HV * self.head_dim
@@ -124,7 +125,8 @@ class Mamba2(nn.Module):
         # scale 1: SSD reads y = hᵀC with no 1/sqrt(S) (math.md §1.4)
         y, state = run_recurrence(chunk_gated_linear_attention, recurrent_gated_linear_attention,
                                   args, cache=cache, cu_seqlens=cu_seqlens, backend=self.backend,
-                                  chunk_size=self.chunk_size, scale=1.0)
+                                  chunk_size=self.chunk_size, recompute=self.recompute,
+                                  scale=1.0)
         y = y + x_in * self.D.to(x_in.dtype).unsqueeze(-1)
         y = self.norm(y.reshape(B, T, self.inner_dim), z)
         if cache is not None:

@@ -21,13 +21,16 @@ def step_backend(backend: str) -> str:
 
 def run_recurrence(chunk_op: Callable, step_op: Callable, args: tuple, *,
                    cache: RecurrentCache | None, cu_seqlens: torch.Tensor | None, backend: str,
-                   chunk_size: int, **op_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunk_size: int, recompute: bool = True,
+                   **op_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, final state or None) of ``chunk_op(*args, ...)``, or of ``step_op`` for a
-    one-token call with a cache. args are the op's positional (q, k, v, g[, beta])."""
+    one-token call with a cache. args are the op's positional (q, k, v, g[, beta]);
+    ``recompute`` goes to the chunked op only (gdn.ops)."""
     T, v = args[0].shape[1], args[2]
     common = dict(
         initial_state=None if cache is None else initial_recurrent_state(cache, v.dtype),
         output_final_state=cache is not None, cu_seqlens=cu_seqlens, **op_kwargs)
     if cache is not None and T == 1:
         return step_op(*args, backend=step_backend(backend), **common)
-    return chunk_op(*args, chunk_size=chunk_size, backend=backend, **common)
+    return chunk_op(*args, chunk_size=chunk_size, backend=backend, recompute=recompute,
+                    **common)

@@ -68,6 +68,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     chunk_size: int = 64
     backend: str = "auto"
+    # Triton backend: False keeps w, Δ and the chunk states from each recurrent layer's
+    # forward for its backward instead of recomputing them (gdn.ops, math.md §4.6).
+    recompute: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "gdn_num_heads", "attn_num_heads",
@@ -81,7 +84,7 @@ class ModelConfig:
                 _check_positive_int(name, getattr(self, name))
         for name in ("rope_theta", "mlp_ratio", "norm_eps", "initializer_range"):
             _check_positive_float(name, getattr(self, name))
-        for name in ("allow_neg_eigval", "tie_embeddings"):
+        for name in ("allow_neg_eigval", "tie_embeddings", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._check_pattern()

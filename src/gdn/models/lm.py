@@ -41,13 +41,14 @@ def build_mixer(config: ModelConfig, letter: str) -> nn.Module:
                    head_k_dim=config.gdn_head_k_dim, head_v_dim=config.gdn_head_v_dim,
                    num_v_heads=config.gdn_num_v_heads, conv_size=config.conv_size,
                    allow_neg_eigval=config.allow_neg_eigval, norm_eps=config.norm_eps,
-                   chunk_size=config.chunk_size, backend=config.backend)
+                   chunk_size=config.chunk_size, backend=config.backend,
+                   recompute=config.recompute)
     if letter == "M":
         return Mamba2(config.d_model, num_heads=config.mamba_num_heads,
                       head_dim=config.mamba_head_dim, state_size=config.mamba_state_size,
                       n_groups=config.mamba_n_groups, conv_size=config.conv_size,
                       norm_eps=config.norm_eps, chunk_size=config.chunk_size,
-                      backend=config.backend)
+                      backend=config.backend, recompute=config.recompute)
     assert letter in "SA", letter  # config validated the pattern
     return Attention(config.d_model, num_heads=config.attn_num_heads,
                      num_kv_heads=config.attn_num_kv_heads, head_dim=config.attn_head_dim,
