@@ -132,6 +132,7 @@ def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None) -> dict
     sig, constexprs, attrs = _signature(jit, launch["args"], as_bf16)
     options = launch["options"]
     opts = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
+    opts |= {key: options[key] for key in ("maxnreg",) if key in options}
     opts |= extra or {}
     kernel = triton.compile(ASTSource(jit, sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=opts)

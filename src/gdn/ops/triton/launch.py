@@ -61,6 +61,19 @@ TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
 APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 
 
+def _register_cap(key: str) -> dict:
+    """GDN_TRITON_TILES=<key>=n: cap the kernel at n registers a thread (Triton's maxnreg),
+    for one more program per SM where registers are what limits them (not yet measured,
+    NOTES.md §11; sm90_resources at K = 128: wy_apply 134 → 128 spills 8 bytes, 3 → 4
+    programs; dv_local 103 → 96 no spill, 4 → 5; wy_l 112 → 96 spills 8 bytes, 4 → 5)."""
+    return dict(maxnreg=TILES[key]) if key in TILES else {}
+
+
+APPLY_LAUNCH |= _register_cap("apply_maxnreg")
+DV_LOCAL_LAUNCH = TWO_STAGE_LAUNCH | _register_cap("dvlocal_maxnreg")
+WY_L_LAUNCH = _register_cap("wyl_maxnreg")
+
+
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -168,7 +181,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
         L = torch.empty(p.TT, p.HV, BT, **p.f32)
-        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks, **p.flags)
+        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks, **(p.flags | WY_L_LAUNCH))
         wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT, BC=wy.BC,
                                    **INVERSE_LAUNCH)
         del L
@@ -213,7 +226,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
-                                     **(flags | TWO_STAGE_LAUNCH))
+                                     **(flags | DV_LOCAL_LAUNCH))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions)
