@@ -77,6 +77,16 @@ WY_L_LAUNCH = _register_cap("wyl_maxnreg")
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def exact_launch(exact: bool) -> dict:
+    """GDN_TRITON_TILES=exact_warps=n: every kernel on n warps in exact mode (off by default,
+    not yet measured). IEEE float32 products are FMA loops over tiles held in registers, which
+    at the warps chosen for tensor-core products spill kilobytes a thread (sm90_resources at
+    K = 128: wy_l 10 KB, the state passes 9–11 KB, wy_backward 17 KB); on eight warps most of
+    that goes (wy_l 1.4 KB, the state passes 0.8–1.1 KB) and the sm_90 compile of the whole
+    op takes 19 s instead of 55 here, which is most of an exact-mode gpu test's time."""
+    return dict(num_warps=TILES["exact_warps"]) if exact and "exact_warps" in TILES else {}
+
+
 def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     """Dtype of the tensor-core operands of the state and output stages, and of the tensors
     they hand to one another (w, u, Δ, chunk states and their gradients).
@@ -113,6 +123,7 @@ class _Plan:
     flags: dict
     f32: dict    # float32 tensors: A, accumulators
     lo: dict     # tensors handed between kernels (operand_dtype)
+    exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
 
     @property
     def TT(self) -> int:
@@ -134,7 +145,7 @@ def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     return _Plan(B, T, H, HV, K, V, BV, state_bv, prec,
                  chunk_table(B, T, cu_seqlens, BT, q.device), flags,
                  dict(device=q.device, dtype=torch.float32),
-                 dict(device=q.device, dtype=inter))
+                 dict(device=q.device, dtype=inter), exact_launch(exact))
 
 
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
@@ -142,7 +153,7 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     u = torch.empty(p.TT, p.HV, p.V, **p.lo)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
         k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
-        **(row_block_flags(p.flags) | APPLY_LAUNCH))
+        **(row_block_flags(p.flags) | APPLY_LAUNCH | p.exact_launch))
     return w, u
 
 
@@ -181,16 +192,17 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
         L = torch.empty(p.TT, p.HV, BT, **p.f32)
-        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks, **(p.flags | WY_L_LAUNCH))
+        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks,
+                             **(p.flags | WY_L_LAUNCH | p.exact_launch))
         wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT, BC=wy.BC,
-                                   **INVERSE_LAUNCH)
+                                   **(INVERSE_LAUNCH | p.exact_launch))
         del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
-                                       BV=p.BV, **(p.flags | OUTPUT_LAUNCH))
+                                       BV=p.BV, **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
     kept = None
     if keep:
         if cu_seqlens is not None:
@@ -226,7 +238,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
-                                     **(flags | DV_LOCAL_LAUNCH))
+                                     **(flags | DV_LOCAL_LAUNCH | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions)
@@ -242,7 +254,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     # the bytes of float32: output_backward 0.95 → 0.90 ms, NOTES.md §10).
     dk = torch.empty(TT, HV, K, **(lo if delta else final_dtype))
     dw = torch.empty(TT, HV, K, **lo) if delta else None
-    o_flags = row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
+    o_flags = (row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
+               | p.exact_launch)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     output.output_backward_kernel[(NC, HV, n_kb)](
@@ -257,7 +270,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, HV, K, **final_dtype)
-        wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH
+        wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH | p.exact_launch
         wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk, dg, dv,
                                         dbeta, *chunks, V=V, BV=BV, **wy_flags)
     if not delta:

@@ -72,7 +72,7 @@ def _state_flags(p, direction: str) -> dict:
     warps = STATE_WARPS[direction] or (2 if direction == "reverse" and small_k else 4)
     stages = STATE_STAGES[direction] or (2 if direction == "forward" and small_k else 1)
     return row_block_flags(p.flags) | STATE_DTYPE | dict(
-        num_warps=warps, num_stages=stages, BV=p.state_bv[direction])
+        num_warps=warps, num_stages=stages, BV=p.state_bv[direction]) | p.exact_launch
 
 
 @dataclass
