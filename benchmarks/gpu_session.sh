@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|check|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|check|l2norm|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -44,8 +44,14 @@ trap save_cache EXIT
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
     # -v: each test's result is in the log as it finishes, even if the call is cut off.
-    python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 tests 2>&1 \
-        | tee "$out/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
+    # GDN_TEST_K selects tests (pytest -k): a whole cold run takes ~1,100 s, more than one
+    # call (NOTES.md §11), e.g. GDN_TEST_K="within_bounds" then GDN_TEST_K="not within_bounds".
+    python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 -k "${GDN_TEST_K:-}" tests \
+        2>&1 | tee "$out/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
+fi
+if [ "$what" = l2norm ]; then
+    # The q/k L2 norm, Triton kernels against PyTorch (benchmarks/l2norm.py).
+    python3 benchmarks/l2norm.py --out "$out/results" 2>&1 | grep -v -i warn
 fi
 if [ "$what" = stages ]; then
     # Per-kernel times at the two reference shapes (NOTES.md).
@@ -133,8 +139,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         cases=(8x4096-h16 1x65536-h16 8x4096-h6-k256v512 8x4096-h16-deltanet
                8x4096-h16-gla 2x16384-h16 8x4096-h32 8x4096-h16-gva32)
     fi
+    # GDN_BACKENDS, e.g. "triton,triton-keep" to time recompute=False without fla's autotune.
     for case in "${cases[@]}"; do
-        timeout 300 python3 benchmarks/ops.py --shapes "$case" --backends triton,fla,sdpa \
-            --tag "$case" --out "$out/results" 2>&1 | grep -E "^\| [0-9]|skip|Error"
+        timeout 300 python3 benchmarks/ops.py --shapes "$case" \
+            --backends "${GDN_BACKENDS:-triton,fla,sdpa}" --tag "$case" --out "$out/results" \
+            2>&1 | grep -E "^\| [0-9]|skip|Error"
     done
 fi
