@@ -331,18 +331,24 @@ def _peak_rss_child(case: Case, backend: str, dtype: str, seed: int, threads: in
 
 
 def peak_memory(case, backend, dtype, device, seed) -> dict:
-    """High-water memory of one forward+backward above what the inputs hold, in MiB."""
+    """High-water memory of one forward+backward above what the inputs hold, in MiB; on
+    CUDA also what stays allocated from the end of the forward until the backward (the
+    output and what autograd saved for the backward: per layer in a model, what a
+    ``recompute=False`` trades for time)."""
     if device.type == "cuda":
         x = case.inputs(device, seed).to(dtype, requires_grad=True)
         dO = _grad_output(case, dtype, device, seed)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        BACKENDS[backend].call(case.variant, x).backward(dO)
+        o = BACKENDS[backend].call(case.variant, x)
+        torch.cuda.synchronize(device)
+        saved = torch.cuda.memory_allocated(device) - base
+        o.backward(dO)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mib": (peak - base) / 2**20, "peak_total_mib": peak / 2**20,
-                "peak_method": "torch.cuda.max_memory_allocated"}
+                "saved_mib": saved / 2**20, "peak_method": "torch.cuda.max_memory_allocated"}
     # Not "spawn": a fork+exec child starts with its parent's ru_maxrss (Linux keeps the
     # high-water mark across exec), so growth under the parent's peak would be invisible.
     # The forkserver's children descend from a small process and start near their live set.
