@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|check|l2norm|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|l2norm|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -36,7 +36,9 @@ save_cache() {
     fi
     for d in stages results; do
         if [ -n "$(ls -A "$out/$d" 2>/dev/null)" ]; then
-            tar -czf "$out/$d-$what.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
+            # One archive name per run: two runs in one call must not overwrite each other.
+            archive="$out/$d-$what-$(date +%H%M%S)-$$.tgz"
+            tar -czf "$archive" -C "$out" "$d" && rm -rf "${out:?}/$d"
         fi
     done
 }
@@ -80,6 +82,23 @@ if [ "$what" = tiles ]; then
         GDN_TRITON_SEGMENT_CHUNKS=$seg python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
             --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
     done
+fi
+if [ "$what" = segments ]; then
+    # Kernel times of one shape (GDN_SHAPE, default 2,16384,16,128,128) per segment length
+    # of the segmented state passes (GDN_SEGMENT_SWEEP: "auto" is the heuristic, 0 plain),
+    # then fla's kernels at the same shape (NOTES.md §6, §12).
+    shape=${GDN_SHAPE:-2,16384,16,128,128}
+    for seg in ${GDN_SEGMENT_SWEEP:-auto 0}; do
+        echo "== $shape, segment chunks: $seg"
+        if [ "$seg" = auto ]; then unset GDN_TRITON_SEGMENT_CHUNKS
+        else export GDN_TRITON_SEGMENT_CHUNKS=$seg; fi
+        timeout 150 python3 benchmarks/stages.py --shape "$shape" --tag "seg$seg" \
+            --out "$out/stages" 2>/dev/null | head -16
+    done
+    unset GDN_TRITON_SEGMENT_CHUNKS
+    echo "== $shape, fla"
+    timeout 200 python3 benchmarks/stages.py --backend fla --shape "$shape" --tag fla \
+        --out "$out/stages" 2>/dev/null | head -16
 fi
 if [ "$what" = check ]; then
     # Each tile choice (default first, then GDN_TILE_SWEEP) probed against float64 at a

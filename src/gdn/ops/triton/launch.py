@@ -61,30 +61,24 @@ TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
 APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 
 
-def _register_cap(key: str) -> dict:
-    """GDN_TRITON_TILES=<key>=n: cap the kernel at n registers a thread (Triton's maxnreg),
-    for one more program per SM where registers are what limits them (not yet measured,
-    NOTES.md §11; sm90_resources at K = 128: wy_apply 134 → 128 spills 8 bytes, 3 → 4
-    programs; dv_local 103 → 96 no spill, 4 → 5; wy_l 112 → 96 spills 8 bytes, 4 → 5)."""
-    return dict(maxnreg=TILES[key]) if key in TILES else {}
-
-
-APPLY_LAUNCH |= _register_cap("apply_maxnreg")
-DV_LOCAL_LAUNCH = TWO_STAGE_LAUNCH | _register_cap("dvlocal_maxnreg")
-WY_L_LAUNCH = _register_cap("wyl_maxnreg")
-
+# wy_apply capped at 128 registers a thread (from 134; spills 8 bytes): four programs per
+# SM instead of three. Measured at 8x4096-h16 (NOTES.md §12): 0.591 → 0.540 ms for its two
+# calls. The same cap on dv_local (96) and wy_l (96) moved them by 1-2 %, within noise, and
+# was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it.
+_APPLY_MAXNREG = TILES.get("apply_maxnreg", 128)
+APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def exact_launch(exact: bool) -> dict:
-    """GDN_TRITON_TILES=exact_warps=n: every kernel on n warps in exact mode (off by default,
-    not yet measured). IEEE float32 products are FMA loops over tiles held in registers, which
-    at the warps chosen for tensor-core products spill kilobytes a thread (sm90_resources at
-    K = 128: wy_l 10 KB, the state passes 9–11 KB, wy_backward 17 KB); on eight warps most of
-    that goes (wy_l 1.4 KB, the state passes 0.8–1.1 KB) and the sm_90 compile of the whole
-    op takes 19 s instead of 55 here, which is most of an exact-mode gpu test's time."""
-    return dict(num_warps=TILES["exact_warps"]) if exact and "exact_warps" in TILES else {}
+    """Exact mode runs every kernel on eight warps (GDN_TRITON_TILES=exact_warps=n to change).
+    IEEE float32 products are FMA loops over tiles held in registers, which at the warp
+    counts chosen for tensor-core products spill kilobytes a thread (sm90_resources at
+    K = 128: wy_l 10 KB, the state passes 9-11 KB, wy_backward 17 KB); on eight warps most of
+    that goes (wy_l 1.4 KB, the state passes 0.8-1.1 KB). On the H100 the four fp32-exact gpu
+    tests then took 32-52 s instead of 83-97 s, mostly the compile (NOTES.md §12)."""
+    return dict(num_warps=TILES.get("exact_warps", 8)) if exact else {}
 
 
 def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
@@ -193,7 +187,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
         L = torch.empty(p.TT, p.HV, BT, **p.f32)
         wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks,
-                             **(p.flags | WY_L_LAUNCH | p.exact_launch))
+                             **(p.flags | p.exact_launch))
         wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT, BC=wy.BC,
                                    **(INVERSE_LAUNCH | p.exact_launch))
         del L
@@ -238,7 +232,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
-                                     **(flags | DV_LOCAL_LAUNCH | p.exact_launch))
+                                     **(flags | TWO_STAGE_LAUNCH | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions)
