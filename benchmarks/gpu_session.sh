@@ -96,8 +96,7 @@ if [ "$what" = segments ]; then
             --out "$out/stages" 2>/dev/null | head -16
     done
     unset GDN_TRITON_SEGMENT_CHUNKS
-    echo "== $shape, fla"
-    timeout 200 python3 benchmarks/stages.py --backend fla --shape "$shape" --tag fla \
+    [ "${GDN_FLA:-1}" = 1 ] && echo "== $shape, fla" && timeout 200 python3 benchmarks/stages.py --backend fla --shape "$shape" --tag fla \
         --out "$out/stages" 2>/dev/null | head -16
 fi
 if [ "$what" = check ]; then
