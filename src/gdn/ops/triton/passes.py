@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import combine, gates, state
+from gdn.ops.triton import combine, state
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
 # Chunks per segment of the segmented passes: None chooses by ``auto_segment_chunks``, 0 turns
@@ -58,17 +58,6 @@ _MIN_SEGMENT_CHUNKS = 16
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
 STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_bwd_stages"))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
-# GDN_TRITON_TILES=state_gates=1: the passes read each chunk's gate factors from gates.py
-# instead of forming them with scans in every step (NOTES.md §12, being measured).
-GATES_READY = bool(TILES.get("state_gates"))
-
-
-def gate_factors(p, g_) -> tuple:
-    """What the state kernels take as (e_gamma, to_end): the factors of gates.py, or g_ twice
-    as unused placeholders when the passes form them themselves."""
-    if not GATES_READY or g_ is None:
-        return g_, g_
-    return gates.gate_factors(g_, p.table, p.HV, p.flags["BT"])
 
 
 # Forward-pass programs resident on one SM with the choices above (sm90_resources: 192
@@ -140,15 +129,14 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
                     torch.cat([first.flatten(), end.new_tensor([B * per_row])]))
 
 
-def _forward_kernel(p, k_, w, u, g_, factors, h0, states, v_new, final, cu, offsets, n_seqs,
-                    *, V=None, store_chunks=True, u_zero=False):
+def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_seqs, *,
+                    V=None, store_chunks=True, u_zero=False):
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, *factors, cu, offsets, V=V,
+        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, GATES_READY=factors[0] is not g_,
-        **_state_flags(p, "forward"))
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
@@ -192,31 +180,30 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
     delta = w is not None
     states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
-    factors = gate_factors(p, g_)
     if seams is not None:
-        _forward_kernel(p, k_, w, u, g_, factors, seams.starts, states, v_new, None, segs.cu,
+        _forward_kernel(p, k_, w, u, g_, seams.starts, states, v_new, None, segs.cu,
                         segs.offsets, p.B * segs.P)
         return states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
-        _forward_kernel(p, k_, w, u, g_, factors, h0, states, v_new, final, p.table.cu,
+        _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, p.table.cu,
                         p.table.offsets, p.table.num_seqs)
         return states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
-    _forward_kernel(p, k_, w, u, g_, factors, None, states, v_new, own, segs.cu, segs.offsets,
-                    n_segs, store_chunks=False)
-    transitions = _transitions(p, k_, w, g_, factors, segs)
+    _forward_kernel(p, k_, w, u, g_, None, states, v_new, own, segs.cu, segs.offsets, n_segs,
+                    store_chunks=False)
+    transitions = _transitions(p, k_, w, g_, segs)
     start_states, S = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
-    _forward_kernel(p, k_, w, u, g_, factors, start_states, states, v_new, None, segs.cu,
-                    segs.offsets, n_segs)
+    _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
+                    n_segs)
     return states, v_new, final, Seams(start_states, transitions)
 
 
-def _transitions(p, k_, w, g_, factors, segs: Segments) -> torch.Tensor:
+def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
     """[B, P, HV, K, K] products of the segments' chunk transitions (math.md §3.8); without the
     delta term the product is e^{Σ g} I, returned as [B, P, HV, 1, 1] scalars."""
     n_segs = p.B * segs.P
@@ -230,18 +217,17 @@ def _transitions(p, k_, w, g_, factors, segs: Segments) -> torch.Tensor:
         return sums.exp()[..., None, None]
     eye = torch.eye(p.K, **p.f32).expand(n_segs, p.HV, p.K, p.K).contiguous()
     M = torch.empty(n_segs, p.HV, p.K, p.K, **p.f32)
-    _forward_kernel(p, k_, w, None, g_, factors, eye, None, None, M, segs.cu, segs.offsets,
-                    n_segs, V=p.K, store_chunks=False, u_zero=True)
+    _forward_kernel(p, k_, w, None, g_, eye, None, None, M, segs.cu, segs.offsets, n_segs,
+                    V=p.K, store_chunks=False, u_zero=True)
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
 
-def _backward_kernel(p, q_, k_, w, g_, factors, do_, dv_local, dht, d_states, d_delta, dh0,
-                     cu, offsets, n_seqs, scale, *, store_chunks=True):
+def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
+                     offsets, n_seqs, scale, *, store_chunks=True):
     state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))](
-        q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, *factors, cu, offsets,
-        scale, V=p.V, DELTA=w is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks,
-        GATES_READY=factors[0] is not g_, **_state_flags(p, "reverse"))
+        q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
+        DELTA=w is not None, HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p, "reverse"))
 
 
 def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,
@@ -251,19 +237,18 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
-    factors = gate_factors(p, g_)
     if segs is None:
-        _backward_kernel(p, q_, k_, w, g_, factors, do_, dv_local, dht_, d_states, d_delta,
-                         dh0, p.table.cu, p.table.offsets, p.table.num_seqs, scale)
+        _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0,
+                         p.table.cu, p.table.offsets, p.table.num_seqs, scale)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
-    _backward_kernel(p, q_, k_, w, g_, factors, do_, dv_local, None, d_states, d_delta, own,
-                     segs.cu, segs.offsets, n_segs, scale, store_chunks=False)
+    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, None, d_states, d_delta, own, segs.cu,
+                     segs.offsets, n_segs, scale, store_chunks=False)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
-    _backward_kernel(p, q_, k_, w, g_, factors, do_, dv_local, end_grads, d_states, d_delta,
-                     None, segs.cu, segs.offsets, n_segs, scale)
+    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, end_grads, d_states, d_delta, None,
+                     segs.cu, segs.offsets, n_segs, scale)
     return d_states, d_delta, dh0

@@ -43,22 +43,6 @@ def _chunk_gates(g, t0, end, HV, BT: tl.constexpr):
 
 
 @triton.jit
-def _read_gates(e_gamma, to_end, t0, end, HV, BT: tl.constexpr):
-    """``_chunk_gates`` read from the factors gates.py computed before the pass: no scan on
-    the pass's sequential path. e^{Γ_C} is e^{Γ_r} at the chunk's last token."""
-    chunk_end = tl.minimum(t0 + BT, end)
-    e_last = tl.load(e_gamma + (chunk_end - 1).to(tl.int64) * HV)
-    return (load_vec(e_gamma, t0, end, HV, BT), load_vec(to_end, t0, end, HV, BT), e_last)
-
-
-@triton.jit
-def _gates(g, e_gamma, to_end, t0, end, HV, BT: tl.constexpr, GATES_READY: tl.constexpr):
-    if GATES_READY:
-        return _read_gates(e_gamma, to_end, t0, end, HV, BT)
-    return _chunk_gates(g, t0, end, HV, BT)
-
-
-@triton.jit
 def _load_block(h0, p_state, HAS_H0: tl.constexpr, row0, K, col0, V, KB: tl.constexpr,
                 BV: tl.constexpr):
     """Rows row0 … row0+KB−1 of a [K, V] float32 state from h0, or zeros."""
@@ -172,13 +156,11 @@ def state_forward_kernel(
     g, h0,                 # [TT, HV], [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
-    e_gamma, to_end,       # [TT, HV] float32 gate factors (gates.py) when GATES_READY
     cu, offsets,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
-    GATES_READY: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
@@ -205,9 +187,8 @@ def state_forward_kernel(
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
             # goes from memory into the product untouched.
-            _, decay, e_last = _gates(g + i_hv, e_gamma + i_hv, to_end + i_hv, t0, end, HV,
-                                      BT, GATES_READY)
-            delta = delta * decay[:, None]
+            _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
+            delta = delta * to_end[:, None]
         S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT), t0,
                                         end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
     if STORE_HT:
@@ -221,12 +202,11 @@ def state_backward_kernel(
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
     d_delta, dh0,          # out: [TT, HV, V] complete dΔ; [N, HV, K, V]
-    e_gamma, to_end,       # [TT, HV] float32 gate factors (gates.py) when GATES_READY
     cu, offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, GATES_READY: tl.constexpr = False,
+    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
@@ -246,10 +226,9 @@ def state_backward_kernel(
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         e_last = 1.0
         if HAS_GATE:
-            e_rows, decay, e_last = _gates(g + i_hv, e_gamma + i_hv, to_end + i_hv, t0, end,
-                                           HV, BT, GATES_READY)
-            d_d += kds * decay[:, None]
-            b_do = b_do * e_rows[:, None]           # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
+            e_gamma, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
+            d_d += kds * to_end[:, None]
+            b_do = b_do * e_gamma[:, None]          # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
         else:
             d_d += kds
         if STORE_CHUNKS:
