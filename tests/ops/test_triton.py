@@ -245,7 +245,9 @@ def test_segments_only_when_the_plain_pass_is_short_of_programs():
 
     # An H100 (132 SMs) with the forward pass's two programs per SM at K ≤ 128: 264 slots.
     assert auto_segment_chunks(64, 256, 264) == 0       # 8x4096-h16: 256 programs, full rate
-    assert auto_segment_chunks(1024, 32, 264) == 61     # 1x65536-h16: 17 segments, 544 programs
-    assert auto_segment_chunks(256, 64, 264) == 29      # 2x16384-h16: 9 segments
+    assert auto_segment_chunks(1024, 32, 264) == 64     # 1x65536-h16: 16 segments, 512 programs
+    assert auto_segment_chunks(256, 64, 264) == 64      # 2x16384-h16: 4 segments, 256 programs
+    assert auto_segment_chunks(100, 64, 264) == 50      # a shorter row: two halves
     assert auto_segment_chunks(256, 132, 264) == 0      # half the slots filled: plain
-    assert auto_segment_chunks(20, 4, 264) == 0         # too short for two segments
+    assert auto_segment_chunks(31, 4, 264) == 0         # too short for two segments of 16
+    assert auto_segment_chunks(32, 4, 264) == 16

@@ -36,9 +36,13 @@ SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
 # kernels of one forward+backward from 23.6 to 20.4 ms, 64 chunks to 22.2 (NOTES.md §6); with
 # the forward's BV = 64 (two per SM, 32 programs plain), plain 18.0 ms, 9 segments of 114
 # chunks (288 programs, one per slot) 13.4, 16 of 64 (512, about two per slot) 12.6
-# (NOTES.md §10). So: segment only when the plain pass fills less than half of the GPU's
-# resident slots (SMs × programs resident per SM), and then aim for two programs per slot.
-_PROGRAMS_PER_SLOT = 2
+# (NOTES.md §10). At (2, 16384, 16, 128, 128) (64 programs plain), 9 segments of 29 chunks
+# (576 programs, the old rule of two programs per slot) took 5.92 ms, 4 of 64 (256, about one
+# per slot) 5.05, plain 6.03 (NOTES.md §12): short segments pay the transitions and the
+# combine per segment. So: segment only when the plain pass fills less than half of the GPU's
+# resident slots (SMs × programs resident per SM), in segments of 64 chunks (4,096 tokens,
+# the best measured at both shapes), or two halves of a shorter row.
+_SEGMENT_CHUNKS = 64
 _MIN_SEGMENT_CHUNKS = 16
 
 # The state passes take their operands in the operand dtype (bf16 for bf16 inputs; the first
@@ -90,9 +94,8 @@ def auto_segment_chunks(per_row: int, programs: int, slots: int) -> int:
     on a GPU with ``slots`` resident programs; 0 when the plain pass fills the GPU."""
     if 2 * programs >= slots:
         return 0
-    P = -(-_PROGRAMS_PER_SLOT * slots // programs)
-    L = max(_MIN_SEGMENT_CHUNKS, -(-per_row // P))
-    return L if per_row >= 2 * L else 0
+    L = min(_SEGMENT_CHUNKS, per_row // 2)
+    return L if L >= _MIN_SEGMENT_CHUNKS else 0
 
 
 def segment_chunks(T: int, BT: int, cu_seqlens, device, *, programs: int,
