@@ -459,6 +459,10 @@ def header(device: torch.device) -> dict:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_avg": list(os.getloadavg()) if device.type == "cpu" else None,
         "dirty_paths": [line.strip() for line in dirty], "argv": sys.argv[1:],
+        # The knobs the kernels read (tiles.py, passes.py, launch.py): two runs of one commit
+        # with different knobs are otherwise told apart only by their file names.
+        "gdn_env": {key: value for key, value in sorted(os.environ.items())
+                    if key.startswith("GDN_TRITON")},
     }
 
 
