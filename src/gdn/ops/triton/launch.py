@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import output, passes, wy
+from gdn.ops.triton import output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
@@ -67,6 +67,11 @@ APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 # was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it.
 _APPLY_MAXNREG = TILES.get("apply_maxnreg", 128)
 APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
+
+# GDN_TRITON_TILES=fused_inverse=1: wy_l and wy_inverse as one kernel (wy_solve.py), L never
+# in memory. Predicted at 8x4096-h16: wy_l 0.106 + wy_inverse 0.123 ms → ~0.15, the forward
+# ~1.20 → ~1.12, 134 MB less at the forward's peak (NOTES.md §12). Off until measured.
+FUSED_INVERSE = bool(TILES.get("fused_inverse"))
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -185,12 +190,17 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     u = v_
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
-        L = torch.empty(p.TT, p.HV, BT, **p.f32)
-        wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks,
-                             **(p.flags | p.exact_launch))
-        wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT, BC=wy.BC,
-                                   **(INVERSE_LAUNCH | p.exact_launch))
-        del L
+        if FUSED_INVERSE:
+            wy_solve.wy_solve_kernel[grid](
+                k_, g_, b_, a, *p.chunks, BC=wy.BC,
+                **(row_block_flags(p.flags) | INVERSE_LAUNCH | p.exact_launch))
+        else:
+            L = torch.empty(p.TT, p.HV, BT, **p.f32)
+            wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks,
+                                 **(p.flags | p.exact_launch))
+            wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT,
+                                       BC=wy.BC, **(INVERSE_LAUNCH | p.exact_launch))
+            del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)

@@ -62,15 +62,14 @@ def wy_l_kernel(
 
 
 @triton.jit
-def _invert_diagonal_block(p_L, t0, end, stride, col0, BC: tl.constexpr):
-    """(I + L_bb)⁻¹ of one diagonal block by forward substitution: row i of the inverse is
-    e_i − Σ_{j<i} L_ij (row j of the inverse). The block is loaded whole first (wy_l stores
-    L's zeros on and above the diagonal) and its rows taken from registers, so that no load
-    waits inside the chain of dependent rows: 0.145 → 0.123 ms at 8x4096-h16 against rows
-    loaded one at a time inside it (NOTES.md §11)."""
+def invert_unit_lower(L_bb, BC: tl.constexpr):
+    """(I + L_bb)⁻¹ of one strictly lower [BC, BC] block held in registers, by forward
+    substitution: row i of the inverse is e_i − Σ_{j<i} L_ij (row j of the inverse). Its rows
+    are taken from registers, so that no load waits inside the chain of dependent rows:
+    0.145 → 0.123 ms at 8x4096-h16 against rows loaded one at a time inside it (NOTES.md
+    §11)."""
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    L_bb = load_rows(p_L, t0, end, stride, col0, col0 + BC, BC, BC)
     for i in tl.static_range(1, BC):
         row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
         x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
@@ -84,30 +83,15 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def wy_inverse_kernel(
-    L,                     # [TT, HV, BT] float32 from wy_l_kernel
-    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
-    chunk_seq, chunk_start, cu,
-    HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-):
-    """Diagonal 16 × 16 blocks by forward substitution, the blocks below them from
-    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); BT = 4·BC."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    stride = HV * BT
-    p_L = L + i_hv * BT
-    A00 = _invert_diagonal_block(p_L, t0, end, stride, 0, BC)
-    A11 = _invert_diagonal_block(p_L, t0 + BC, end, stride, BC, BC)
-    A22 = _invert_diagonal_block(p_L, t0 + 2 * BC, end, stride, 2 * BC, BC)
-    A33 = _invert_diagonal_block(p_L, t0 + 3 * BC, end, stride, 3 * BC, BC)
-    L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
-    L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
-    L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
-    L30 = load_rows(p_L, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
-    L31 = load_rows(p_L, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
-    L32 = load_rows(p_L, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
+def invert_and_store(a, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31, L32, L33,
+                     PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC): the
+    diagonal blocks by ``invert_unit_lower``, the blocks below them from
+    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); stored as [BT, BT] rows at a."""
+    A00 = invert_unit_lower(L00, BC)
+    A11 = invert_unit_lower(L11, BC)
+    A22 = invert_unit_lower(L22, BC)
+    A33 = invert_unit_lower(L33, BC)
     A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
     A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
     A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
@@ -115,23 +99,51 @@ def wy_inverse_kernel(
     A31 = -_mm(A33, _mm(L31, A11, PREC) + _mm(L32, A21, PREC), PREC)
     A30 = -_mm(A33, _mm(L30, A00, PREC) + _mm(L31, A10, PREC) + _mm(L32, A20, PREC), PREC)
 
-    p_a = a + i_hv * BT
-    store_rows(p_a, A00, t0, end, stride, 0, BT, BC, BC)
-    store_rows(p_a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
-    store_rows(p_a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
-    store_rows(p_a, A20, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
-    store_rows(p_a, A21, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
-    store_rows(p_a, A22, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
-    store_rows(p_a, A30, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
-    store_rows(p_a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
-    store_rows(p_a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
-    store_rows(p_a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
+    store_rows(a, A00, t0, end, stride, 0, BT, BC, BC)
+    store_rows(a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A20, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A21, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A22, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(a, A30, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
     # Zeros above the diagonal too: load_a reads them (whole rows load vectorised), and A is
     # an output of the custom op, which must not differ from call to call.
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for i in tl.static_range(0, 3):
         for j in tl.static_range(i + 1, 4):
-            store_rows(p_a, zero, t0 + i * BC, end, stride, j * BC, BT, BC, BC)
+            store_rows(a, zero, t0 + i * BC, end, stride, j * BC, BT, BC, BC)
+
+
+@triton.jit
+def wy_inverse_kernel(
+    L,                     # [TT, HV, BT] float32 from wy_l_kernel
+    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
+    chunk_seq, chunk_start, cu,
+    HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """A from L (``invert_and_store``). L's blocks are loaded whole before the substitution
+    (wy_l stores L's zeros on and above the diagonal)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    stride = HV * BT
+    p_L = L + i_hv * BT
+    L00 = load_rows(p_L, t0, end, stride, 0, BT, BC, BC)
+    L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
+    L11 = load_rows(p_L, t0 + BC, end, stride, BC, BT, BC, BC)
+    L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
+    L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
+    L22 = load_rows(p_L, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
+    L30 = load_rows(p_L, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
+    L31 = load_rows(p_L, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
+    L32 = load_rows(p_L, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
+    L33 = load_rows(p_L, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
+    invert_and_store(a + i_hv * BT, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31,
+                     L32, L33, PREC, BT, BC)
 
 
 @triton.jit
