@@ -88,3 +88,17 @@ def test_fused_inverse_equals_the_two_kernels_on_gpu(K):
     a_two, a_fused = _a_both_ways(x, exact=False)
     assert torch.isfinite(a_two).all() and torch.isfinite(a_fused).all()
     torch.testing.assert_close(a_fused, a_two, rtol=1e-4, atol=1e-5)
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", ["gated", "deltanet", "gva_varlen", "k_in_four_blocks"])
+def test_op_with_the_fused_inverse_matches_the_reference(case, monkeypatch):
+    """The whole op with ``fused_inverse`` on, against the float64 token loop (the bound of
+    test_triton.py's float32 cases)."""
+    from gdn.ops.triton import launch
+    from test_triton import CASES as OP_CASES
+    from test_triton import _check
+
+    monkeypatch.setattr(launch, "FUSED_INVERSE", True)
+    kwargs, delta = OP_CASES[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=11), delta, torch.float32, 1e-5)
