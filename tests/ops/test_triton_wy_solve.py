@@ -95,9 +95,10 @@ def test_fused_inverse_equals_the_two_kernels_on_gpu(K):
 def test_op_with_the_fused_inverse_matches_the_reference(case, monkeypatch):
     """The whole op with ``fused_inverse`` on, against the float64 token loop (the bound of
     test_triton.py's float32 cases)."""
-    from gdn.ops.triton import launch
     from test_triton import CASES as OP_CASES
     from test_triton import _check
+
+    from gdn.ops.triton import launch
 
     monkeypatch.setattr(launch, "FUSED_INVERSE", True)
     kwargs, delta = OP_CASES[case]
