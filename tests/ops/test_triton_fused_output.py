@@ -13,7 +13,7 @@ from test_triton import _check, _op
 from gdn.testing import forward_backward, random_inputs
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
+interpreter_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
 
@@ -37,6 +37,7 @@ def fused(monkeypatch):
     monkeypatch.setattr(launch, "FUSED_OUTPUT", True)
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fused_output_matches_the_reference(case, fused, monkeypatch):
     from gdn.ops.triton import passes
@@ -47,6 +48,7 @@ def test_fused_output_matches_the_reference(case, fused, monkeypatch):
     _check(random_inputs(**kwargs, delta=delta, seed=11), delta, torch.float32, 1e-5)
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", ["gated", "gva_varlen", "gated_segmented"])
 def test_fused_output_keeps_what_the_backward_needs(case, fused, monkeypatch):
     from gdn.ops.triton import passes
@@ -63,6 +65,7 @@ def test_fused_output_keeps_what_the_backward_needs(case, fused, monkeypatch):
         assert torch.equal(grad, g1[name]), name
 
 
+@interpreter_only
 def test_fused_output_skips_output_forward(monkeypatch):
     from gdn.ops.triton import launch, output
 
@@ -76,3 +79,22 @@ def test_fused_output_skips_output_forward(monkeypatch):
         _op(True)(**x.kwargs(), backend="triton")
     monkeypatch.setattr(launch, "FUSED_OUTPUT", True)
     _op(True)(**x.kwargs(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 4096 - 7, 4, 128, 128), (1, 20000, 2, 128, 100),
+                                   (2, 1000, 2, 256, 512)], ids=["plain", "segmented", "k256"])
+def test_fused_output_equals_output_forward_on_gpu(shape, monkeypatch):
+    """bf16 on the GPU: the same output as output_forward's (P, S and Δ rounded alike; the
+    products summed in another order, so to bf16 rounding), and the final state to float32
+    rounding (the same recurrence, compiled with one pipeline stage instead of two)."""
+    from gdn.ops.triton import launch
+
+    B, T, H, K, V = shape
+    x = random_inputs(B=B, T=T, H=H, K=K, V=V, dtype=torch.bfloat16, device="cuda", seed=8)
+    o_ref, s_ref = _op(True)(**x.kwargs(), backend="triton", output_final_state=True)
+    monkeypatch.setattr(launch, "FUSED_OUTPUT", True)
+    o_fused, s_fused = _op(True)(**x.kwargs(), backend="triton", output_final_state=True)
+    assert torch.isfinite(o_fused).all()
+    assert (o_fused.float() - o_ref.float()).norm() <= 1e-2 * o_ref.float().norm()
+    torch.testing.assert_close(s_fused, s_ref, rtol=1e-5, atol=1e-6)

@@ -136,11 +136,16 @@ def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_se
                     V=None, store_chunks=True, u_zero=False, out=None):
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
+    flags = _state_flags(p, "forward")
+    if out is not None and STATE_STAGES["forward"] is None:
+        # With the output, two stages take 136 KiB of shared memory at K = 128 (one program
+        # per SM); one stage 24 KiB at 254 registers without spill, two per SM
+        # (sm90_resources, NOTES.md §12).
+        flags["num_stages"] = 1
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, cu, offsets, *(out or (None, None, 1.0)),
+        k_, w, u, g_, h0, states, v_new, final, cu, offsets, *(out or (None, None, None, 1.0)),
         V=V, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, OUTPUT=out is not None,
-        **_state_flags(p, "forward"))
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, OUTPUT=out is not None, **flags)
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
@@ -180,8 +185,8 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
                   seams: Seams | None = None, *, out: tuple | None = None, store: bool = True):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
     when segmented, the ``Seams``. Given the forward's seams, only the last pass runs (the
-    final state is then None). ``out`` = (q, o, scale): the last pass also writes the output
-    o (state.py's OUTPUT); with ``store=False`` it then skips the chunk states and Δ, which
+    final state is then None). ``out`` = (q, scores, o, scale): the last pass also writes the
+    output o (state.py's OUTPUT); with ``store=False`` it then skips the chunk states and Δ, which
     are returned as None."""
     delta = w is not None
     states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo) if store else None

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
-    causal_decay,
     decay_to_end,
     load_cols_stored,
     load_matrix,
@@ -152,38 +151,21 @@ def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.conste
 
 
 @triton.jit
-def _scores(q, k, t0, end, stride, K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-            BT: tl.constexpr, KB: tl.constexpr):
-    """Q Kᵀ of one chunk, [BT, BT] float32, summed over K's row blocks (k read transposed)."""
-    acc = tl.zeros([BT, BT], dtype=tl.float32)
-    for b in tl.static_range(0, 4):
-        if b * KB < K:
-            b_q = load_rows_stored(q, t0, end, stride, b * KB, K, BT, KB)
-            acc = mma(b_q, load_cols_stored(k, t0, end, stride, b * KB, K, BT, KB), acc, DT,
-                      PREC)
-    return acc
-
-
-@triton.jit
-def _chunk_output(q, k, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0, scale,
+def _chunk_output(q, scores, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0, scale,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                   BT: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr):
-    """o = scale·(diag(e^Γ) Q S + (QKᵀ ⊙ D) Δ) (math.md §3.3) for this program's BV columns
-    of one chunk, from the chunk-start state S in registers and the chunk's Δ. Rounded as
-    output_forward rounds them (S and Δ into the products in DT), so the fused forward
-    computes what the separate one does."""
-    o_t = tl.arange(0, BT)
+    """o = scale·(diag(e^Γ) Q S + P Δ) (math.md §3.3) for this program's BV columns of one
+    chunk, from the chunk-start state S in registers, the chunk's Δ, and P = QKᵀ ⊙ D from
+    output.scores_kernel. Rounded as output_forward rounds them (S, Δ and P into the
+    products in DT), so the fused forward computes what the separate one does."""
     b_o = _rows_times_blocks(q + i_h * K, S1, S2, S3, S4, t0, end, H * K, K, DT, PREC, BT, KB,
                              BV)
-    qk = _scores(q + i_h * K, k + i_h * K, t0, end, H * K, K, DT, PREC, BT, KB)
     if HAS_GATE:
         gg = load_vec(g + i_hv, t0, end, HV, BT)
         b_o = b_o * tl.exp(tl.cumsum(gg, axis=0))[:, None]
-        P = qk * causal_decay(gg, BT)
-    else:
-        P = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
-    b_o = mma(P.to(DT), delta.to(DT), b_o, DT, PREC)
+    P = load_rows_stored(scores + i_hv * BT, t0, end, HV * BT, 0, BT, BT, BT)
+    b_o = mma(P, delta.to(DT), b_o, DT, PREC)
     store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, col0, V, BT, BV)
 
 
@@ -194,7 +176,7 @@ def state_forward_kernel(
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     cu, offsets,
-    q, o, scale,           # with OUTPUT: [TT, H, K] queries, out: [TT, HV, V] the output
+    q, scores, o, scale,   # with OUTPUT: [TT, H, K], [TT, HV, BT] P, out: [TT, HV, V] o
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
@@ -225,8 +207,8 @@ def state_forward_kernel(
             if STORE_CHUNKS:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
         if OUTPUT:
-            _chunk_output(q, k, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0, scale,
-                          H, HV, K, V, HAS_GATE, PREC, DT, BT, KB, BV)
+            _chunk_output(q, scores, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0,
+                          scale, H, HV, K, V, HAS_GATE, PREC, DT, BT, KB, BV)
         e_last = 1.0
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
