@@ -64,8 +64,9 @@ APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 # wy_apply capped at 128 registers a thread (from 134; spills 8 bytes): four programs per
 # SM instead of three. Measured at 8x4096-h16 (NOTES.md §12): 0.591 → 0.540 ms for its two
 # calls. The same cap on dv_local (96) and wy_l (96) moved them by 1-2 %, within noise, and
-# was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it.
-_APPLY_MAXNREG = TILES.get("apply_maxnreg", 128)
+# was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it. maxnreg is an option of Triton's
+# NVIDIA backend only, so ROCm builds of PyTorch go without it.
+_APPLY_MAXNREG = TILES.get("apply_maxnreg", 128) if torch.version.hip is None else 0
 APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
 
 # GDN_TRITON_TILES=fused_inverse=1: wy_l and wy_inverse as one kernel (wy_solve.py), L never
