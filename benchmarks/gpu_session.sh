@@ -63,7 +63,7 @@ if [ "$what" = stages ]; then
     # The yardstick's kernels at the first shape, to compare stage by stage.
     python3 benchmarks/stages.py --backend fla --out "$out/stages" 2>/dev/null | head -16
 fi
-stage_lines() { grep -E "ms of kernels|state_|wy_|output_|dv_local|scores_"; }
+stage_lines() { grep -E "ms of kernels|state_|wy_|output_|dv_local"; }
 tile_sweep() {
     # Kernel times per tile choice (GDN_TRITON_TILES keys in triton/tiles.py), the default
     # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_f32=1".

@@ -73,12 +73,6 @@ APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
 # in memory. Predicted at 8x4096-h16: wy_l 0.106 + wy_inverse 0.123 ms → ~0.15, the forward
 # ~1.20 → ~1.12, 134 MB less at the forward's peak (NOTES.md §12). Off until measured.
 FUSED_INVERSE = bool(TILES.get("fused_inverse"))
-# GDN_TRITON_TILES=fused_output=1: the forward state pass writes the output itself
-# (state.py's OUTPUT) with the in-chunk scores from output.scores_kernel, so the chunk states
-# and Δ of a forward that does not keep them never go through memory and output_forward does
-# not run. Predicted at 8x4096-h16: scores + state_forward + output_forward, 0.33 + 0.32 ms
-# now → ~0.48, the forward 1.20 → ~1.04 (NOTES.md §12). Off until measured.
-FUSED_OUTPUT = bool(TILES.get("fused_output"))
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -210,20 +204,10 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
             del L
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
+    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
-    out = None
-    if FUSED_OUTPUT:
-        scores = torch.empty(p.TT, p.HV, BT, **p.lo)
-        output.scores_kernel[grid](q_, k_, g_, scores, *p.chunks,
-                                   **(p.flags | p.exact_launch))
-        out = (q_, scores, o, scale)
-    states, v_new, final, seams = passes.state_forward(
-        p, k_, w, u, g_, initial_state, segs, out=out, store=keep or not FUSED_OUTPUT)
-    del out
-    if not FUSED_OUTPUT:
-        output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale,
-                                           V=p.V, BV=p.BV,
-                                           **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
+    output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
+                                       BV=p.BV, **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
     kept = None
     if keep:
         if cu_seqlens is not None:

@@ -75,28 +75,6 @@ def output_forward_kernel(
 
 
 @triton.jit
-def scores_kernel(
-    q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
-    scores,                # out: [TT, HV, BT] P = QKᵀ ⊙ D of each chunk, in DT
-    chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-):
-    """The in-chunk scores for the state pass that writes the output (state.py's OUTPUT):
-    formed here in parallel, they keep their [BT, BT] temporaries out of that sequential
-    program. Stored in DT, the dtype output_forward rounds them to before its product."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    i_h = i_hv // (HV // H)
-    b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    P = _decayed_scores(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT, BT)
-    store_rows(scores + i_hv * BT, P, t0, end, HV * BT, 0, BT, BT, BT)
-
-
-@triton.jit
 def dv_local_kernel(
     q, k, g, do,           # [TT, H, K], [TT, H, K], [TT, HV], [TT, HV, V]
     dv_local,              # out: [TT, HV, V] scale·Pᵀ dO, the in-chunk part of dΔ (§4.1)

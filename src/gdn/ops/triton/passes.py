@@ -133,19 +133,13 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
 
 
 def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_seqs, *,
-                    V=None, store_chunks=True, u_zero=False, out=None):
+                    V=None, store_chunks=True, u_zero=False):
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
-    flags = _state_flags(p, "forward")
-    if out is not None and STATE_STAGES["forward"] is None:
-        # With the output, two stages take 136 KiB of shared memory at K = 128 (one program
-        # per SM); one stage 24 KiB at 254 registers without spill, two per SM
-        # (sm90_resources, NOTES.md §12).
-        flags["num_stages"] = 1
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, cu, offsets, *(out or (None, None, None, 1.0)),
-        V=V, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, OUTPUT=out is not None, **flags)
+        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V,
+        DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
+        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
@@ -182,15 +176,13 @@ class Seams:
 
 
 def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
-                  seams: Seams | None = None, *, out: tuple | None = None, store: bool = True):
+                  seams: Seams | None = None):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
     when segmented, the ``Seams``. Given the forward's seams, only the last pass runs (the
-    final state is then None). ``out`` = (q, scores, o, scale): the last pass also writes the
-    output o (state.py's OUTPUT); with ``store=False`` it then skips the chunk states and Δ, which
-    are returned as None."""
+    final state is then None)."""
     delta = w is not None
-    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo) if store else None
-    v_new = u if not delta else torch.empty(p.TT, p.HV, p.V, **p.lo) if store else None
+    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+    v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
     if seams is not None:
         _forward_kernel(p, k_, w, u, g_, seams.starts, states, v_new, None, segs.cu,
                         segs.offsets, p.B * segs.P)
@@ -199,7 +191,7 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
         _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, p.table.cu,
-                        p.table.offsets, p.table.num_seqs, store_chunks=store, out=out)
+                        p.table.offsets, p.table.num_seqs)
         return states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
@@ -210,7 +202,7 @@ def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
     _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
-                    n_segs, store_chunks=store, out=out)
+                    n_segs)
     return states, v_new, final, Seams(start_states, transitions)
 
 

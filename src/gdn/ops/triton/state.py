@@ -151,43 +151,20 @@ def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.conste
 
 
 @triton.jit
-def _chunk_output(q, scores, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0, scale,
-                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-                  BT: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr):
-    """o = scale·(diag(e^Γ) Q S + P Δ) (math.md §3.3) for this program's BV columns of one
-    chunk, from the chunk-start state S in registers, the chunk's Δ, and P = QKᵀ ⊙ D from
-    output.scores_kernel. Rounded as output_forward rounds them (S, Δ and P into the
-    products in DT), so the fused forward computes what the separate one does."""
-    b_o = _rows_times_blocks(q + i_h * K, S1, S2, S3, S4, t0, end, H * K, K, DT, PREC, BT, KB,
-                             BV)
-    if HAS_GATE:
-        gg = load_vec(g + i_hv, t0, end, HV, BT)
-        b_o = b_o * tl.exp(tl.cumsum(gg, axis=0))[:, None]
-    P = load_rows_stored(scores + i_hv * BT, t0, end, HV * BT, 0, BT, BT, BT)
-    b_o = mma(P, delta.to(DT), b_o, DT, PREC)
-    store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, col0, V, BT, BV)
-
-
-@triton.jit
 def state_forward_kernel(
     k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
     g, h0,                 # [TT, HV], [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     cu, offsets,
-    q, scores, o, scale,   # with OUTPUT: [TT, H, K], [TT, HV, BT] P, out: [TT, HV, V] o
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
-    OUTPUT: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
-    from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True also writes
-    the output of every chunk (``_chunk_output``), so that the chunk states and Δ need not go
-    through memory to output_forward."""
+    from S = I gives a segment's transition matrix (math.md §3.8)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
@@ -206,9 +183,6 @@ def state_forward_kernel(
             delta -= ws
             if STORE_CHUNKS:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
-        if OUTPUT:
-            _chunk_output(q, scores, g, o, S1, S2, S3, S4, delta, t0, end, i_h, i_hv, col0,
-                          scale, H, HV, K, V, HAS_GATE, PREC, DT, BT, KB, BV)
         e_last = 1.0
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
