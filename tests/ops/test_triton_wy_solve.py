@@ -82,12 +82,46 @@ def _chunk_starts(x, TT: int) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [128, 256])
 def test_fused_inverse_equals_the_two_kernels_on_gpu(K):
-    """bf16 inputs at a full shape on the GPU (tensor-core products, TF32 in the inverse)."""
+    """bf16 inputs at a full shape on the GPU (tensor-core products, TF32 in the inverse).
+
+    Both ways round differently (the two kernels store L in float32 between them, the fused
+    one keeps it in registers and groups the products otherwise), so they are compared with
+    each other through a float64 A: the fused kernel may be no further from it than the two
+    kernels, give or take a quarter. On the H100, 9 of 4.2 M elements differed by 1.5e-5 in
+    absolute terms, which a bare comparison at 1e-5 called a failure."""
     x = random_inputs(B=2, T=4096 - 7, H=4, HV=8, K=K, V=16, dtype=torch.bfloat16,
                       device="cuda", seed=6)
     a_two, a_fused = _a_both_ways(x, exact=False)
     assert torch.isfinite(a_two).all() and torch.isfinite(a_fused).all()
-    torch.testing.assert_close(a_fused, a_two, rtol=1e-4, atol=1e-5)
+    a_exact = _a_float64(x)
+    err_two = (a_two.double() - a_exact).abs().max().item()
+    err_fused = (a_fused.double() - a_exact).abs().max().item()
+    print(f"max |A - A64|: two kernels {err_two:.3g}, fused {err_fused:.3g}")
+    assert err_fused <= 1.25 * err_two + 1e-6
+    assert err_two < 1e-3 * a_exact.abs().max().item()
+
+
+def _a_float64(x) -> torch.Tensor:
+    """A = (I + L)⁻¹ per 64-token chunk in float64, laid out as the kernels write it
+    ([B·T, HV, 64]: a token's row of its chunk's A). Sequences of equal length only."""
+    from gdn.ops.prepare import expand_heads
+
+    B, T, HV = x.v.shape[0], x.v.shape[1], x.v.shape[2]
+    NC = -(-T // 64)
+    pad = NC * 64 - T
+
+    def chunks(t):  # [B, T, HV, ...] → [B, HV, NC, 64, ...], zero-padded at the end
+        t = torch.nn.functional.pad(t.double(), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(B, NC, 64, HV, *t.shape[3:]).movedim(3, 1)
+
+    k = chunks(expand_heads(x.k, HV))
+    beta = chunks(x.beta)
+    gamma = chunks(x.g).cumsum(-1) if x.g is not None else torch.zeros_like(beta)
+    decay = (gamma[..., :, None] - gamma[..., None, :]).tril(-1).exp()
+    L = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    eye = torch.eye(64, dtype=torch.float64, device=k.device)
+    a = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False)
+    return a.movedim(1, 3).reshape(B, NC * 64, HV, 64)[:, :T].reshape(B * T, HV, 64)
 
 
 @interpreter_only
