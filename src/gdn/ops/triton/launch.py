@@ -25,14 +25,14 @@ from gdn.ops.triton import output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
-BT = 64  # chunk length: four 16-row blocks in the inverse (wy.BC)
+BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 
 
 # Default launch options: four warps, no software pipelining (num_stages=1). The kernels
 # below whose loops multiply a tile held in registers override it with two stages (§9);
 # the state passes stay at one (passes.py: stages cost them programs per SM).
 LAUNCH = dict(num_warps=4, num_stages=1)
-INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # 16 × 16 tiles: one warp, no barriers
+INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # wy_solve's 16 × 16 tiles: one warp
 # The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
 # Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
@@ -63,16 +63,11 @@ APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 
 # wy_apply capped at 128 registers a thread (from 134; spills 8 bytes): four programs per
 # SM instead of three. Measured at 8x4096-h16 (NOTES.md §12): 0.591 → 0.540 ms for its two
-# calls. The same cap on dv_local (96) and wy_l (96) moved them by 1-2 %, within noise, and
-# was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it. maxnreg is an option of Triton's
-# NVIDIA backend only, so ROCm builds of PyTorch go without it.
+# calls. The same cap on dv_local (96) and the former wy_l (96) moved them by 1-2 %, within
+# noise, and was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it. maxnreg is an option of
+# Triton's NVIDIA backend only, so ROCm builds of PyTorch go without it.
 _APPLY_MAXNREG = TILES.get("apply_maxnreg", 128) if torch.version.hip is None else 0
 APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
-
-# GDN_TRITON_TILES=fused_inverse=1: wy_l and wy_inverse as one kernel (wy_solve.py), L never
-# in memory. Predicted at 8x4096-h16: wy_l 0.106 + wy_inverse 0.123 ms → ~0.15, the forward
-# ~1.20 → ~1.12, 134 MB less at the forward's peak (NOTES.md §12). Off until measured.
-FUSED_INVERSE = bool(TILES.get("fused_inverse"))
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -191,17 +186,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     u = v_
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
-        if FUSED_INVERSE:
-            wy_solve.wy_solve_kernel[grid](
-                k_, g_, b_, a, *p.chunks, BC=wy.BC,
-                **(row_block_flags(p.flags) | INVERSE_LAUNCH | p.exact_launch))
-        else:
-            L = torch.empty(p.TT, p.HV, BT, **p.f32)
-            wy.wy_l_kernel[grid](k_, g_, b_, L, *p.chunks,
-                                 **(p.flags | p.exact_launch))
-            wy.wy_inverse_kernel[grid](L, a, *p.chunks, HV=p.HV, PREC=p.prec, BT=BT,
-                                       BC=wy.BC, **(INVERSE_LAUNCH | p.exact_launch))
-            del L
+        wy_solve.wy_solve_kernel[grid](
+            k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
+            **(row_block_flags(p.flags) | INVERSE_LAUNCH | p.exact_launch))
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)

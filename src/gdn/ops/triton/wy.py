@@ -2,12 +2,9 @@
 
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk.
 
-``wy_l`` forms L with one [BT, K] × [K, BT] product per chunk; ``wy_inverse`` turns it into
-A: each diagonal 16 × 16 block inverted by forward substitution, the blocks below it from the
-block identity X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3). The inverse runs on one warp
-(its 16 × 16 tiles and row reductions stay within a warp), the L product on four. A is
-stored ([TT, HV, BT], row r of the chunk's A at token r) because the apply kernel and the
-backward both use it.
+A = (I + L)⁻¹ comes from ``wy_solve`` (its own file: L is formed and inverted in one
+one-warp program, never stored). A is stored ([TT, HV, BT], row r of the chunk's A at token
+r) because the apply kernel and the backward both use it.
 ``wy_apply`` turns A into w and u with two tensor-core products per chunk.
 ``wy_backward`` is math.md §4.3 and finishes dk, dv, dβ and dg.
 
@@ -27,123 +24,9 @@ from gdn.ops.triton.common import (
     load_rows_stored,
     load_vec,
     mma,
-    segment_sums,
     store_rows,
     store_vec,
 )
-
-BC = 16  # sub-block of the inverse; a tensor-core product needs at least 16 rows
-
-
-@triton.jit
-def wy_l_kernel(
-    k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
-    L,                     # out: [TT, HV, BT] float32, strictly lower: row r of the chunk's L
-    chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-):
-    """L_rj = β_r e^{Γ_r − Γ_j} k_rᵀ k_j for j < r (math.md §2.2), exponents as segment sums."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    i_h = i_hv // (HV // H)
-    o = tl.arange(0, BT)
-    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b = load_vec(beta + i_hv, t0, end, HV, BT)
-    # k in its stored dtype: bf16 and fp16 products are exact in the float32 sums, as TF32
-    # products of the same values would be.
-    kk = mma(b_k, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
-    if HAS_GATE:
-        kk = kk * tl.exp(segment_sums(load_vec(g + i_hv, t0, end, HV, BT), BT))
-    b_L = tl.where(o[:, None] > o[None, :], b[:, None] * kk, 0.0)
-    store_rows(L + i_hv * BT, b_L, t0, end, HV * BT, 0, BT, BT, BT)
-
-
-@triton.jit
-def invert_unit_lower(L_bb, BC: tl.constexpr):
-    """(I + L_bb)⁻¹ of one strictly lower [BC, BC] block held in registers, by forward
-    substitution: row i of the inverse is e_i − Σ_{j<i} L_ij (row j of the inverse). Its rows
-    are taken from registers, so that no load waits inside the chain of dependent rows:
-    0.145 → 0.123 ms at 8x4096-h16 against rows loaded one at a time inside it (NOTES.md
-    §11)."""
-    o = tl.arange(0, BC)
-    X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    for i in tl.static_range(1, BC):
-        row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
-        x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
-        X = tl.where(o[:, None] == i, x_i[None, :], X)
-    return X
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def invert_and_store(a, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31, L32, L33,
-                     PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC): the
-    diagonal blocks by ``invert_unit_lower``, the blocks below them from
-    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); stored as [BT, BT] rows at a."""
-    A00 = invert_unit_lower(L00, BC)
-    A11 = invert_unit_lower(L11, BC)
-    A22 = invert_unit_lower(L22, BC)
-    A33 = invert_unit_lower(L33, BC)
-    A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
-    A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
-    A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
-    A20 = -_mm(A22, _mm(L20, A00, PREC) + _mm(L21, A10, PREC), PREC)
-    A31 = -_mm(A33, _mm(L31, A11, PREC) + _mm(L32, A21, PREC), PREC)
-    A30 = -_mm(A33, _mm(L30, A00, PREC) + _mm(L31, A10, PREC) + _mm(L32, A20, PREC), PREC)
-
-    store_rows(a, A00, t0, end, stride, 0, BT, BC, BC)
-    store_rows(a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
-    store_rows(a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
-    store_rows(a, A20, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
-    store_rows(a, A21, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
-    store_rows(a, A22, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
-    store_rows(a, A30, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
-    store_rows(a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
-    store_rows(a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
-    store_rows(a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
-    # Zeros above the diagonal too: load_a reads them (whole rows load vectorised), and A is
-    # an output of the custom op, which must not differ from call to call.
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    for i in tl.static_range(0, 3):
-        for j in tl.static_range(i + 1, 4):
-            store_rows(a, zero, t0 + i * BC, end, stride, j * BC, BT, BC, BC)
-
-
-@triton.jit
-def wy_inverse_kernel(
-    L,                     # [TT, HV, BT] float32 from wy_l_kernel
-    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
-    chunk_seq, chunk_start, cu,
-    HV: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-):
-    """A from L (``invert_and_store``). L's blocks are loaded whole before the substitution
-    (wy_l stores L's zeros on and above the diagonal)."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    stride = HV * BT
-    p_L = L + i_hv * BT
-    L00 = load_rows(p_L, t0, end, stride, 0, BT, BC, BC)
-    L10 = load_rows(p_L, t0 + BC, end, stride, 0, BT, BC, BC)
-    L11 = load_rows(p_L, t0 + BC, end, stride, BC, BT, BC, BC)
-    L20 = load_rows(p_L, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
-    L21 = load_rows(p_L, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
-    L22 = load_rows(p_L, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
-    L30 = load_rows(p_L, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
-    L31 = load_rows(p_L, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
-    L32 = load_rows(p_L, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
-    L33 = load_rows(p_L, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
-    invert_and_store(a + i_hv * BT, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31,
-                     L32, L33, PREC, BT, BC)
 
 
 @triton.jit

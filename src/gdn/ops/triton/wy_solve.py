@@ -1,13 +1,18 @@
-"""wy_l and wy_inverse as one kernel: A = (I + L)⁻¹ straight from k, g and β, with L never
-written to memory (GDN_TRITON_TILES=fused_inverse=1; off until measured, NOTES.md §12).
+"""Stage 2a, wy_solve: A = (I + L)⁻¹ per chunk straight from k, g and β (math.md §2.2-2.3),
+L = strictly-lower(diag(β)(KKᵀ ⊙ D)), on one warp (its 16 × 16 tiles and row reductions stay
+within a warp). A is float32 and inverted in float32 (TF32 products, IEEE in exact mode).
 
-Apart, wy_l writes L ([TT, HV, BT] float32, 134 MB at 8x4096 with 16 heads) and wy_inverse
-reads it back. Here the one-warp inverse program forms L's ten lower 16 × 16 blocks itself:
-k_i k_jᵀ for row blocks i ≥ j, summed over K in blocks of KB, times β_r and the decay
-e^{Γ_r − Γ_c}. The decay's exponent is a sum of same-sign gate terms as everywhere (math.md
-§5.3): within a diagonal block ``segment_sums``; across blocks i > j the sum from c + 1 to
-the end of block j, the whole blocks between, and the sum from the start of block i to r,
-each a sum of g values, never a difference of prefix sums.
+The program forms L's ten lower 16 × 16 blocks itself: k_i k_jᵀ for row blocks i ≥ j, summed
+over K in blocks of KB, times β_r and the decay e^{Γ_r − Γ_c}, and keeps them in registers.
+The decay's exponent is a sum of same-sign gate terms as everywhere (math.md §5.3): within a
+diagonal block ``segment_sums``; across blocks i > j the sum from c + 1 to the end of block j,
+the whole blocks between, and the sum from the start of block i to r, each a sum of g
+values, never a difference of prefix sums. Then ``invert_and_store``: each diagonal block by
+forward substitution, the blocks below it from X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (§2.3).
+
+This replaced two kernels (wy_l writing L, [TT, HV, BT] float32, 134 MB at 8x4096 with 16
+heads, and wy_inverse reading it back): 0.256 → 0.190 ms at 8x4096-h16 on an H100, the same
+A to the last bit of its error against float64 (NOTES.md §13).
 """
 
 import triton
@@ -19,8 +24,66 @@ from gdn.ops.triton.common import (
     load_vec,
     mma,
     segment_sums,
+    store_rows,
 )
-from gdn.ops.triton.wy import invert_and_store
+
+BC = 16  # sub-block of the inverse; a tensor-core product needs at least 16 rows
+
+
+@triton.jit
+def invert_unit_lower(L_bb, BC: tl.constexpr):
+    """(I + L_bb)⁻¹ of one strictly lower [BC, BC] block held in registers, by forward
+    substitution: row i of the inverse is e_i − Σ_{j<i} L_ij (row j of the inverse). Its rows
+    are taken from registers, so that no load waits inside the chain of dependent rows:
+    0.145 → 0.123 ms at 8x4096-h16 against rows loaded one at a time inside it (NOTES.md
+    §11)."""
+    o = tl.arange(0, BC)
+    X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    for i in tl.static_range(1, BC):
+        row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
+        x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
+        X = tl.where(o[:, None] == i, x_i[None, :], X)
+    return X
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def invert_and_store(a, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31, L32, L33,
+                     PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC): the
+    diagonal blocks by ``invert_unit_lower``, the blocks below them from
+    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); stored as [BT, BT] rows at a."""
+    A00 = invert_unit_lower(L00, BC)
+    A11 = invert_unit_lower(L11, BC)
+    A22 = invert_unit_lower(L22, BC)
+    A33 = invert_unit_lower(L33, BC)
+    A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
+    A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
+    A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
+    A20 = -_mm(A22, _mm(L20, A00, PREC) + _mm(L21, A10, PREC), PREC)
+    A31 = -_mm(A33, _mm(L31, A11, PREC) + _mm(L32, A21, PREC), PREC)
+    A30 = -_mm(A33, _mm(L30, A00, PREC) + _mm(L31, A10, PREC) + _mm(L32, A20, PREC), PREC)
+
+    store_rows(a, A00, t0, end, stride, 0, BT, BC, BC)
+    store_rows(a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A20, t0 + 2 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A21, t0 + 2 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A22, t0 + 2 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(a, A30, t0 + 3 * BC, end, stride, 0, BT, BC, BC)
+    store_rows(a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
+    store_rows(a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
+    store_rows(a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
+    # Zeros above the diagonal too: load_a reads them (whole rows load vectorised), and A is
+    # an output of the custom op, which must not differ from call to call.
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    for i in tl.static_range(0, 3):
+        for j in tl.static_range(i + 1, 4):
+            store_rows(a, zero, t0 + i * BC, end, stride, j * BC, BT, BC, BC)
 
 
 @triton.jit
