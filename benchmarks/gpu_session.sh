@@ -92,7 +92,11 @@ if [ "$what" = segments ]; then
         echo "== $shape, segment chunks: $seg"
         if [ "$seg" = auto ]; then unset GDN_TRITON_SEGMENT_CHUNKS
         else export GDN_TRITON_SEGMENT_CHUNKS=$seg; fi
-        timeout 150 python3 benchmarks/stages.py --shape "$shape" --tag "seg$seg" \
+        # The tag names the tile choice too: runs under several GDN_TRITON_TILES in one call
+        # would otherwise write one file name.
+        tiles=${GDN_TRITON_TILES:-}
+        timeout 150 python3 benchmarks/stages.py --shape "$shape" \
+            --tag "seg$seg${tiles:+-${tiles//[=,]/-}}" \
             --out "$out/stages" 2>/dev/null | head -16
     done
     unset GDN_TRITON_SEGMENT_CHUNKS
