@@ -222,6 +222,41 @@ def test_segment_combine_kernel_matches_a_float64_loop(shape, reverse, with_s_in
         assert rel_error(seams, seams_ref) <= 1e-6 and rel_error(out, out_ref) <= 1e-6
 
 
+@pytest.mark.parametrize("case", ["gated", "gla"])
+def test_segmented_forward_with_a_plain_reverse_pass(case, monkeypatch):
+    """The forward segmented and the reverse pass plain (``reverse_segments``' choice when the
+    plain reverse pass fills the GPU): the backward then ignores the transitions."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    chosen = []
+    monkeypatch.setattr(passes, "reverse_segments",
+                        lambda p, segs, device: chosen.append(segs) or None)
+    kwargs, delta = SEGMENTED[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=20), delta, torch.float32, 1e-5)
+    assert chosen and all(segs is not None and segs.P == 3 for segs in chosen)
+
+
+def test_reverse_pass_plain_once_it_fills_two_thirds_of_the_sms(monkeypatch):
+    from types import SimpleNamespace
+
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "_sm_count", lambda device: 132)     # an H100
+    segs = passes.Segments(4, 4096, torch.zeros(1), torch.zeros(1))
+
+    def plan(B, HV):
+        return SimpleNamespace(B=B, HV=HV, V=128, state_bv={"reverse": 32})
+
+    assert passes.reverse_segments(plan(2, 16), segs, "cuda") is None    # 128 programs
+    assert passes.reverse_segments(plan(1, 16), segs, "cuda") is segs    # 64 programs
+    assert passes.reverse_segments(plan(1, 21), segs, "cuda") is segs    # 84 < 88
+    assert passes.reverse_segments(plan(1, 22), segs, "cuda") is None    # 88 = 2/3 of 132
+    assert passes.reverse_segments(plan(1, 16), None, "cuda") is None
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 64)                     # forced: both
+    assert passes.reverse_segments(plan(2, 16), segs, "cuda") is segs
+
+
 def test_backward_reuses_the_forward_seams(monkeypatch):
     """The backward recomputes the chunk states in one forward pass from the seams the
     forward saved, not in three (own parts, transitions, final pass)."""

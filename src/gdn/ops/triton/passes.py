@@ -12,7 +12,8 @@ over the P segments (combine.py, one kernel), and the pass again from the right
 starting states. It does about three times the work of one pass with P times the programs,
 so it is used only when the plain pass leaves the GPU short of programs, and only without
 ``cu_seqlens`` (``plan_segments``). The backward gets the forward's ``Seams`` and recomputes
-the chunk states with the last pass alone.
+the chunk states with the last pass alone; its reverse pass takes the same segments, or runs
+plain where that is faster (``reverse_segments``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ _MIN_SEGMENT_CHUNKS = 16
 #   above K = 128 that spills, so BV = 32 (tiles.py) in one stage;
 # - reverse: BV = 32, one stage, two warps up to K = 128 (0.60 ms against 1.03 on four; BV = 64
 #   on four warps 0.61, and its two stages take 136 KiB, one program per SM); above K = 128
-#   two warps would spill (sm90_resources: 208 bytes at K = 256), so four.
+#   two warps would spill (sm90_resources: 208 bytes at K = 256), so four. Two stages where
+#   its programs are at most one per SM (``_backward_kernel``).
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
@@ -225,12 +227,51 @@ def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
 
+# The reverse pass when the forward is segmented (auto rule only; a forced segment length
+# segments both). Measured on an H100 (NOTES.md §13), kernels of the reverse pass:
+# - 2x16384-h16 (128 plain programs, 132 SMs): plain 1.654 ms in one stage, 0.866 in two,
+#   0.875 in three; in 4 segments of 64 chunks 1.049 in one stage, 1.188 in two;
+# - 1x65536-h16 (64 plain programs): plain in two stages 2.982, in 16 segments 2.795;
+# - 8x4096-h16 (512 programs): plain in one stage 0.604, in two 0.642.
+# With one program per SM a step waits on its own loads, which a second stage prefetches; with
+# several per SM the others hide that wait and the second stage's shared memory costs
+# residents. The segmented pass runs two passes over each segment with P times the programs,
+# so it takes ~2·c_s·(plain programs / SMs) per chunk of a row where the plain one takes c_p:
+# c_p ≈ 3.2 µs, c_s ≈ 2.1-2.7 µs from the figures above, so the plain pass wins once its
+# programs fill about two thirds of the SMs.
+_REVERSE_PLAIN_FILL = 2 / 3
+
+
+def _sm_count(device) -> int | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reverse_segments(p, segs: Segments | None, device) -> Segments | None:
+    """The segments of the reverse state pass: the forward's, or None (plain) where the plain
+    reverse pass fills enough of the GPU (``_REVERSE_PLAIN_FILL``)."""
+    sms = _sm_count(device)
+    if segs is None or SEGMENT_CHUNKS is not None or sms is None:
+        return segs
+    programs = p.B * p.HV * triton.cdiv(p.V, p.state_bv["reverse"])
+    return None if programs >= _REVERSE_PLAIN_FILL * sms else segs
+
+
 def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
-    state.state_backward_kernel[(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))](
+    grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
+    flags = _state_flags(p, "reverse")
+    sms = _sm_count(q_.device)
+    if (STATE_STAGES["reverse"] is None and p.K <= 128 and sms is not None
+            and grid[0] * grid[1] <= sms):
+        # One program per SM: a second stage prefetches the next chunk's tiles (see above).
+        flags["num_stages"] = 2
+    state.state_backward_kernel[grid](
         q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
         DELTA=w is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **_state_flags(p, "reverse"))
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **flags)
 
 
 def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,
@@ -240,6 +281,7 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
+    segs = reverse_segments(p, segs, q_.device)
     if segs is None:
         _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0,
                          p.table.cu, p.table.offsets, p.table.num_seqs, scale)
