@@ -268,3 +268,35 @@ def test_int64_addressing_past_two_to_the_31_elements():
             beta[:, tail].clone(), output_final_state=True, backend="triton")
     assert torch.isfinite(o).all()
     assert torch.equal(o[:, tail], o_tail) and torch.equal(s[1:], s_tail)
+
+
+NO_SYNC_CASES = {
+    # name: random_inputs kwargs; 132 SMs assumed for which passes run segmented
+    "plain": dict(B=8, T=300, H=16, K=128, V=128),
+    "segmented": dict(B=1, T=8192, H=2, K=128, V=128, initial_state=True),
+    "varlen_l2norm": dict(T=700, H=4, K=128, V=100, doc_lengths=[1, 299, 400]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SYNC_CASES))
+def test_forward_and_backward_never_wait_for_the_gpu(case):
+    """A call queues its kernels without a host sync (an item(), a copy to the host, or a
+    tensor built from Python numbers, which is a pageable host-to-device copy): each sync
+    drains the GPU's queue and leaves it idle while the host launches what follows. Two in
+    the segment tables cost ~1 ms of a 6 ms forward+backward at 2x16384 (NOTES.md §13)."""
+    x = _on_cuda(random_inputs(**NO_SYNC_CASES[case], seed=33), torch.bfloat16)
+    l2norm = case == "varlen_l2norm"
+
+    def call():
+        o, s = chunk_gated_delta_rule(**x.kwargs(), output_final_state=True, backend="triton",
+                                      use_qk_l2norm_in_kernel=l2norm)
+        torch.autograd.backward((o, s), (torch.ones_like(o), torch.ones_like(s)))
+
+    call()    # compiles the kernels (loading a module may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t.grad).all() for t in x.tensors().values() if t.grad is not None)
