@@ -76,9 +76,11 @@ def exact_launch(exact: bool) -> dict:
     """Exact mode runs every kernel on eight warps (GDN_TRITON_TILES=exact_warps=n to change).
     IEEE float32 products are FMA loops over tiles held in registers, which at the warp
     counts chosen for tensor-core products spill kilobytes a thread (sm90_resources at
-    K = 128: wy_l 10 KB, the state passes 9-11 KB, wy_backward 17 KB); on eight warps most of
-    that goes (wy_l 1.4 KB, the state passes 0.8-1.1 KB). On the H100 the four fp32-exact gpu
-    tests then took 32-52 s instead of 83-97 s, mostly the compile (NOTES.md §12)."""
+    K = 128: the former wy_l 10 KB, the state passes 9-11 KB, wy_backward 17 KB); on eight
+    warps most of that goes (wy_l 1.4 KB, the state passes 0.8-1.1 KB). On the H100 the four
+    fp32-exact gpu tests then took 32-52 s instead of 83-97 s, mostly the compile (NOTES.md
+    §12). wy_solve, a one-warp kernel, runs on eight too in exact mode; those tests passed
+    with it at 29376a1 (NOTES.md §13)."""
     return dict(num_warps=TILES.get("exact_warps", 8)) if exact else {}
 
 
