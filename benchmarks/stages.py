@@ -4,6 +4,8 @@
     GDN_TRITON_TILES=state_bv=16 python3 benchmarks/stages.py --tag state_bv16
     GDN_TRITON_SEGMENT_CHUNKS=0 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
         --tag unsegmented
+    ncu --kernel-name regex:state_backward --launch-skip 2 --launch-count 1 \
+        python3 benchmarks/stages.py --shape 2,16384,16,128,128 --external
 
 Runs the op a few times under torch.profiler and prints each kernel's mean time per
 forward+backward, so an optimisation can name the kernel it should move (benchmarks/NOTES.md).
@@ -44,6 +46,8 @@ def profile(case: bench.Case, dtype: torch.dtype, steps: int,
     for _ in range(2):  # compile and warm up outside the profile
         step()
     torch.cuda.synchronize()
+    if steps == 0:   # --external: the calls above are for a profiler outside the process
+        return {}
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
@@ -66,6 +70,9 @@ def main() -> None:
                         help="fla: the yardstick's kernels, stage by stage, for comparison")
     parser.add_argument("--fp32-operands", action="store_true",
                         help="float32 operands and intermediates for bf16 inputs")
+    parser.add_argument("--external", action="store_true",
+                        help="two forward+backward calls without torch.profiler, nothing "
+                             "saved: for an external profiler (ncu)")
     parser.add_argument("--tag", default="", help="suffix of the results file, e.g. state_bv16")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "benchmarks" / "results" /
                         "stages")
@@ -75,6 +82,9 @@ def main() -> None:
     if args.tag and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         parser.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
     case = bench.parse_cases([args.shape], [args.variant])[0]
+    if args.external:
+        profile(case, getattr(torch, args.dtype), 0, args.backend)
+        return
     times = profile(case, getattr(torch, args.dtype), args.steps, args.backend)
     head = bench.header(torch.device("cuda"))
     # The file first: a caller that pipes the table into `head` must not lose it (NOTES §10).
