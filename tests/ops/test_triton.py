@@ -257,6 +257,20 @@ def test_reverse_pass_plain_once_it_fills_two_thirds_of_the_sms(monkeypatch):
     assert passes.reverse_segments(plan(2, 16), segs, "cuda") is segs
 
 
+def test_reverse_pass_in_two_stages_while_all_its_programs_are_resident(monkeypatch):
+    from gdn.ops.triton import passes
+
+    # An H100 (132 SMs): three programs per SM in two stages.
+    assert passes.reverse_stages(128, 384, 132) == 2    # 6x4096-h16
+    assert passes.reverse_stages(128, 396, 132) == 2
+    assert passes.reverse_stages(128, 397, 132) == 1
+    assert passes.reverse_stages(128, 512, 132) == 1    # 8x4096-h16
+    assert passes.reverse_stages(256, 128, 132) == 1    # K = 256: two stages take 220 KiB
+    assert passes.reverse_stages(128, 4, None) == 1     # not a GPU
+    monkeypatch.setitem(passes.STATE_STAGES, "reverse", 3)
+    assert passes.reverse_stages(128, 512, 132) == 3
+
+
 def test_backward_reuses_the_forward_seams(monkeypatch):
     """The backward recomputes the chunk states in one forward pass from the seams the
     forward saved, not in three (own parts, transitions, final pass)."""

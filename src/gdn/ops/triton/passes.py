@@ -58,7 +58,7 @@ _MIN_SEGMENT_CHUNKS = 16
 # - reverse: BV = 32, one stage, two warps up to K = 128 (0.60 ms against 1.03 on four; BV = 64
 #   on four warps 0.61, and its two stages take 136 KiB, one program per SM); above K = 128
 #   two warps would spill (sm90_resources: 208 bytes at K = 256), so four. Two stages where
-#   its programs are at most one per SM (``_backward_kernel``).
+#   all its programs are resident at once even so (``reverse_stages``).
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
@@ -234,9 +234,8 @@ def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
 #   0.875 in three; in 4 segments of 64 chunks 1.049 in one stage, 1.188 in two;
 # - 1x65536-h16 (64 plain programs): plain in two stages 2.982, in 16 segments 2.795;
 # - 8x4096-h16 (512 programs): plain in one stage 0.604, in two 0.642.
-# With one program per SM a step waits on its own loads, which a second stage prefetches; with
-# several per SM the others hide that wait and the second stage's shared memory costs
-# residents. The segmented pass runs two passes over each segment with P times the programs,
+# A step waits on its own loads, which a second stage prefetches (``reverse_stages``). The
+# segmented pass runs two passes over each segment with P times the programs,
 # so it takes ~2·c_s·(plain programs / SMs) per chunk of a row where the plain one takes c_p:
 # c_p ≈ 3.2 µs, c_s ≈ 2.1-2.7 µs from the figures above, so the plain pass wins once its
 # programs fill about two thirds of the SMs.
@@ -260,15 +259,28 @@ def reverse_segments(p, segs: Segments | None, device) -> Segments | None:
     return None if programs >= _REVERSE_PLAIN_FILL * sms else segs
 
 
+# The reverse pass at K ≤ 128 in two stages takes 68.6 KiB of shared memory a program (ncu),
+# so three are resident per SM, against four (by registers) in one stage. Two stages pay
+# whenever every program is still resident at once (NOTES.md §13: 6x4096-h16, 384 programs,
+# 0.536 → 0.351 ms; 4x8192-h16, 256, 0.941 → 0.546; 2x16384-h16, 128, 1.654 → 0.866); past
+# that a second wave costs more (8x4096-h16, 512 programs, 0.604 → 0.642). Three stages
+# leave two per SM (4x8192: 0.966).
+_REVERSE_TWO_STAGE_PER_SM = 3
+
+
+def reverse_stages(K: int, programs: int, sms: int | None) -> int:
+    """Pipeline stages of the reverse pass for ``programs`` programs on ``sms`` SMs."""
+    if STATE_STAGES["reverse"] is not None:
+        return STATE_STAGES["reverse"]
+    fits = sms is not None and programs <= _REVERSE_TWO_STAGE_PER_SM * sms
+    return 2 if K <= 128 and fits else 1
+
+
 def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
     grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
-    flags = _state_flags(p, "reverse")
-    sms = _sm_count(q_.device)
-    if (STATE_STAGES["reverse"] is None and p.K <= 128 and sms is not None
-            and grid[0] * grid[1] <= sms):
-        # One program per SM: a second stage prefetches the next chunk's tiles (see above).
-        flags["num_stages"] = 2
+    flags = _state_flags(p, "reverse") | dict(
+        num_stages=reverse_stages(p.K, grid[0] * grid[1], _sm_count(q_.device)))
     state.state_backward_kernel[grid](
         q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
         DELTA=w is not None, HAS_DHT=dht is not None,
