@@ -237,6 +237,28 @@ def test_segmented_forward_with_a_plain_reverse_pass(case, monkeypatch):
     assert chosen and all(segs is not None and segs.P == 3 for segs in chosen)
 
 
+@pytest.mark.parametrize("r", [2, 3])
+@pytest.mark.parametrize("case", ["gated", "gla", "linear_attention"])
+def test_reverse_pass_in_joined_segments(case, r, monkeypatch):
+    """The reverse pass in the forward's segments joined r at a time (``reverse_segments``'
+    choice when that keeps its programs resident in two stages), their transitions multiplied
+    (``join_transitions``): 5 chunks in segments of 1, reversed in 3 or 2 segments."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
+    joined = []
+
+    def join(p, segs, device):
+        joined.append(passes.join_segments(p, segs, r))
+        return joined[-1]
+
+    monkeypatch.setattr(passes, "reverse_segments", join)
+    kwargs, delta = SEGMENTED[case]
+    _check(random_inputs(**kwargs, delta=delta, seed=21), delta, torch.float32, 1e-5)
+    P = 3 if r == 2 else 2
+    assert joined and all(segs.P == P for segs in joined)
+
+
 def test_reverse_pass_plain_once_it_fills_two_thirds_of_the_sms(monkeypatch):
     from types import SimpleNamespace
 
@@ -245,16 +267,36 @@ def test_reverse_pass_plain_once_it_fills_two_thirds_of_the_sms(monkeypatch):
     monkeypatch.setattr(passes, "_sm_count", lambda device: 132)     # an H100
     segs = passes.Segments(4, 4096, torch.zeros(1), torch.zeros(1))
 
-    def plan(B, HV):
-        return SimpleNamespace(B=B, HV=HV, V=128, state_bv={"reverse": 32})
+    def plan(B, HV, T=16384, K=128):
+        return SimpleNamespace(B=B, HV=HV, T=T, K=K, V=128, state_bv={"reverse": 32},
+                               flags={"BT": 64})
 
     assert passes.reverse_segments(plan(2, 16), segs, "cuda") is None    # 128 programs
-    assert passes.reverse_segments(plan(1, 16), segs, "cuda") is segs    # 64 programs
+    assert passes.reverse_segments(plan(1, 16), segs, "cuda") is segs    # 64 × 4 ≤ 3 × 132
     assert passes.reverse_segments(plan(1, 21), segs, "cuda") is segs    # 84 < 88
     assert passes.reverse_segments(plan(1, 22), segs, "cuda") is None    # 88 = 2/3 of 132
     assert passes.reverse_segments(plan(1, 16), None, "cuda") is None
+    # One 65,536-token row in 16 segments: 1,024 programs, joined by 3 into 6 (384 ≤ 396).
+    long = passes._segments(1, 65536, 64, 64, "cpu")
+    joined = passes.reverse_segments(plan(1, 16, T=65536), long, "cpu")
+    assert (joined.P, joined.tokens) == (6, 3 * 4096)
+    assert joined.cu.tolist() == [0, 12288, 24576, 36864, 49152, 61440, 65536]
+    assert joined.offsets.tolist() == [0, 192, 384, 576, 768, 960, 1024]
+    assert passes.reverse_segments(plan(1, 16, T=65536, K=256), long, "cpu") is long
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 64)                     # forced: both
     assert passes.reverse_segments(plan(2, 16), segs, "cuda") is segs
+
+
+def test_join_transitions_multiplies_later_segments_on_the_left():
+    from gdn.ops.triton.passes import join_transitions
+
+    M = torch.randn(2, 5, 3, 4, 4)
+    joined = join_transitions(M, 2)
+    assert joined.shape == (2, 3, 3, 4, 4)
+    torch.testing.assert_close(joined[:, 0], M[:, 1] @ M[:, 0])
+    torch.testing.assert_close(joined[:, 1], M[:, 3] @ M[:, 2])
+    torch.testing.assert_close(joined[:, 2], M[:, 4])
+    assert join_transitions(M, 1) is M
 
 
 def test_reverse_pass_in_two_stages_while_all_its_programs_are_resident(monkeypatch):

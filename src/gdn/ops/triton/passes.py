@@ -124,6 +124,11 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
     L = segment_chunks(T, BT, cu_seqlens, device, programs=programs, per_sm=per_sm)
     if L == 0:
         return None
+    return _segments(B, T, BT, L, device)
+
+
+def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
+    """Rows of T tokens in segments of L chunks."""
     per_row = -(-T // BT)
     P = -(-per_row // L)
     # Boundary i is segment i % P of row i // P (i = B·P: the end), built by one arange on
@@ -250,13 +255,46 @@ def _sm_count(device) -> int | None:
 
 
 def reverse_segments(p, segs: Segments | None, device) -> Segments | None:
-    """The segments of the reverse state pass: the forward's, or None (plain) where the plain
-    reverse pass fills enough of the GPU (``_REVERSE_PLAIN_FILL``)."""
+    """The segments of the reverse state pass: None (plain) where the plain reverse pass
+    fills enough of the GPU (``_REVERSE_PLAIN_FILL``), else the forward's, joined r at a time
+    for the fewest r whose programs all stay resident in two stages (``reverse_stages``):
+    one 65,536-token sequence with 16 heads has 16 forward segments, 1,024 reverse programs
+    in one stage; joined by three, 6 segments and 384 programs in two."""
     sms = _sm_count(device)
     if segs is None or SEGMENT_CHUNKS is not None or sms is None:
         return segs
     programs = p.B * p.HV * triton.cdiv(p.V, p.state_bv["reverse"])
-    return None if programs >= _REVERSE_PLAIN_FILL * sms else segs
+    if programs >= _REVERSE_PLAIN_FILL * sms:
+        return None
+    r = 1
+    while (p.K <= 128 and r < segs.P
+           and programs * -(-segs.P // r) > _REVERSE_TWO_STAGE_PER_SM * sms):
+        r += 1
+    return join_segments(p, segs, r)
+
+
+def join_segments(p, segs: Segments, r: int) -> Segments:
+    """``segs`` with every r consecutive segments of a row made one (the last may be
+    shorter); their transitions join by ``join_transitions``."""
+    if r == 1:
+        return segs
+    BT = p.flags["BT"]
+    return _segments(p.B, p.T, BT, r * (segs.tokens // BT), segs.cu.device)
+
+
+def join_transitions(transitions: torch.Tensor, r: int) -> torch.Tensor:
+    """[B, P, HV, a, a] transitions of consecutive segments → [B, ⌈P/r⌉, HV, a, a], each
+    the product of r of them, later segments on the left (math.md §3.8). The products run in
+    float64: a handful of K × K matrices, and no dependence on torch's TF32 switch."""
+    if r == 1:
+        return transitions
+    joined = []
+    for first in range(0, transitions.shape[1], r):
+        product = transitions[:, first].double()
+        for j in range(first + 1, min(first + r, transitions.shape[1])):
+            product = transitions[:, j].double() @ product
+        joined.append(product)
+    return torch.stack(joined, dim=1).to(transitions.dtype)
 
 
 # The reverse pass at K ≤ 128 in two stages takes 68.6 KiB of shared memory a program (ncu),
@@ -294,7 +332,9 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
-    segs = reverse_segments(p, segs, q_.device)
+    forward_segs, segs = segs, reverse_segments(p, segs, q_.device)
+    if segs is not None and segs.P != forward_segs.P:
+        transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
         _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0,
                          p.table.cu, p.table.offsets, p.table.num_seqs, scale)
