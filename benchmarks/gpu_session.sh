@@ -165,6 +165,6 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     for case in "${cases[@]}"; do
         timeout 300 python3 benchmarks/ops.py --shapes "$case" \
             --backends "${GDN_BACKENDS:-triton,fla,sdpa}" --tag "$case" --out "$out/results" \
-            2>&1 | grep -E "^\| [0-9]|skip|Error"
+            2>&1 | grep -E "^\| [0-9]|skip|[Ee]rror"
     done
 fi
