@@ -110,10 +110,8 @@ def segment_chunks(T: int, BT: int, cu_seqlens, device, *, programs: int,
         return 0
     L = SEGMENT_CHUNKS
     if L is None:
-        device = torch.device(device)
-        L = 0 if device.type != "cuda" else auto_segment_chunks(
-            per_row, programs,
-            per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+        sms = _sm_count(device)
+        L = 0 if sms is None else auto_segment_chunks(per_row, programs, per_sm * sms)
     return L if 0 < L < per_row else 0
 
 
