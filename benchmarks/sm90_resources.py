@@ -121,8 +121,11 @@ def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
     return sig, constexprs, attrs
 
 
-def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None) -> dict:
-    """Compile one recorded launch for sm_90 and read its resource usage."""
+def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None,
+                 dump: Path | None = None) -> dict:
+    """Compile one recorded launch for sm_90 and read its resource usage; with ``dump``, also
+    write its TTGIR, PTX and SASS there (which loads the pipeliner made asynchronous, which
+    products became wgmma)."""
     import importlib
 
     from triton.backends.compiler import GPUTarget
@@ -140,6 +143,14 @@ def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None) -> dict
     cubin.write_bytes(kernel.asm["cubin"])
     usage = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        stem = dump / f"{launch['name']}-w{opts['num_warps']}-s{opts['num_stages']}"
+        stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
+        stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
+        stem.with_suffix(".sass").write_text(subprocess.run(
+            [str(_CUOBJDUMP), "--dump-sass", str(cubin)], capture_output=True, text=True,
+            check=True).stdout)
     cubin.unlink()
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
     ptx = collections.Counter(re.findall(r"(wgmma\.mma_async|cp\.async\.cg|ld\.global\.b16|"
@@ -156,6 +167,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16",
                                                                 "float32"))
     parser.add_argument("--only", default="", help="kernels whose name contains this")
+    parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR, PTX and SASS "
+                        "to this folder")
     parser.add_argument("--options", default="", help="compile options to try, e.g. "
                         "num_warps=8,num_stages=2,maxnreg=128")
     args = parser.parse_args()
@@ -187,7 +200,8 @@ def main() -> None:
         if key in seen or args.only not in launch["name"]:
             continue
         seen.add(key)
-        r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16", extra=extra)
+        r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16", extra=extra,
+                         dump=args.dump)
         print(f"{launch['name']:26} {r['num_warps']:5} {r['num_stages']:6} {r['regs']:5} "
               f"{r['stack']:8} {r['shared'] / 1024:9.1f} {r['wgmma']:6} {r['cp_async']:8} "
               f"{r['scalar_loads']:9}")

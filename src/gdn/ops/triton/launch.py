@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import output, passes, wy, wy_solve
+from gdn.ops.triton import decays, output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
@@ -154,6 +154,11 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     return w, u
 
 
+def _decays(p: _Plan, g_):
+    """The state passes' chunk decays (decays.py), None without a gate."""
+    return None if g_ is None else decays.chunk_decays(g_, p.table, BT)
+
+
 @dataclass
 class Kept:
     """What a forward with ``keep`` leaves for the backward instead of having it recompute
@@ -193,7 +198,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
             **(row_block_flags(p.flags) | INVERSE_LAUNCH | p.exact_launch))
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs)
+    d_ = _decays(p, g_)
+    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
+                                                       segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
                                        BV=p.BV, **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
@@ -221,25 +228,26 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     TT, NC = p.TT, table.num_chunks
     delta = beta is not None
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
+    d_ = _decays(p, g_)
     if kept is not None:
         w, states = kept.w, kept.states
         v_new = kept.v_new if delta else v_
     else:
         w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
-        states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, initial_state, segs,
-                                                       seams if segs is not None else None)
+        states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
+                                                       segs, seams if segs is not None else None)
         del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **(flags | TWO_STAGE_LAUNCH | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
-        p, q_, k_, w, g_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
+        p, q_, k_, w, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
     # the autograd context until the backward returns).
-    del dv_local, seams, w, kept
+    del dv_local, seams, w, kept, d_
 
     # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
     final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)

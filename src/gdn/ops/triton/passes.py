@@ -138,12 +138,12 @@ def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
     return Segments(P, L * BT, row * T + seg * (L * BT), row * per_row + seg * L)
 
 
-def _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, cu, offsets, n_seqs, *,
+def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
                     V=None, store_chunks=True, u_zero=False):
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
     state.state_forward_kernel[grid](
-        k_, w, u, g_, h0, states, v_new, final, cu, offsets, V=V,
+        k_, w, u, decays, h0, states, v_new, final, cu, offsets, p.TT, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
 
@@ -181,38 +181,39 @@ class Seams:
     transitions: torch.Tensor    # [B, P, HV, K, K], or [B, P, HV, 1, 1] without delta
 
 
-def state_forward(p, k_, w, u, g_, initial_state, segs: Segments | None,
+def state_forward(p, k_, w, u, g_, decays, initial_state, segs: Segments | None,
                   seams: Seams | None = None):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
-    when segmented, the ``Seams``. Given the forward's seams, only the last pass runs (the
-    final state is then None)."""
+    when segmented, the ``Seams``. ``decays`` are g_'s chunk decays (decays.py), None without
+    a gate. Given the forward's seams, only the last pass runs (the final state is then
+    None)."""
     delta = w is not None
     states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
     if seams is not None:
-        _forward_kernel(p, k_, w, u, g_, seams.starts, states, v_new, None, segs.cu,
+        _forward_kernel(p, k_, w, u, decays, seams.starts, states, v_new, None, segs.cu,
                         segs.offsets, p.B * segs.P)
         return states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
-        _forward_kernel(p, k_, w, u, g_, h0, states, v_new, final, p.table.cu,
+        _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, p.table.cu,
                         p.table.offsets, p.table.num_seqs)
         return states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
-    _forward_kernel(p, k_, w, u, g_, None, states, v_new, own, segs.cu, segs.offsets, n_segs,
-                    store_chunks=False)
-    transitions = _transitions(p, k_, w, g_, segs)
+    _forward_kernel(p, k_, w, u, decays, None, states, v_new, own, segs.cu, segs.offsets,
+                    n_segs, store_chunks=False)
+    transitions = _transitions(p, k_, w, g_, decays, segs)
     start_states, S = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
-    _forward_kernel(p, k_, w, u, g_, start_states, states, v_new, None, segs.cu, segs.offsets,
-                    n_segs)
+    _forward_kernel(p, k_, w, u, decays, start_states, states, v_new, None, segs.cu,
+                    segs.offsets, n_segs)
     return states, v_new, final, Seams(start_states, transitions)
 
 
-def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
+def _transitions(p, k_, w, g_, decays, segs: Segments) -> torch.Tensor:
     """[B, P, HV, K, K] products of the segments' chunk transitions (math.md §3.8); without the
     delta term the product is e^{Σ g} I, returned as [B, P, HV, 1, 1] scalars."""
     n_segs = p.B * segs.P
@@ -226,7 +227,7 @@ def _transitions(p, k_, w, g_, segs: Segments) -> torch.Tensor:
         return sums.exp()[..., None, None]
     eye = torch.eye(p.K, **p.f32).expand(n_segs, p.HV, p.K, p.K).contiguous()
     M = torch.empty(n_segs, p.HV, p.K, p.K, **p.f32)
-    _forward_kernel(p, k_, w, None, g_, eye, None, None, M, segs.cu, segs.offsets, n_segs,
+    _forward_kernel(p, k_, w, None, decays, eye, None, None, M, segs.cu, segs.offsets, n_segs,
                     V=p.K, store_chunks=False, u_zero=True)
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
@@ -312,20 +313,22 @@ def reverse_stages(K: int, programs: int, sms: int | None) -> int:
     return 2 if K <= 128 and fits else 1
 
 
-def _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu,
+def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
     grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
     flags = _state_flags(p, "reverse") | dict(
         num_stages=reverse_stages(p.K, grid[0] * grid[1], _sm_count(q_.device)))
     state.state_backward_kernel[grid](
-        q_, k_, w, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale, V=p.V,
+        q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
+        p.TT, V=p.V,
         DELTA=w is not None, HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **flags)
 
 
-def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scale: float,
+def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,
                    segs: Segments | None, transitions):
-    """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state."""
+    """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state;
+    ``decays`` as for ``state_forward``."""
     d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
@@ -334,17 +337,17 @@ def state_backward(p, q_, k_, w, g_, do_, dv_local, dht, *, want_dh0: bool, scal
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
-        _backward_kernel(p, q_, k_, w, g_, do_, dv_local, dht_, d_states, d_delta, dh0,
+        _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
                          p.table.cu, p.table.offsets, p.table.num_seqs, scale)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
-    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, None, d_states, d_delta, own, segs.cu,
+    _backward_kernel(p, q_, k_, w, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
                      segs.offsets, n_segs, scale, store_chunks=False)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
-    _backward_kernel(p, q_, k_, w, g_, do_, dv_local, end_grads, d_states, d_delta, None,
+    _backward_kernel(p, q_, k_, w, decays, do_, dv_local, end_grads, d_states, d_delta, None,
                      segs.cu, segs.offsets, n_segs, scale)
     return d_states, d_delta, dh0

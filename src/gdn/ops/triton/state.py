@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
-    decay_to_end,
     load_cols_stored,
     load_matrix,
     load_rows,
@@ -31,15 +30,7 @@ from gdn.ops.triton.common import (
     store_matrix,
     store_rows,
 )
-
-
-@triton.jit
-def _chunk_gates(g, t0, end, HV, BT: tl.constexpr):
-    """e^{Γ_r}, e^{Γ_C − Γ_r} and e^{Γ_C} of one chunk (all exponents ≤ 0, math.md §5.1)."""
-    gg = load_vec(g, t0, end, HV, BT)
-    chunk_end = tl.minimum(t0 + BT, end)
-    to_end = decay_to_end(load_vec(g, t0 + 1, chunk_end, HV, BT))
-    return tl.exp(tl.cumsum(gg, axis=0)), to_end, tl.exp(tl.sum(gg, axis=0))
+from gdn.ops.triton.decays import load_chunk_decays
 
 
 @triton.jit
@@ -153,10 +144,10 @@ def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.conste
 @triton.jit
 def state_forward_kernel(
     k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
-    g, h0,                 # [TT, HV], [N, HV, K, V] float32
+    decays, h0,            # [HV, 2, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
-    cu, offsets,
+    cu, offsets, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
@@ -170,6 +161,9 @@ def state_forward_kernel(
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
+        e_last = 1.0
+        if HAS_GATE:
+            _, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
@@ -183,11 +177,9 @@ def state_forward_kernel(
             delta -= ws
             if STORE_CHUNKS:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
-        e_last = 1.0
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
             # goes from memory into the product untouched.
-            _, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
             delta = delta * to_end[:, None]
         S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT), t0,
                                         end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
@@ -197,12 +189,12 @@ def state_forward_kernel(
 
 @triton.jit
 def state_backward_kernel(
-    q, k, w, g,            # [TT, H, K], [TT, H, K], [TT, HV, K], [TT, HV]
+    q, k, w, decays,       # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, 2, TT] float32
     do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
     d_delta, dh0,          # out: [TT, HV, V] complete dΔ; [N, HV, K, V]
-    cu, offsets, scale,
+    cu, offsets, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
@@ -216,6 +208,9 @@ def state_backward_kernel(
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         t0 = bos + i * BT
+        e_last = 1.0
+        if HAS_GATE:
+            e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
@@ -224,9 +219,7 @@ def state_backward_kernel(
                                  BT, KB, BV)
         d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
-        e_last = 1.0
         if HAS_GATE:
-            e_gamma, to_end, e_last = _chunk_gates(g + i_hv, t0, end, HV, BT)
             d_d += kds * to_end[:, None]
             b_do = b_do * e_gamma[:, None]          # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
         else:

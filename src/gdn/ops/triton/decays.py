@@ -1,0 +1,61 @@
+"""Stage 1, gate cumsum for the state passes: each chunk's decays as float32 tables
+(math.md §3.1, §3.7).
+
+The state passes are sequential, one step per chunk, so whatever a step computes lies on the
+critical path of the whole pass. Their gate factors e^{Γ_r}, e^{Γ_C − Γ_r} and e^{Γ_C} do not
+depend on the state, yet computed inside the step they cost a strided 2-byte load of g that
+the pipeliner cannot prefetch (cp.async moves at least 4 bytes) and two scans over the chunk
+(shuffles and barriers) before the state update can start (benchmarks/NOTES.md §14). This
+kernel computes them once for all chunks in parallel, with the very operations the state
+passes used (so the values are bitwise the same), and lays them out per v head over the
+packed tokens: a step then reads two contiguous float32 rows, which the pipeliner prefetches
+one chunk ahead, and one scalar.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn.ops.triton.common import chunk_bounds, decay_to_end, load_vec
+
+
+@triton.jit
+def chunk_decays_kernel(
+    g,                     # [TT, HV] log gates
+    decays,                # out: [HV, 2, TT] float32: e^{Γ_r}, then e^{Γ_C − Γ_r}
+    chunk_seq, chunk_start, cu, TT,
+    HV: tl.constexpr, BT: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    chunk_end = tl.minimum(t0 + BT, end)
+    e_gamma = tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
+    to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    row = decays + i_hv.to(tl.int64) * 2 * TT
+    tl.store(row + o_t, e_gamma, mask=o_t < end)
+    tl.store(row + TT + o_t, to_end, mask=o_t < end)
+
+
+def chunk_decays(g_: torch.Tensor, table, BT: int) -> torch.Tensor:
+    """[HV, 2, TT] float32 decays of every chunk of the chunk table for flattened gates
+    g_ [TT, HV]."""
+    TT, HV = g_.shape
+    decays = torch.empty(HV, 2, TT, device=g_.device, dtype=torch.float32)
+    chunk_decays_kernel[(table.num_chunks, HV)](g_, decays, table.seq, table.start, table.cu,
+                                                TT, HV=HV, BT=BT, num_warps=1)
+    return decays
+
+
+@triton.jit
+def load_chunk_decays(decays, i_hv, TT, t0, end, BT: tl.constexpr):
+    """One chunk's e^{Γ_r} and e^{Γ_C − Γ_r} ([BT] each, 0 past the end) and e^{Γ_C} from
+    ``chunk_decays``'s table."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    row = decays + i_hv.to(tl.int64) * 2 * TT
+    e_gamma = tl.load(row + o_t, mask=o_t < end, other=0.0)
+    to_end = tl.load(row + TT + o_t, mask=o_t < end, other=0.0)
+    e_last = tl.load(row + tl.minimum(t0 + BT, end) - 1)
+    return e_gamma, to_end, e_last

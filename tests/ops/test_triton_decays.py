@@ -1,0 +1,71 @@
+"""The state passes' chunk decays (``triton/decays.py``) against sums formed in float64, chunk
+by chunk from each sequence's own start, in Triton's interpreter: packed documents with a
+1-token one and ragged last chunks, strong gates, and every element written."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
+
+BT = 64
+
+
+def _decays_float64(g: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[HV, 2, TT]: e^{Γ_r} and e^{Γ_C − Γ_r} of every token's chunk, Γ summed in float64;
+    and each exponent's sum of |g|, which bounds a float32 sum's rounding error."""
+    TT, HV = g.shape
+    exponents = torch.empty(HV, 2, TT, dtype=torch.float64)
+    g64 = g.double()
+    for bos, eos in zip(cu[:-1], cu[1:], strict=True):
+        for t0 in range(bos, eos, BT):
+            chunk = g64[t0:min(t0 + BT, eos)]                       # [n, HV]
+            gamma = chunk.cumsum(0)
+            after = chunk.flip(0).cumsum(0).flip(0) - chunk         # Σ_{i>r} g_i, summed
+            exponents[:, 0, t0:t0 + len(chunk)] = gamma.T
+            exponents[:, 1, t0:t0 + len(chunk)] = after.T
+    return exponents.exp(), -exponents      # the gates are ≤ 0, so Σ|g| = −Γ
+
+
+@pytest.mark.parametrize("cu, scale", [
+    ([0, 1, 71, 135, 200], 1.0),      # a 1-token document, ragged chunks, one of 65 tokens
+    ([0, 130], 30.0),                 # strong gates: the decays underflow towards 0
+    ([0, 64, 128], 0.1),              # whole chunks only
+])
+def test_chunk_decays_match_float64_sums(cu, scale):
+    from gdn.ops.triton.decays import chunk_decays_kernel
+    from gdn.ops.triton.indexing import chunk_table
+
+    TT, HV = cu[-1], 3
+    gen = torch.Generator().manual_seed(len(cu))
+    g = -scale * torch.rand(TT, HV, generator=gen)
+    table = chunk_table(1, TT, torch.tensor(cu), BT, g.device)
+    got = torch.full((HV, 2, TT), float("nan"))          # poisoned: every element written
+    chunk_decays_kernel[(table.num_chunks, HV)](g, got, table.seq, table.start, table.cu, TT,
+                                                HV=HV, BT=BT)
+    want, abs_sums = _decays_float64(g, cu)
+    assert not got.isnan().any()
+    # A float32 sum of at most 64 terms is off by ≤ 64·2⁻²⁴·Σ|g| (then the exp's own error):
+    # the relative error of e^Γ; below float32's smallest normal number it may flush to 0.
+    bound = 64 * 2.0**-24 * abs_sums + 1e-6
+    err = (got.double() - want).abs()
+    assert (err <= bound * want + torch.finfo(torch.float32).tiny).all()
+
+
+def test_chunk_decays_leave_a_neighbour_document_alone():
+    """A document's ragged last chunk must not write the next document's first tokens (the
+    grid's chunks of one sequence are masked at its end): a 1-token document between two
+    longer ones keeps e^{g} and 1."""
+    from gdn.ops.triton.decays import chunk_decays
+    from gdn.ops.triton.indexing import chunk_table
+
+    cu = [0, 10, 11, 40]
+    g = torch.full((40, 1), -0.5)
+    got = chunk_decays(g, chunk_table(1, 40, torch.tensor(cu), BT, g.device), BT)
+    assert got[0, 0, 10].item() == pytest.approx(torch.tensor(-0.5).exp().item())
+    assert got[0, 1, 10].item() == 1.0
+    assert got[0, 0, 11].item() == pytest.approx(torch.tensor(-0.5).exp().item())
