@@ -25,7 +25,6 @@ from gdn.ops.triton.common import (
     load_matrix,
     load_rows,
     load_rows_stored,
-    load_vec,
     mma,
     store_matrix,
     store_rows,
