@@ -307,10 +307,35 @@ def test_reverse_pass_in_two_stages_while_all_its_programs_are_resident(monkeypa
     assert passes.reverse_stages(128, 396, 132) == 2
     assert passes.reverse_stages(128, 397, 132) == 1
     assert passes.reverse_stages(128, 512, 132) == 1    # 8x4096-h16
-    assert passes.reverse_stages(256, 128, 132) == 1    # K = 256: two stages take 220 KiB
+    # K = 256: two stages (220 KiB, one per SM) whatever the count, but not with float32
+    # operands (440 KiB).
+    assert passes.reverse_stages(256, 768, 132) == 2    # 8x4096-h6-k256v512
+    assert passes.reverse_stages(256, 768, 132, sixteen_bit=False) == 1
     assert passes.reverse_stages(128, 4, None) == 1     # not a GPU
     monkeypatch.setitem(passes.STATE_STAGES, "reverse", 3)
     assert passes.reverse_stages(128, 512, 132) == 3
+
+
+def test_state_pass_launch_above_k128_by_operand_width():
+    """Above K = 128 the forward pass runs BV = 64 on eight warps in two stages with 16-bit
+    operands; float32 operands keep BV = 32 on four warps in one (two stages would not fit)."""
+    from types import SimpleNamespace
+
+    import triton.language as tl
+
+    from gdn.ops.triton import passes
+    from gdn.ops.triton.tiles import tile_sizes
+
+    for DT, bv, warps, stages in ((tl.bfloat16, 64, 8, 2), (tl.float32, 32, 4, 1)):
+        state_bv = tile_sizes(256, 512, sixteen_bit=DT is not tl.float32)[2]
+        p = SimpleNamespace(K=256, state_bv=state_bv, exact_launch={},
+                            flags=dict(BK=256, DT=DT, num_warps=4, num_stages=1))
+        flags = passes._state_flags(p, "forward")
+        assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (bv, warps, stages)
+    small = SimpleNamespace(K=128, state_bv=tile_sizes(128, 128)[2], exact_launch={},
+                            flags=dict(BK=128, DT=tl.bfloat16, num_warps=4, num_stages=1))
+    flags = passes._state_flags(small, "forward")
+    assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (64, 4, 2)
 
 
 def test_backward_reuses_the_forward_seams(monkeypatch):

@@ -134,9 +134,10 @@ class _Plan:
 def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    BK, BV, state_bv = tile_sizes(K, V)
     prec = "ieee" if exact else "tf32"
     inter = operand_dtype(q.dtype, exact)
+    # state_f32 (passes.STATE_DTYPE) gives the state passes float32 operands whatever inter is.
+    BK, BV, state_bv = tile_sizes(K, V, inter != torch.float32 and not TILES.get("state_f32"))
     flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
                  DT=TL_DTYPES[inter], **LAUNCH)
     return _Plan(B, T, H, HV, K, V, BV, state_bv, prec,

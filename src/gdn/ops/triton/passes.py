@@ -54,11 +54,17 @@ _MIN_SEGMENT_CHUNKS = 16
 # - forward, K ≤ 128: BV = 64 on four warps in two pipeline stages, 192 registers and 96 KiB
 #   of shared memory, two programs per SM for its 256 programs: 0.32 ms a call, against 0.45
 #   for BV = 32 in one stage (four per SM for 512 programs; a second stage there cost a wave);
-#   above K = 128 that spills, so BV = 32 (tiles.py) in one stage;
+# - forward, K > 128 with 16-bit operands: BV = 64 on eight warps in two stages, 244
+#   registers and 176 KiB, one program per SM. At 8x4096-h6-k256v512 (384 programs) 1.79 ms
+#   for two calls, against 2.46 for BV = 32 on four warps in one stage (768 programs, three
+#   per SM, waiting on unprefetched loads: NOTES.md §14), 2.60 for that in two stages, 3.37
+#   for BV = 64 on eight in one. float32 operands keep BV = 32 on four warps in one stage
+#   (two stages would take 352 KiB);
 # - reverse: BV = 32, one stage, two warps up to K = 128 (0.60 ms against 1.03 on four; BV = 64
 #   on four warps 0.61, and its two stages take 136 KiB, one program per SM); above K = 128
 #   two warps would spill (sm90_resources: 208 bytes at K = 256), so four. Two stages where
-#   all its programs are resident at once even so (``reverse_stages``).
+#   all its programs are resident at once even so, and always above K = 128 with 16-bit
+#   operands (``reverse_stages``).
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
@@ -66,19 +72,32 @@ STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
 
 
-# Forward-pass programs resident on one SM with the choices above (sm90_resources: 192
-# registers and 96 KiB at K ≤ 128; 178 registers at K = 256, also two).
-_FORWARD_RESIDENT_PER_SM = 2
+def _forward_resident_per_sm(K: int) -> int:
+    """Forward-pass programs resident on one SM with the choices above (sm90_resources: 192
+    registers and 96 KiB at K ≤ 128; 176 KiB above). The segment plan is a function of
+    shapes (the custom op's fake sizes the seams by it), so float32 operands, with their
+    smaller programs above K = 128, are planned the same."""
+    return 2 if K <= 128 else 1
+
+
+def _sixteen_bit(flags: dict) -> bool:
+    """Whether a state kernel with these flags multiplies 16-bit operands (bf16 / fp16)."""
+    return flags["DT"] is not tl.float32
 
 
 def _state_flags(p, direction: str) -> dict:
     """The launch plan's flags for a state kernel: the state in row blocks of KB (state.py:
     K ≤ 256 is up to four blocks) instead of one BK tile."""
-    small_k = p.K <= 128
-    warps = STATE_WARPS[direction] or (2 if direction == "reverse" and small_k else 4)
-    stages = STATE_STAGES[direction] or (2 if direction == "forward" and small_k else 1)
-    return row_block_flags(p.flags) | STATE_DTYPE | dict(
-        num_warps=warps, num_stages=stages, BV=p.state_bv[direction]) | p.exact_launch
+    flags = row_block_flags(p.flags) | STATE_DTYPE
+    small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
+    if direction == "forward":
+        warps = STATE_WARPS["forward"] or (8 if wide_k else 4)
+        stages = STATE_STAGES["forward"] or (2 if small_k or wide_k else 1)
+    else:
+        warps = STATE_WARPS["reverse"] or (2 if small_k else 4)
+        stages = 1     # the launcher sets the reverse pass's (``reverse_stages``)
+    return flags | dict(num_warps=warps, num_stages=stages,
+                        BV=p.state_bv[direction]) | p.exact_launch
 
 
 @dataclass
@@ -150,7 +169,7 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
     programs = B * HV * triton.cdiv(V, tile_sizes(K, V)[2]["forward"])
-    return dict(programs=programs, per_sm=_FORWARD_RESIDENT_PER_SM)
+    return dict(programs=programs, per_sm=_forward_resident_per_sm(K))
 
 
 def segments_for(p, BT: int, cu_seqlens, device) -> Segments | None:
@@ -301,23 +320,29 @@ def join_transitions(transitions: torch.Tensor, r: int) -> torch.Tensor:
 # whenever every program is still resident at once (NOTES.md §13: 6x4096-h16, 384 programs,
 # 0.536 → 0.351 ms; 4x8192-h16, 256, 0.941 → 0.546; 2x16384-h16, 128, 1.654 → 0.866); past
 # that a second wave costs more (8x4096-h16, 512 programs, 0.604 → 0.642). Three stages
-# leave two per SM (4x8192: 0.966).
+# leave two per SM (4x8192: 0.966). Above K = 128 a program in one stage waits on each of its
+# twelve tiles a step in turn, and two stages pay even at one program per SM (220 KiB):
+# 8x4096-h6-k256v512, 768 programs, 1.58 → 1.50 ms (NOTES.md §14). float32 operands would
+# take 440 KiB there, so one.
 _REVERSE_TWO_STAGE_PER_SM = 3
 
 
-def reverse_stages(K: int, programs: int, sms: int | None) -> int:
+def reverse_stages(K: int, programs: int, sms: int | None, sixteen_bit: bool = True) -> int:
     """Pipeline stages of the reverse pass for ``programs`` programs on ``sms`` SMs."""
     if STATE_STAGES["reverse"] is not None:
         return STATE_STAGES["reverse"]
+    if K > 128:
+        return 2 if sixteen_bit else 1
     fits = sms is not None and programs <= _REVERSE_TWO_STAGE_PER_SM * sms
-    return 2 if K <= 128 and fits else 1
+    return 2 if fits else 1
 
 
 def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True):
     grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
-    flags = _state_flags(p, "reverse") | dict(
-        num_stages=reverse_stages(p.K, grid[0] * grid[1], _sm_count(q_.device)))
+    flags = _state_flags(p, "reverse")
+    flags["num_stages"] = reverse_stages(p.K, grid[0] * grid[1], _sm_count(q_.device),
+                                         _sixteen_bit(flags))
     state.state_backward_kernel[grid](
         q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
         p.TT, V=p.V,

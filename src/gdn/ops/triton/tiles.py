@@ -28,7 +28,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
 TILES = _tile_overrides(os.environ.get("GDN_TRITON_TILES", ""))
 
 
-def tile_sizes(K: int, V: int) -> tuple[int, int, dict[str, int]]:
+def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:
     """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes by
     direction ({"forward": …, "reverse": …}).
 
@@ -44,10 +44,12 @@ def tile_sizes(K: int, V: int) -> tuple[int, int, dict[str, int]]:
     BV = min(TILES.get("bv", 64 if BK <= 128 else 32), max(16, triton.next_power_of_2(V)))
     # An explicit state BV is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
-    # The forward pass takes BV = 64 up to K = 128 (two stages, two programs per SM; at
-    # K = 256 its state would spill), the reverse one 32 (passes.py has the measurements).
+    # The forward pass takes BV = 64 (above K = 128 on eight warps; with float32 operands
+    # there 32, as two stages of their tiles would not fit), the reverse one 32 (passes.py
+    # has the measurements).
     v_tile = max(16, triton.next_power_of_2(V))
-    state_bv = dict(forward=TILES.get("state_bv") or min(64 if BK <= 128 else 32, v_tile),
+    forward = 64 if BK <= 128 or sixteen_bit else 32
+    state_bv = dict(forward=TILES.get("state_bv") or min(forward, v_tile),
                     reverse=TILES.get("state_bwd_bv") or min(32, v_tile))
     return BK, BV, state_bv
 
