@@ -361,9 +361,43 @@ def test_segments_only_when_the_plain_pass_is_short_of_programs():
 
     # An H100 (132 SMs) with the forward pass's two programs per SM at K ≤ 128: 264 slots.
     assert auto_segment_chunks(64, 256, 264) == 0       # 8x4096-h16: 256 programs, full rate
-    assert auto_segment_chunks(1024, 32, 264) == 64     # 1x65536-h16: 16 segments, 512 programs
+    assert auto_segment_chunks(1024, 32, 264) == 128    # 1x65536-h16: 8 segments, 256 programs
+    assert auto_segment_chunks(2048, 32, 264) == 256    # 1x131072-h16: 8 again
+    assert auto_segment_chunks(256, 32, 264) == 64      # 1x16384-h16: 4, not 8 of 32
     assert auto_segment_chunks(256, 64, 264) == 64      # 2x16384-h16: 4 segments, 256 programs
     assert auto_segment_chunks(100, 64, 264) == 50      # a shorter row: two halves
     assert auto_segment_chunks(256, 132, 264) == 0      # half the slots filled: plain
     assert auto_segment_chunks(31, 4, 264) == 0         # too short for two segments of 16
     assert auto_segment_chunks(32, 4, 264) == 16
+
+
+@pytest.mark.parametrize("segment_chunks", [None, 2])
+def test_reverse_pass_gates_from_g_or_from_the_table_agree(monkeypatch, segment_chunks):
+    """The reverse pass's two sources of gate decays (``reverse_gates_inline``) give the same
+    gradients, plain and segmented, to float32 rounding: e^{Γ_C} is the exp of a sum in one
+    and of the cumulative sum's last element in the other."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", segment_chunks)
+    kwargs, _ = SEGMENTED["gated"]
+    x = random_inputs(**kwargs, seed=23).to(torch.float32, requires_grad=True)
+    grads = []
+    for inline in (0, 1):
+        monkeypatch.setitem(passes.TILES, "inline_gates", inline)
+        grads.append(forward_backward(chunk_gated_delta_rule, x, seed=5, backend="triton")[2])
+    for name, table in grads[0].items():
+        if table is not None:
+            torch.testing.assert_close(table, grads[1][name], rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_pass_takes_its_gates_from_g_where_three_programs_share_an_sm(monkeypatch):
+    from gdn.ops.triton import passes
+
+    monkeypatch.delitem(passes.TILES, "inline_gates", raising=False)
+    assert passes.reverse_gates_inline(128, 384, 132)          # 6x4096-h16, three per SM
+    assert not passes.reverse_gates_inline(128, 256, 132)      # 4x8192-h16, two per SM
+    assert not passes.reverse_gates_inline(128, 128, 132)      # 2x16384-h16, one per SM
+    assert not passes.reverse_gates_inline(256, 768, 132)      # K = 256: the table
+    assert not passes.reverse_gates_inline(128, 384, None)     # not a GPU
+    monkeypatch.setitem(passes.TILES, "inline_gates", 1)
+    assert passes.reverse_gates_inline(128, 128, 132)

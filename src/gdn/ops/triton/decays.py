@@ -6,10 +6,11 @@ critical path of the whole pass. Their gate factors e^{Γ_r}, e^{Γ_C − Γ_r} 
 depend on the state, yet computed inside the step they cost a strided 2-byte load of g that
 the pipeliner cannot prefetch (cp.async moves at least 4 bytes) and two scans over the chunk
 (shuffles and barriers) before the state update can start (benchmarks/NOTES.md §14). This
-kernel computes them once for all chunks in parallel, with the very operations the state
-passes used (so the values are bitwise the same), and lays them out per v head over the
-packed tokens: a step then reads two contiguous float32 rows, which the pipeliner prefetches
-one chunk ahead, and one scalar.
+kernel computes them once for all chunks in parallel, with the operations the state passes
+used (e^{Γ_r} and e^{Γ_C − Γ_r} bitwise the same; e^{Γ_C} is now the last e^{Γ_r}, where the
+passes took the exp of a separate sum, one rounding apart), and lays them out per v head
+over the packed tokens: a step then reads two contiguous float32 rows, which the pipeliner
+prefetches one chunk ahead, and one scalar.
 """
 
 import torch

@@ -244,7 +244,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                                      **(flags | TWO_STAGE_LAUNCH | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
-        segs=segs, transitions=None if seams is None else seams.transitions)
+        segs=segs, transitions=None if seams is None else seams.transitions, g_=g_)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
     # the autograd context until the backward returns).

@@ -40,9 +40,12 @@ SEGMENT_CHUNKS: int | None = None if _FORCED is None else int(_FORCED)
 # (NOTES.md §10). At (2, 16384, 16, 128, 128) (64 programs plain), 9 segments of 29 chunks
 # (576 programs, the old rule of two programs per slot) took 5.92 ms, 4 of 64 (256, about one
 # per slot) 5.05, plain 6.03 (NOTES.md §12): short segments pay the transitions and the
-# combine per segment. So: segment only when the plain pass fills less than half of the GPU's
-# resident slots (SMs × programs resident per SM), in segments of 64 chunks (4,096 tokens,
-# the best measured at both shapes), or two halves of a shorter row.
+# combine per segment. With the decay table (NOTES.md §14), at 1x65536-h16 16 segments of 64
+# chunks took 10.95 ms and 8 of 128 (256 programs, one per slot) 9.90; at 2x16384-h16 4 of 64
+# (one per slot) 4.69, 2 of 128 5.22, 8 of 32 5.60. So: segment only when the plain pass
+# fills less than half of the GPU's resident slots (SMs × programs resident per SM), into as
+# many segments as fill the slots once, of at least 64 chunks (4,096 tokens), or two halves
+# of a shorter row.
 _SEGMENT_CHUNKS = 64
 _MIN_SEGMENT_CHUNKS = 16
 
@@ -116,7 +119,9 @@ def auto_segment_chunks(per_row: int, programs: int, slots: int) -> int:
     if 2 * programs >= slots:
         return 0
     L = min(_SEGMENT_CHUNKS, per_row // 2)
-    return L if L >= _MIN_SEGMENT_CHUNKS else 0
+    if L < _MIN_SEGMENT_CHUNKS:
+        return 0
+    return max(L, -(-per_row // (slots // programs)))
 
 
 def segment_chunks(T: int, BT: int, cu_seqlens, device, *, programs: int,
@@ -337,21 +342,40 @@ def reverse_stages(K: int, programs: int, sms: int | None, sixteen_bit: bool = T
     return 2 if fits else 1
 
 
+# Where the reverse pass takes its gate decays from: the table (decays.py), or g itself, each
+# step loading it and summing it as the passes did before the table. The table made the step
+# shorter where a program has its SM to itself and slower where three share one in two
+# stages, for a reason not found (NOTES.md §14; reverse pass ms, table / g):
+# - 2x16384-h16, 128 programs (one per SM), two stages: 0.728 / 0.864;
+# - 4x8192-h16, 256 (two per SM), two stages: 0.510 / 0.546 (the latter from §13);
+# - 6x4096-h16, 384 (three per SM), two stages: 0.487 / 0.350;
+# - 1x65536-h16 in 6 joined segments, 384 programs, two stages: 2.62 / 1.99;
+# - 8x4096-h16, 512 (four per SM), one stage: 0.603 / 0.605;
+# - K = 256 (8x4096-h6-k256v512), 768, one stage: 1.58 / 2.24.
+# GDN_TRITON_TILES=inline_gates=0 or 1 forces either.
+def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
+    """Whether the reverse pass computes its decays from g instead of the table."""
+    forced = TILES.get("inline_gates")
+    if forced is not None:
+        return bool(forced)
+    return K <= 128 and sms is not None and programs > 2 * sms
+
+
 def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
-                     offsets, n_seqs, scale, *, store_chunks=True):
+                     offsets, n_seqs, scale, *, store_chunks=True, g_=None):
     grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
+    programs, sms = grid[0] * grid[1], _sm_count(q_.device)
     flags = _state_flags(p, "reverse")
-    flags["num_stages"] = reverse_stages(p.K, grid[0] * grid[1], _sm_count(q_.device),
-                                         _sixteen_bit(flags))
+    flags["num_stages"] = reverse_stages(p.K, programs, sms, _sixteen_bit(flags))
     state.state_backward_kernel[grid](
-        q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
-        p.TT, V=p.V,
+        q_, k_, w, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
+        p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
         DELTA=w is not None, HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **flags)
 
 
 def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,
-                   segs: Segments | None, transitions):
+                   segs: Segments | None, transitions, g_=None):
     """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state;
     ``decays`` as for ``state_forward``."""
     d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
@@ -363,16 +387,16 @@ def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, 
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
         _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
-                         p.table.cu, p.table.offsets, p.table.num_seqs, scale)
+                         p.table.cu, p.table.offsets, p.table.num_seqs, scale, g_=g_)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
     _backward_kernel(p, q_, k_, w, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
-                     segs.offsets, n_segs, scale, store_chunks=False)
+                     segs.offsets, n_segs, scale, store_chunks=False, g_=g_)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
     _backward_kernel(p, q_, k_, w, decays, do_, dv_local, end_grads, d_states, d_delta, None,
-                     segs.cu, segs.offsets, n_segs, scale)
+                     segs.cu, segs.offsets, n_segs, scale, g_=g_)
     return d_states, d_delta, dh0

@@ -21,15 +21,28 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
+    decay_to_end,
     load_cols_stored,
     load_matrix,
     load_rows,
     load_rows_stored,
+    load_vec,
     mma,
     store_matrix,
     store_rows,
 )
 from gdn.ops.triton.decays import load_chunk_decays
+
+
+@triton.jit
+def _inline_gates(g, t0, end, HV, BT: tl.constexpr):
+    """The decays of one chunk from g itself, as the passes formed them before the table:
+    the reverse pass's choice where three of its programs share an SM
+    (``passes.reverse_gates_inline``)."""
+    gg = load_vec(g, t0, end, HV, BT)
+    chunk_end = tl.minimum(t0 + BT, end)
+    to_end = decay_to_end(load_vec(g, t0 + 1, chunk_end, HV, BT))
+    return tl.exp(tl.cumsum(gg, axis=0)), to_end, tl.exp(tl.sum(gg, axis=0))
 
 
 @triton.jit
@@ -188,7 +201,7 @@ def state_forward_kernel(
 
 @triton.jit
 def state_backward_kernel(
-    q, k, w, decays,       # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, 2, TT] float32
+    q, k, w, decays, g,    # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, 2, TT] f32, [TT, HV]
     do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
@@ -197,7 +210,7 @@ def state_backward_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True,
+    BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
@@ -208,7 +221,7 @@ def state_backward_kernel(
         i = n_chunks - 1 - j
         t0 = bos + i * BT
         e_last = 1.0
-        if HAS_GATE:
+        if HAS_GATE and not INLINE_GATES:
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
@@ -219,6 +232,8 @@ def state_backward_kernel(
         d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         if HAS_GATE:
+            if INLINE_GATES:
+                e_gamma, to_end, e_last = _inline_gates(g + i_hv, t0, end, HV, BT)
             d_d += kds * to_end[:, None]
             b_do = b_do * e_gamma[:, None]          # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
         else:
