@@ -5,7 +5,8 @@ per segment p, its transition M_p ([K, K], or a scalar decay without the delta t
 its own contribution R_p from a zero state. The combine walks a row's segments in order,
 S ← M_p S + R_p (the forward), or in reverse, dS ← M_pᵀ dS + R_p (the backward), and writes
 the state at every seam. In PyTorch that is two small launches per segment, sequential:
-at 1x65536-h16 16 segments per pass, three passes per forward+backward. Here it is one
+at 1x65536-h16 8 segments per pass (16 when this was measured), three passes per
+forward+backward. Here it is one
 launch per pass, one program per (row, v head, block of V columns) walking the segments:
 the kernels of one forward+backward at 1x65536-h16 on an H100 took 12.42 ms with the PyTorch
 combine, 12.26 with this one (its three launches 0.18 ms; NOTES.md §11).

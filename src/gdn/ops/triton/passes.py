@@ -281,8 +281,8 @@ def reverse_segments(p, segs: Segments | None, device) -> Segments | None:
     """The segments of the reverse state pass: None (plain) where the plain reverse pass
     fills enough of the GPU (``_REVERSE_PLAIN_FILL``), else the forward's, joined r at a time
     for the fewest r whose programs all stay resident in two stages (``reverse_stages``):
-    one 65,536-token sequence with 16 heads has 16 forward segments, 1,024 reverse programs
-    in one stage; joined by three, 6 segments and 384 programs in two."""
+    one 65,536-token sequence with 16 heads has 8 forward segments, 512 reverse programs;
+    joined by two, 4 segments and 256 programs in two stages."""
     sms = _sm_count(device)
     if segs is None or SEGMENT_CHUNKS is not None or sms is None:
         return segs
