@@ -44,6 +44,20 @@ save_cache() {
 }
 trap save_cache EXIT
 
+# stages.py with its stderr kept aside: a run that fails prints why (two runs of NOTES.md §14
+# printed nothing, their errors sent to /dev/null). GDN_STAGES_TIMEOUT bounds each run.
+run_stages() {
+    local err rc
+    err=$(mktemp)
+    timeout "${GDN_STAGES_TIMEOUT:-300}" python3 benchmarks/stages.py "$@" 2>"$err"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "stages.py $* failed (rc $rc):"
+        grep -v -i warn "$err" | tail -3
+    fi
+    rm -f "$err"
+}
+
 if [ "$what" = tests ] || [ "$what" = all ]; then
     # -v: each test's result is in the log as it finishes, even if the call is cut off.
     # GDN_TEST_K selects tests (pytest -k): a whole cold run takes ~1,100 s, more than one
@@ -57,20 +71,20 @@ if [ "$what" = l2norm ]; then
 fi
 if [ "$what" = stages ]; then
     # Per-kernel times at the two reference shapes (NOTES.md).
-    python3 benchmarks/stages.py --out "$out/stages" 2>/dev/null | head -14
-    python3 benchmarks/stages.py --shape 1,65536,16,128,128 --out "$out/stages" 2>/dev/null \
+    run_stages --out "$out/stages" | head -14
+    run_stages --shape 1,65536,16,128,128 --out "$out/stages" \
         | head -6
     # The yardstick's kernels at the first shape, to compare stage by stage.
-    python3 benchmarks/stages.py --backend fla --out "$out/stages" 2>/dev/null | head -16
+    run_stages --backend fla --out "$out/stages" | head -16
 fi
-stage_lines() { grep -E "ms of kernels|state_|wy_|output_|dv_local"; }
+stage_lines() { grep -E "ms of kernels|state_|wy_|output_|dv_local|failed|Error"; }
 tile_sweep() {
     # Kernel times per tile choice (GDN_TRITON_TILES keys in triton/tiles.py), the default
     # first; the choices come from GDN_TILE_SWEEP, e.g. "state_bwd_warps=4 output_f32=1".
     for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
-        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
-            --out "$out/stages" 2>/dev/null | stage_lines
+        GDN_TRITON_TILES=$tiles run_stages --tag "t-${tiles//[=,]/-}" \
+            --out "$out/stages" | stage_lines
     done
 }
 if [ "$what" = tiles ]; then
@@ -79,8 +93,8 @@ if [ "$what" = tiles ]; then
     tile_sweep
     for seg in 0 128 64; do
         echo "== segment chunks: $seg"
-        GDN_TRITON_SEGMENT_CHUNKS=$seg python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
-            --tag "seg$seg" --out "$out/stages" 2>/dev/null | head -4
+        GDN_TRITON_SEGMENT_CHUNKS=$seg run_stages --shape 1,65536,16,128,128 \
+            --tag "seg$seg" --out "$out/stages" | head -4
     done
 fi
 if [ "$what" = segments ]; then
@@ -95,13 +109,13 @@ if [ "$what" = segments ]; then
         # The tag names the tile choice too: runs under several GDN_TRITON_TILES in one call
         # would otherwise write one file name.
         tiles=${GDN_TRITON_TILES:-}
-        timeout 150 python3 benchmarks/stages.py --shape "$shape" \
+        GDN_STAGES_TIMEOUT=150 run_stages --shape "$shape" \
             --tag "seg$seg${tiles:+-${tiles//[=,]/-}}" \
-            --out "$out/stages" 2>/dev/null | head -16
+            --out "$out/stages" | head -16
     done
     unset GDN_TRITON_SEGMENT_CHUNKS
-    [ "${GDN_FLA:-1}" = 1 ] && echo "== $shape, fla" && timeout 200 python3 benchmarks/stages.py --backend fla --shape "$shape" --tag fla \
-        --out "$out/stages" 2>/dev/null | head -16
+    [ "${GDN_FLA:-1}" = 1 ] && echo "== $shape, fla" && GDN_STAGES_TIMEOUT=200 run_stages --backend fla --shape "$shape" --tag fla \
+        --out "$out/stages" | head -16
 fi
 if [ "$what" = check ]; then
     # Each tile choice (default first, then GDN_TILE_SWEEP) probed against float64 at a
@@ -115,8 +129,8 @@ if [ "$what" = check ]; then
             GDN_TRITON_TILES=$tiles timeout 120 python3 benchmarks/probe_launch.py "$shape" \
                 2>&1 | grep -v Warn | tail -1
         done
-        GDN_TRITON_TILES=$tiles python3 benchmarks/stages.py --tag "t-${tiles//[=,]/-}" \
-            --out "$out/stages" 2>/dev/null | stage_lines
+        GDN_TRITON_TILES=$tiles run_stages --tag "t-${tiles//[=,]/-}" \
+            --out "$out/stages" | stage_lines
     done
 fi
 if [ "$what" = state ]; then
