@@ -1,6 +1,7 @@
 """The state passes' chunk decays (``triton/decays.py``) against sums formed in float64, chunk
-by chunk from each sequence's own start, in Triton's interpreter: packed documents with a
-1-token one and ragged last chunks, strong gates, and every element written."""
+by chunk from each sequence's own start, in Triton's interpreter and on the GPU: packed
+documents with a 1-token one and ragged last chunks, strong gates, and every element
+written."""
 
 import os
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
+interpreter_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
 
@@ -31,31 +32,55 @@ def _decays_float64(g: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch
     return exponents.exp(), -exponents      # the gates are ≤ 0, so Σ|g| = −Γ
 
 
+def _decays_kernel(g: torch.Tensor, cu: list[int]) -> torch.Tensor:
+    """``chunk_decays_kernel`` into a NaN-poisoned table, so an unwritten element shows."""
+    from gdn.ops.triton.decays import chunk_decays_kernel
+    from gdn.ops.triton.indexing import chunk_table
+
+    TT, HV = g.shape
+    table = chunk_table(1, TT, torch.tensor(cu, device=g.device), BT, g.device)
+    got = torch.full((HV, 2, TT), float("nan"), device=g.device)
+    chunk_decays_kernel[(table.num_chunks, HV)](g, got, table.seq, table.start, table.cu, TT,
+                                                HV=HV, BT=BT)
+    return got
+
+
+def _assert_within_float32_sum_bound(got: torch.Tensor, g: torch.Tensor, cu: list[int]):
+    want, abs_sums = _decays_float64(g.cpu(), cu)
+    got = got.cpu().double()
+    assert not got.isnan().any()
+    # A float32 sum of at most 64 terms is off by ≤ 64·2⁻²⁴·Σ|g| (then the exp's own error):
+    # the relative error of e^Γ; below float32's smallest normal number it may flush to 0.
+    bound = 64 * 2.0**-24 * abs_sums + 1e-6
+    err = (got - want).abs()
+    assert (err <= bound * want + torch.finfo(torch.float32).tiny).all()
+
+
+@interpreter_only
 @pytest.mark.parametrize("cu, scale", [
     ([0, 1, 71, 135, 200], 1.0),      # a 1-token document, ragged chunks, one of 65 tokens
     ([0, 130], 30.0),                 # strong gates: the decays underflow towards 0
     ([0, 64, 128], 0.1),              # whole chunks only
 ])
 def test_chunk_decays_match_float64_sums(cu, scale):
-    from gdn.ops.triton.decays import chunk_decays_kernel
-    from gdn.ops.triton.indexing import chunk_table
-
-    TT, HV = cu[-1], 3
     gen = torch.Generator().manual_seed(len(cu))
-    g = -scale * torch.rand(TT, HV, generator=gen)
-    table = chunk_table(1, TT, torch.tensor(cu), BT, g.device)
-    got = torch.full((HV, 2, TT), float("nan"))          # poisoned: every element written
-    chunk_decays_kernel[(table.num_chunks, HV)](g, got, table.seq, table.start, table.cu, TT,
-                                                HV=HV, BT=BT)
-    want, abs_sums = _decays_float64(g, cu)
-    assert not got.isnan().any()
-    # A float32 sum of at most 64 terms is off by ≤ 64·2⁻²⁴·Σ|g| (then the exp's own error):
-    # the relative error of e^Γ; below float32's smallest normal number it may flush to 0.
-    bound = 64 * 2.0**-24 * abs_sums + 1e-6
-    err = (got.double() - want).abs()
-    assert (err <= bound * want + torch.finfo(torch.float32).tiny).all()
+    g = -scale * torch.rand(cu[-1], 3, generator=gen)
+    _assert_within_float32_sum_bound(_decays_kernel(g, cu), g, cu)
 
 
+@pytest.mark.gpu
+def test_chunk_decays_match_float64_sums_on_gpu():
+    """Hundreds of packed documents of every length mod 64, log gates from −10⁻⁴ to −10⁴
+    (log-uniform), bf16 as the layers pass them."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = (torch.rand(300, generator=gen) * 200).long() + 1
+    cu = [0, *lengths.cumsum(0).tolist()]
+    g = -(10.0 ** (torch.rand(cu[-1], 4, generator=gen) * 8 - 4))
+    g = g.to(torch.bfloat16).float()
+    _assert_within_float32_sum_bound(_decays_kernel(g.cuda().to(torch.bfloat16), cu), g, cu)
+
+
+@interpreter_only
 def test_chunk_decays_leave_a_neighbour_document_alone():
     """A document's ragged last chunk must not write the next document's first tokens (the
     grid's chunks of one sequence are masked at its end): a 1-token document between two
