@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|l2norm|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -34,7 +34,7 @@ save_cache() {
         tar -czf /tmp/triton_cache.tgz -C "$TRITON_CACHE_DIR" . && \
             split -b 15M /tmp/triton_cache.tgz "$out/tc.part."
     fi
-    for d in stages results; do
+    for d in stages results ncu; do
         if [ -n "$(ls -A "$out/$d" 2>/dev/null)" ]; then
             # One archive name per run: two runs in one call must not overwrite each other.
             archive="$out/$d-$what-$(date +%H%M%S)-$$.tgz"
@@ -131,6 +131,28 @@ if [ "$what" = check ]; then
         done
         GDN_TRITON_TILES=$tiles run_stages --tag "t-${tiles//[=,]/-}" \
             --out "$out/stages" | stage_lines
+    done
+fi
+if [ "$what" = ncu ]; then
+    # Nsight Compute on one kernel of stages.py --external (two forward+backward calls), once
+    # per tile choice (default first, then GDN_TILE_SWEEP, e.g. "inline_gates=0"). GDN_SHAPE
+    # (default 6,4096,16,128,128), GDN_NCU_KERNEL a regex (default state_backward),
+    # GDN_NCU_SKIP launches of it to skip (default 1: the second call's, for a kernel launched
+    # once a call; 2 for the forward pass, which the backward recomputes). NOTES.md §14.
+    shape=${GDN_SHAPE:-6,4096,16,128,128}
+    kernel=${GDN_NCU_KERNEL:-state_backward}
+    mkdir -p "$out/ncu"
+    for tiles in "" ${GDN_TILE_SWEEP:-}; do
+        report="$out/ncu/${shape//,/x}-$kernel-${tiles:-default}.txt"
+        report=${report//=/-}
+        echo "== $shape $kernel, tiles: ${tiles:-default}"
+        GDN_TRITON_TILES=$tiles timeout 300 /usr/local/cuda/bin/ncu \
+            --kernel-name "regex:$kernel" --launch-skip "${GDN_NCU_SKIP:-1}" --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            --section LaunchStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+            python3 benchmarks/stages.py --shape "$shape" --external > "$report" 2>&1
+        grep -E "^\s+(Duration|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Dynamic Shared|Block Limit (Registers|Shared)|DRAM Throughput|No Eligible)" \
+            "$report" || tail -3 "$report"
     done
 fi
 if [ "$what" = state ]; then
