@@ -43,6 +43,7 @@ _TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16
                     torch.int64: "i64", torch.int32: "i32"}
 _TL_DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_SM90_SHARED_PER_BLOCK = 227 * 1024   # the H100's opt-in maximum of one block
 
 
 def _encode(value):
@@ -202,9 +203,12 @@ def main() -> None:
         seen.add(key)
         r = compile_sm90(launch, as_bf16=args.dtype == "bfloat16", extra=extra,
                          dump=args.dump)
+        # A block may have at most 227 KiB of shared memory on an H100: more cannot launch
+        # (a K = 256 sweep lost a run to it without a word, NOTES.md §14 item 4).
+        too_big = "  cannot launch: > 227 KiB" if r["shared"] > _SM90_SHARED_PER_BLOCK else ""
         print(f"{launch['name']:26} {r['num_warps']:5} {r['num_stages']:6} {r['regs']:5} "
               f"{r['stack']:8} {r['shared'] / 1024:9.1f} {r['wgmma']:6} {r['cp_async']:8} "
-              f"{r['scalar_loads']:9}")
+              f"{r['scalar_loads']:9}{too_big}")
 
 
 if __name__ == "__main__":
