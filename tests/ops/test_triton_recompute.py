@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
-from gdn.testing import forward_backward, random_inputs
+from gdn.testing import forward_backward, random_inputs, rel_error
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
@@ -46,7 +46,10 @@ def test_kept_tensors_give_the_same_gradients_bit_for_bit(case, dtype, monkeypat
     runs = [forward_backward(_op(delta), x, seed=6, backend="triton", recompute=recompute)
             for recompute in (True, False)]
     (o0, s0, g0), (o1, s1, g1) = runs
-    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    # The recomputing forward's state pass computes o itself (launch.fused_output), the
+    # keeping one stores the states for output_forward: o agrees to rounding.
+    assert rel_error(o0, o1) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(s0, s1)
     assert g0.keys() == g1.keys()
     for name, grad in g0.items():
         assert torch.equal(grad, g1[name]), name

@@ -69,6 +69,15 @@ APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
 _APPLY_MAXNREG = TILES.get("apply_maxnreg", 128) if torch.version.hip is None else 0
 APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
 
+def fused_output(K: int) -> bool:
+    """Whether the forward state pass also computes the output (math.md §3.9) instead of
+    storing every chunk-start state for ``output_forward``: up to K = 128, where its tiles
+    fit two programs per SM as the plain pass's do (NOTES.md §15).
+    GDN_TRITON_TILES=fused_output=0/1 forces either."""
+    forced = TILES.get("fused_output")
+    return bool(forced) if forced is not None else K <= 128
+
+
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -200,11 +209,15 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)
-    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
-                                                       segs)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
-    output.output_forward_kernel[grid](q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V,
-                                       BV=p.BV, **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
+    # The state pass computes the output itself unless the backward keeps the states.
+    fused = None if keep or not fused_output(p.K) else passes.Output(q_, g_, o, scale)
+    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
+                                                       segs, out=fused)
+    if fused is None:
+        output.output_forward_kernel[grid](
+            q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V, BV=p.BV,
+            **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
     kept = None
     if keep:
         if cu_seqlens is not None:

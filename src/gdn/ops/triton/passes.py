@@ -162,14 +162,45 @@ def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
     return Segments(P, L * BT, row * T + seg * (L * BT), row * per_row + seg * L)
 
 
+@dataclass
+class Output:
+    """What the forward pass needs to compute o itself from the state in registers
+    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], log gates [TT, HV] or None, o
+    [TT, HV, V] to write, the scale."""
+
+    q: torch.Tensor
+    g: torch.Tensor | None
+    o: torch.Tensor
+    scale: float
+
+
 def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
-                    V=None, store_chunks=True, u_zero=False):
+                    V=None, store_chunks=True, u_zero=False, out: Output | None = None):
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
+    flags = _state_flags(p, "forward")
+    q_, g_, o, scale = (None, None, None, 1.0) if out is None else (
+        out.q, out.g, out.o, out.scale)
+    if out is not None:
+        flags |= _output_pass_launch(flags) | p.exact_launch
     state.state_forward_kernel[grid](
-        k_, w, u, decays, h0, states, v_new, final, cu, offsets, p.TT, V=V,
+        k_, w, u, decays, h0, states, v_new, final, q_, g_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks, U_ZERO=u_zero, **_state_flags(p, "forward"))
+        STORE_CHUNKS=store_chunks and out is None, U_ZERO=u_zero, OUTPUT=out is not None,
+        **flags)
+
+
+def _output_pass_launch(flags: dict) -> dict:
+    """Warps, stages and the (QKᵀ ⊙ D) Δ product's operand dtype ODT of the forward pass that
+    computes the output (K ≤ 128, BV = 64): its q, k, w and u tiles take 56 KiB a stage, so
+    two stages (120 KiB, sm90_resources) leave one program per SM and one stage (40 KiB, 255
+    registers) two, as the plain pass has in two stages (NOTES.md §15). In one stage ODT is
+    float32 (state._output_tile says why). GDN_TRITON_TILES=fused_warps / fused_stages /
+    fused_f32 (0: ODT the operand dtype whatever the stages)."""
+    stages = TILES.get("fused_stages", 1)
+    f32 = TILES.get("fused_f32", int(stages == 1))
+    return dict(num_warps=TILES.get("fused_warps", 4), num_stages=stages,
+                ODT=tl.float32 if f32 else flags["DT"])
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
@@ -206,23 +237,26 @@ class Seams:
 
 
 def state_forward(p, k_, w, u, g_, decays, initial_state, segs: Segments | None,
-                  seams: Seams | None = None):
+                  seams: Seams | None = None, out: Output | None = None):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
     when segmented, the ``Seams``. ``decays`` are g_'s chunk decays (decays.py), None without
     a gate. Given the forward's seams, only the last pass runs (the final state is then
-    None)."""
+    None). Given ``out``, that pass writes the output into ``out.o`` instead of the states
+    and Δ, which are then None."""
     delta = w is not None
-    states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
-    v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
+    states = v_new = None
+    if out is None:
+        states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+        v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
     if seams is not None:
         _forward_kernel(p, k_, w, u, decays, seams.starts, states, v_new, None, segs.cu,
-                        segs.offsets, p.B * segs.P)
+                        segs.offsets, p.B * segs.P, out=out)
         return states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
         _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, p.table.cu,
-                        p.table.offsets, p.table.num_seqs)
+                        p.table.offsets, p.table.num_seqs, out=out)
         return states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
@@ -233,7 +267,7 @@ def state_forward(p, k_, w, u, g_, decays, initial_state, segs: Segments | None,
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
     _forward_kernel(p, k_, w, u, decays, start_states, states, v_new, None, segs.cu,
-                    segs.offsets, n_segs)
+                    segs.offsets, n_segs, out=out)
     return states, v_new, final, Seams(start_states, transitions)
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
+    causal_decay,
     decay_to_end,
     load_cols_stored,
     load_matrix,
@@ -126,13 +127,20 @@ def _rows_times_blocks(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr, DT: 
 
 
 @triton.jit
+def _update_tile(b_xt, S, e_last, rhs, HAS_GATE: tl.constexpr, DT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """e^{Γ_C} S + b_xt rhs for a [KB, BT] tile b_xt already loaded."""
+    if HAS_GATE:
+        S = S * e_last
+    return mma(b_xt, rhs, S, DT, PREC)
+
+
+@triton.jit
 def _update_block(x, S, e_last, rhs, row0, t0, end, stride, K, HAS_GATE: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
     """e^{Γ_C} S + X[:, row0:row0+KB]ᵀ rhs, with X read transposed from memory."""
     b_xt = load_cols_stored(x, t0, end, stride, row0, K, BT, KB)          # [KB, BT]
-    if HAS_GATE:
-        S = S * e_last
-    return mma(b_xt, rhs, S, DT, PREC)
+    return _update_tile(b_xt, S, e_last, rhs, HAS_GATE, DT, PREC)
 
 
 @triton.jit
@@ -154,28 +162,93 @@ def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.conste
 
 
 @triton.jit
+def _load_col_blocks(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr,
+                     KB: tl.constexpr):
+    """The [KB, BT] transposed row blocks of a [BT, K] tile of a packed row (k), read from
+    memory once for the two products that take them (``_output_tile``, ``_update_tile``).
+    Blocks K does not have are copies of the first, never used."""
+    X1 = load_cols_stored(x, t0, end, stride, 0, K, BT, KB)
+    X2 = X1
+    X3 = X1
+    X4 = X1
+    if K > KB:
+        X2 = load_cols_stored(x, t0, end, stride, KB, K, BT, KB)
+    if K > 2 * KB:
+        X3 = load_cols_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
+    if K > 3 * KB:
+        X4 = load_cols_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
+    return X1, X2, X3, X4
+
+
+@triton.jit
+def _query_block(q, S, Kt, qs, scores, row0, t0, end, stride, K, DT: tl.constexpr,
+                 PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """qs + Q[:, block] S_block and scores + Q[:, block] K[:, block]ᵀ: one q tile read for
+    both products."""
+    b_q = load_rows_stored(q, t0, end, stride, row0, K, BT, KB)
+    return mma(b_q, S, qs, DT, PREC), mma(b_q, Kt, scores, DT, PREC)
+
+
+@triton.jit
+def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, g, i_hv, t0, end,
+                 stride, HV, scale, K: tl.constexpr, HAS_GATE: tl.constexpr, DT: tl.constexpr,
+                 ODT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                 BV: tl.constexpr):
+    """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
+    scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
+    them (rounded to the operand dtype) and D from g as ``output_forward`` forms it. ODT is
+    the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the left
+    operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
+    pipelined (NOTES.md §9), so float32 (TF32) there unless the pass runs in two stages."""
+    qs = tl.zeros([BT, BV], dtype=tl.float32)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    qs, scores = _query_block(q, S1, Kt1, qs, scores, 0, t0, end, stride, K, DT, PREC, BT, KB)
+    if K > KB:
+        qs, scores = _query_block(q, S2, Kt2, qs, scores, KB, t0, end, stride, K, DT, PREC,
+                                  BT, KB)
+    if K > 2 * KB:
+        qs, scores = _query_block(q, S3, Kt3, qs, scores, 2 * KB, t0, end, stride, K, DT,
+                                  PREC, BT, KB)
+    if K > 3 * KB:
+        qs, scores = _query_block(q, S4, Kt4, qs, scores, 3 * KB, t0, end, stride, K, DT,
+                                  PREC, BT, KB)
+    if HAS_GATE:
+        P = scores * causal_decay(load_vec(g + i_hv, t0, end, HV, BT), BT)
+        qs = qs * e_gamma[:, None]
+    else:
+        o_t = tl.arange(0, BT)
+        P = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
+    return scale * mma(P.to(ODT), delta.to(ODT), qs, ODT, PREC)
+
+
+@triton.jit
 def state_forward_kernel(
     k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
     decays, h0,            # [HV, 2, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
-    cu, offsets, TT,
+    q, g, o,               # OUTPUT only: [TT, H, K], [TT, HV] log gates, out [TT, HV, V]
+    cu, offsets, TT, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
+    OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
-    from S = I gives a segment's transition matrix (math.md §3.8)."""
+    from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
+    (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o
+    instead of the chunk states and Δ (give it STORE_CHUNKS=False)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
         t0 = bos + i * BT
+        e_gamma = 1.0
         e_last = 1.0
         if HAS_GATE:
-            _, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
+            e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
@@ -189,12 +262,28 @@ def state_forward_kernel(
             delta -= ws
             if STORE_CHUNKS:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
+        if OUTPUT:
+            # k's tiles serve QKᵀ here and the update below: read once.
+            Kt1, Kt2, Kt3, Kt4 = _load_col_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
+            b_o = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
+                               e_gamma, g, i_hv, t0, end, H * K, HV, scale, K, HAS_GATE,
+                               DT, ODT, PREC, BT, KB, BV)
+            store_rows(o + i_hv * V, b_o, t0, end, HV * V, col0, V, BT, BV)
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
             # goes from memory into the product untouched.
             delta = delta * to_end[:, None]
-        S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT), t0,
-                                        end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
+        if OUTPUT:
+            S1 = _update_tile(Kt1, S1, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+            if K > KB:
+                S2 = _update_tile(Kt2, S2, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+            if K > 2 * KB:
+                S3 = _update_tile(Kt3, S3, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+            if K > 3 * KB:
+                S4 = _update_tile(Kt4, S4, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+        else:
+            S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT),
+                                            t0, end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
     if STORE_HT:
         _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
