@@ -147,6 +147,12 @@ def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None,
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
         stem = dump / f"{launch['name']}-w{opts['num_warps']}-s{opts['num_stages']}"
+        # Launches of one kernel under different flags (the forward pass with and without
+        # OUTPUT) get their own files.
+        n = 1
+        while stem.with_suffix(".ttgir").exists():
+            n += 1
+            stem = dump / f"{launch['name']}-w{opts['num_warps']}-s{opts['num_stages']}-{n}"
         stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
         stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
         stem.with_suffix(".sass").write_text(subprocess.run(

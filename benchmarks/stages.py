@@ -1,6 +1,6 @@
 """Where the time goes: CUDA time per Triton kernel of one forward+backward, by stage.
 
-    python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands] [--tag T]
+    python3 benchmarks/stages.py --shape 8,4096,16,128,128 [--fp32-operands] [--forward] [--tag T]
     GDN_TRITON_TILES=state_bv=16 python3 benchmarks/stages.py --tag state_bv16
     GDN_TRITON_SEGMENT_CHUNKS=0 python3 benchmarks/stages.py --shape 1,65536,16,128,128 \
         --tag unsegmented
@@ -29,7 +29,7 @@ import ops as bench  # noqa: E402  (the shared header and case helpers)
 
 
 def profile(case: bench.Case, dtype: torch.dtype, steps: int,
-            backend: str = "triton") -> dict[str, float]:
+            backend: str = "triton", forward_only: bool = False) -> dict[str, float]:
     x = case.inputs(torch.device("cuda"), seed=0).to(dtype, requires_grad=True)
     dO = torch.randn(case.B, case.T, case.HV, case.V, device="cuda", dtype=dtype)
     call = bench.BACKENDS[backend].call
@@ -41,6 +41,10 @@ def profile(case: bench.Case, dtype: torch.dtype, steps: int,
         # 8x4096-h16 in the profiles up to NOTES.md §9).
         for t in leaves:
             t.grad = None
+        if forward_only:   # as ops.py times the forward: no autograd
+            with torch.no_grad():
+                call(case.variant, x)
+            return
         call(case.variant, x).backward(dO)
 
     for _ in range(2):  # compile and warm up outside the profile
@@ -73,6 +77,8 @@ def main() -> None:
     parser.add_argument("--external", action="store_true",
                         help="two forward+backward calls without torch.profiler, nothing "
                              "saved: for an external profiler (ncu)")
+    parser.add_argument("--forward", action="store_true",
+                        help="the forward alone (no autograd), as ops.py times it")
     parser.add_argument("--tag", default="", help="suffix of the results file, e.g. state_bv16")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "benchmarks" / "results" /
                         "stages")
@@ -83,23 +89,26 @@ def main() -> None:
         parser.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
     case = bench.parse_cases([args.shape], [args.variant])[0]
     if args.external:
-        profile(case, getattr(torch, args.dtype), 0, args.backend)
+        profile(case, getattr(torch, args.dtype), 0, args.backend, args.forward)
         return
-    times = profile(case, getattr(torch, args.dtype), args.steps, args.backend)
+    times = profile(case, getattr(torch, args.dtype), args.steps, args.backend, args.forward)
     head = bench.header(torch.device("cuda"))
     # The file first: a caller that pipes the table into `head` must not lose it (NOTES §10).
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
+    tag += "-fwd" if args.forward else ""
     tag += f"-{args.tag}" if args.tag else ""
     tag += "-fla" if args.backend == "fla" else ""
     path = args.out / f"{bench.results_stem(head)}-{tag}.json"
     path.write_text(json.dumps({"header": head, "case": case.name, "variant": args.variant,
                                 "dtype": args.dtype, "backend": args.backend,
                                 "fp32_operands": args.fp32_operands,
+                                "forward_only": args.forward,
                                 "ms_per_fwd_bwd": times}, indent=1) + "\n")
     total = sum(times.values())
+    per = "forward" if args.forward else "forward+backward"
     print(f"{args.backend} {case.name} {args.variant} {args.dtype} "
-          f"fp32_operands={args.fp32_operands}: {total:.3f} ms of kernels per forward+backward")
+          f"fp32_operands={args.fp32_operands}: {total:.3f} ms of kernels per {per}")
     for name, ms in times.items():
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:90]}")
     print(f"wrote {path}")

@@ -106,6 +106,31 @@ def causal_decay(g, BT: tl.constexpr):
 
 
 @triton.jit
+def _two_sum(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) + (b_hi + b_lo) as an unevaluated pair: s = fl(a_hi + b_hi) and
+    everything the rounding of s dropped (Knuth's TwoSum), plus the two low parts."""
+    s = a_hi + b_hi
+    b_virtual = s - a_hi
+    err = (a_hi - (s - b_virtual)) + (b_hi - b_virtual)
+    return s, a_lo + b_lo + err
+
+
+@triton.jit
+def causal_decay_compensated(g, BT: tl.constexpr):
+    """``causal_decay`` from a compensated prefix sum instead of the C × C column sums:
+    Γ as a float32 pair (hi, lo) with hi + lo = Γ to about ε², and Γ_r − Γ_j =
+    (hi_r − hi_j) + (lo_r − lo_j). The first difference is exact while the two prefix sums
+    are within a factor of two (Sterbenz), and otherwise rounds with error ≤ ε·|Γ_r − Γ_j|;
+    either way a strong gate early in the chunk does not swamp the later small ones
+    (math.md §5.3). It holds [BT] vectors and one [BT, BT] tile where the column sums hold
+    several, which is what a kernel that keeps the state in registers can afford."""
+    o = tl.arange(0, BT)
+    hi, lo = tl.associative_scan((g, tl.zeros_like(g)), 0, _two_sum)
+    diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+    return tl.exp(tl.where(o[:, None] >= o[None, :], diff, float("-inf")))
+
+
+@triton.jit
 def decay_to_end(g_next):
     """e^{Γ_C − Γ_j} = exp(Σ_{i>j} g_i), from g shifted by one (g_next[j] = g_{j+1})."""
     return tl.exp(tl.cumsum(g_next, axis=0, reverse=True))

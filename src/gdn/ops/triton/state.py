@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
-    causal_decay,
+    causal_decay_compensated,
     decay_to_end,
     load_cols_stored,
     load_matrix,
@@ -196,7 +196,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, g, i_hv,
                  BV: tl.constexpr):
     """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
     scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
-    them (rounded to the operand dtype) and D from g as ``output_forward`` forms it. ODT is
+    them (rounded to the operand dtype) and D from g (``causal_decay_compensated``). ODT is
     the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the left
     operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
     pipelined (NOTES.md §9), so float32 (TF32) there unless the pass runs in two stages."""
@@ -213,7 +213,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, g, i_hv,
         qs, scores = _query_block(q, S4, Kt4, qs, scores, 3 * KB, t0, end, stride, K, DT,
                                   PREC, BT, KB)
     if HAS_GATE:
-        P = scores * causal_decay(load_vec(g + i_hv, t0, end, HV, BT), BT)
+        P = scores * causal_decay_compensated(load_vec(g + i_hv, t0, end, HV, BT), BT)
         qs = qs * e_gamma[:, None]
     else:
         o_t = tl.arange(0, BT)
