@@ -34,12 +34,12 @@ def _decays_float64(g: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch
 
 def _decays_kernel(g: torch.Tensor, cu: list[int]) -> torch.Tensor:
     """``chunk_decays_kernel`` into a NaN-poisoned table, so an unwritten element shows."""
-    from gdn.ops.triton.decays import chunk_decays_kernel
+    from gdn.ops.triton.decays import ROWS, chunk_decays_kernel
     from gdn.ops.triton.indexing import chunk_table
 
     TT, HV = g.shape
     table = chunk_table(1, TT, torch.tensor(cu, device=g.device), BT, g.device)
-    got = torch.full((HV, 2, TT), float("nan"), device=g.device)
+    got = torch.full((HV, ROWS, TT), float("nan"), device=g.device)
     chunk_decays_kernel[(table.num_chunks, HV)](g, got, table.seq, table.start, table.cu, TT,
                                                 HV=HV, BT=BT)
     return got
@@ -47,13 +47,33 @@ def _decays_kernel(g: torch.Tensor, cu: list[int]) -> torch.Tensor:
 
 def _assert_within_float32_sum_bound(got: torch.Tensor, g: torch.Tensor, cu: list[int]):
     want, abs_sums = _decays_float64(g.cpu(), cu)
-    got = got.cpu().double()
+    got = got.cpu()
     assert not got.isnan().any()
     # A float32 sum of at most 64 terms is off by ≤ 64·2⁻²⁴·Σ|g| (then the exp's own error):
     # the relative error of e^Γ; below float32's smallest normal number it may flush to 0.
     bound = 64 * 2.0**-24 * abs_sums + 1e-6
-    err = (got - want).abs()
+    err = (got[:, :2].double() - want).abs()
     assert (err <= bound * want + torch.finfo(torch.float32).tiny).all()
+    _assert_gamma_pairs_compensated(got[:, 2], got[:, 3], -abs_sums[:, 0])
+
+
+def _assert_gamma_pairs_compensated(hi: torch.Tensor, lo: torch.Tensor, gamma: torch.Tensor):
+    """Rows 2 and 3: Γ_r as a float32 pair, hi + lo within a few ε² of Γ_r; and the in-chunk
+    exponent (hi_r − hi_j) + (lo_r − lo_j), formed in float32 as ``load_decay_matrix`` forms
+    it, within ε of Γ_r − Γ_j relative to it, where a difference of plain float32 prefix
+    sums is off by ε·|Γ_r| (math.md §5.3)."""
+    eps = 2.0**-24
+    pair = hi.double() + lo.double()
+    assert ((pair - gamma).abs() <= 256 * eps**2 * gamma.abs() + 1e-30).all()
+    # Every pair of tokens (r ≥ j) in each 64-token block of the packed row; pairs from two
+    # chunks are exponents the kernels never form, but the bound holds for them too.
+    for t0 in range(0, hi.shape[-1], BT):
+        h, lo_, exact = (x[..., t0:t0 + BT] for x in (hi, lo, gamma))
+        diff = (h[..., :, None] - h[..., None, :]) + (lo_[..., :, None] - lo_[..., None, :])
+        want = exact[..., :, None] - exact[..., None, :]
+        lower = torch.ones(want.shape[-2:], dtype=torch.bool).tril()
+        err = (diff.double() - want).abs()[..., lower]
+        assert (err <= 4 * eps * want.abs()[..., lower] + 1e-30).all()
 
 
 @interpreter_only

@@ -116,18 +116,10 @@ def _two_sum(a_hi, a_lo, b_hi, b_lo):
 
 
 @triton.jit
-def causal_decay_compensated(g, BT: tl.constexpr):
-    """``causal_decay`` from a compensated prefix sum instead of the C × C column sums:
-    Γ as a float32 pair (hi, lo) with hi + lo = Γ to about ε², and Γ_r − Γ_j =
-    (hi_r − hi_j) + (lo_r − lo_j). The first difference is exact while the two prefix sums
-    are within a factor of two (Sterbenz), and otherwise rounds with error ≤ ε·|Γ_r − Γ_j|;
-    either way a strong gate early in the chunk does not swamp the later small ones
-    (math.md §5.3). It holds [BT] vectors and one [BT, BT] tile where the column sums hold
-    several, which is what a kernel that keeps the state in registers can afford."""
-    o = tl.arange(0, BT)
-    hi, lo = tl.associative_scan((g, tl.zeros_like(g)), 0, _two_sum)
-    diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-    return tl.exp(tl.where(o[:, None] >= o[None, :], diff, float("-inf")))
+def compensated_cumsum(g):
+    """Prefix sums of a [BT] vector as float32 pairs (hi, lo), hi + lo equal to the exact
+    sum to about ε² relative (a scan of TwoSum steps)."""
+    return tl.associative_scan((g, tl.zeros_like(g)), 0, _two_sum)
 
 
 @triton.jit

@@ -10,20 +10,27 @@ kernel computes them once for all chunks in parallel, with the operations the st
 used (e^{Γ_r} and e^{Γ_C − Γ_r} bitwise the same; e^{Γ_C} is now the last e^{Γ_r}, where the
 passes took the exp of a separate sum, one rounding apart), and lays them out per v head
 over the packed tokens: a step then reads two contiguous float32 rows, which the pipeliner
-prefetches one chunk ahead, and one scalar.
+prefetches one chunk ahead, and one scalar. Two more rows hold Γ_r as a compensated float32
+pair, for the in-chunk decay matrix of the forward pass that computes the output.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton.common import chunk_bounds, decay_to_end, load_vec
+from gdn.ops.triton.common import chunk_bounds, compensated_cumsum, decay_to_end, load_vec
+
+# Rows of the table per v head: e^{Γ_r}, e^{Γ_C − Γ_r}, and Γ_r itself as a float32 pair
+# hi + lo (a compensated prefix sum), from which the forward pass that computes the output
+# forms the in-chunk decays e^{Γ_r − Γ_j} (``decay_matrix``, math.md §3.9).
+ROWS = 4
+_ROWS = tl.constexpr(ROWS)   # the same, as kernels may read a global
 
 
 @triton.jit
 def chunk_decays_kernel(
     g,                     # [TT, HV] log gates
-    decays,                # out: [HV, 2, TT] float32: e^{Γ_r}, then e^{Γ_C − Γ_r}
+    decays,                # out: [HV, ROWS, TT] float32 (ROWS above)
     chunk_seq, chunk_start, cu, TT,
     HV: tl.constexpr, BT: tl.constexpr,
 ):
@@ -32,19 +39,23 @@ def chunk_decays_kernel(
     if i_n < 0:
         return
     chunk_end = tl.minimum(t0 + BT, end)
-    e_gamma = tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
+    gg = load_vec(g + i_hv, t0, end, HV, BT)
+    e_gamma = tl.exp(tl.cumsum(gg, axis=0))
     to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
+    hi, lo = compensated_cumsum(gg)
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
-    row = decays + i_hv.to(tl.int64) * 2 * TT
+    row = decays + i_hv.to(tl.int64) * _ROWS * TT
     tl.store(row + o_t, e_gamma, mask=o_t < end)
     tl.store(row + TT + o_t, to_end, mask=o_t < end)
+    tl.store(row + 2 * TT + o_t, hi, mask=o_t < end)
+    tl.store(row + 3 * TT + o_t, lo, mask=o_t < end)
 
 
 def chunk_decays(g_: torch.Tensor, table, BT: int) -> torch.Tensor:
-    """[HV, 2, TT] float32 decays of every chunk of the chunk table for flattened gates
+    """[HV, ROWS, TT] float32 decays of every chunk of the chunk table for flattened gates
     g_ [TT, HV]."""
     TT, HV = g_.shape
-    decays = torch.empty(HV, 2, TT, device=g_.device, dtype=torch.float32)
+    decays = torch.empty(HV, ROWS, TT, device=g_.device, dtype=torch.float32)
     chunk_decays_kernel[(table.num_chunks, HV)](g_, decays, table.seq, table.start, table.cu,
                                                 TT, HV=HV, BT=BT, num_warps=1)
     return decays
@@ -55,8 +66,28 @@ def load_chunk_decays(decays, i_hv, TT, t0, end, BT: tl.constexpr):
     """One chunk's e^{Γ_r} and e^{Γ_C − Γ_r} ([BT] each, 0 past the end) and e^{Γ_C} from
     ``chunk_decays``'s table."""
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
-    row = decays + i_hv.to(tl.int64) * 2 * TT
+    row = decays + i_hv.to(tl.int64) * _ROWS * TT
     e_gamma = tl.load(row + o_t, mask=o_t < end, other=0.0)
     to_end = tl.load(row + TT + o_t, mask=o_t < end, other=0.0)
     e_last = tl.load(row + tl.minimum(t0 + BT, end) - 1)
     return e_gamma, to_end, e_last
+
+
+@triton.jit
+def load_decay_matrix(decays, i_hv, TT, t0, end, BT: tl.constexpr):
+    """One chunk's D_rj = e^{Γ_r − Γ_j} for j ≤ r, else 0 (math.md §3.1), from the table's
+    Γ pairs: (hi_r − hi_j) + (lo_r − lo_j). The first difference is exact while the two
+    prefix sums are within a factor of two (Sterbenz) and otherwise rounds with error
+    ≤ ε·|Γ_r − Γ_j|, so, as with the column sums of ``common.causal_decay``, a strong gate
+    early in the chunk does not swamp the later small ones (math.md §5.3). The pair is read
+    twice, once per axis, which costs two 256-byte loads where forming D from g costs scans
+    and layout changes inside a sequential step (NOTES.md §15)."""
+    o = tl.arange(0, BT)
+    o_t = t0 + o.to(tl.int64)
+    row = decays + i_hv.to(tl.int64) * _ROWS * TT
+    hi_r = tl.load(row + 2 * TT + o_t, mask=o_t < end, other=0.0)
+    lo_r = tl.load(row + 3 * TT + o_t, mask=o_t < end, other=0.0)
+    hi_j = tl.load(row + 2 * TT + o_t, mask=o_t < end, other=0.0)
+    lo_j = tl.load(row + 3 * TT + o_t, mask=o_t < end, other=0.0)
+    diff = (hi_r[:, None] - hi_j[None, :]) + (lo_r[:, None] - lo_j[None, :])
+    return tl.exp(tl.where(o[:, None] >= o[None, :], diff, float("-inf")))

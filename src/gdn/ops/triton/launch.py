@@ -211,7 +211,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     d_ = _decays(p, g_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     # The state pass computes the output itself unless the backward keeps the states.
-    fused = None if keep or not fused_output(p.K) else passes.Output(q_, g_, o, scale)
+    fused = None if keep or not fused_output(p.K) else passes.Output(q_, o, scale)
     states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:

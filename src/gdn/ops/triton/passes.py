@@ -165,11 +165,9 @@ def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
 @dataclass
 class Output:
     """What the forward pass needs to compute o itself from the state in registers
-    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], log gates [TT, HV] or None, o
-    [TT, HV, V] to write, the scale."""
+    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale."""
 
     q: torch.Tensor
-    g: torch.Tensor | None
     o: torch.Tensor
     scale: float
 
@@ -179,12 +177,11 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
     V = p.V if V is None else V
     grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
     flags = _state_flags(p, "forward")
-    q_, g_, o, scale = (None, None, None, 1.0) if out is None else (
-        out.q, out.g, out.o, out.scale)
+    q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
     state.state_forward_kernel[grid](
-        k_, w, u, decays, h0, states, v_new, final, q_, g_, o, cu, offsets, p.TT, scale, V=V,
+        k_, w, u, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and out is None, U_ZERO=u_zero, OUTPUT=out is not None,
         **flags)

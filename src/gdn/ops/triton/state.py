@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
-    causal_decay_compensated,
     decay_to_end,
     load_cols_stored,
     load_matrix,
@@ -32,7 +31,7 @@ from gdn.ops.triton.common import (
     store_matrix,
     store_rows,
 )
-from gdn.ops.triton.decays import load_chunk_decays
+from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
 
 
 @triton.jit
@@ -190,13 +189,13 @@ def _query_block(q, S, Kt, qs, scores, row0, t0, end, stride, K, DT: tl.constexp
 
 
 @triton.jit
-def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, g, i_hv, t0, end,
-                 stride, HV, scale, K: tl.constexpr, HAS_GATE: tl.constexpr, DT: tl.constexpr,
+def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, i_hv, TT,
+                 t0, end, stride, scale, K: tl.constexpr, HAS_GATE: tl.constexpr, DT: tl.constexpr,
                  ODT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
                  BV: tl.constexpr):
     """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
     scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
-    them (rounded to the operand dtype) and D from g (``causal_decay_compensated``). ODT is
+    them (rounded to the operand dtype) and D from the decay table (``load_decay_matrix``). ODT is
     the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the left
     operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
     pipelined (NOTES.md §9), so float32 (TF32) there unless the pass runs in two stages."""
@@ -213,7 +212,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, g, i_hv,
         qs, scores = _query_block(q, S4, Kt4, qs, scores, 3 * KB, t0, end, stride, K, DT,
                                   PREC, BT, KB)
     if HAS_GATE:
-        P = scores * causal_decay_compensated(load_vec(g + i_hv, t0, end, HV, BT), BT)
+        P = scores * load_decay_matrix(decays, i_hv, TT, t0, end, BT)
         qs = qs * e_gamma[:, None]
     else:
         o_t = tl.arange(0, BT)
@@ -227,7 +226,7 @@ def state_forward_kernel(
     decays, h0,            # [HV, 2, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
-    q, g, o,               # OUTPUT only: [TT, H, K], [TT, HV] log gates, out [TT, HV, V]
+    q, o,                  # OUTPUT only: [TT, H, K], out [TT, HV, V]
     cu, offsets, TT, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
@@ -266,8 +265,8 @@ def state_forward_kernel(
             # k's tiles serve QKᵀ here and the update below: read once.
             Kt1, Kt2, Kt3, Kt4 = _load_col_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
             b_o = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
-                               e_gamma, g, i_hv, t0, end, H * K, HV, scale, K, HAS_GATE,
-                               DT, ODT, PREC, BT, KB, BV)
+                               e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
+                               HAS_GATE, DT, ODT, PREC, BT, KB, BV)
             store_rows(o + i_hv * V, b_o, t0, end, HV * V, col0, V, BT, BV)
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
