@@ -90,4 +90,7 @@ def load_decay_matrix(decays, i_hv, TT, t0, end, BT: tl.constexpr):
     hi_j = tl.load(row + 2 * TT + o_t, mask=o_t < end, other=0.0)
     lo_j = tl.load(row + 3 * TT + o_t, mask=o_t < end, other=0.0)
     diff = (hi_r[:, None] - hi_j[None, :]) + (lo_r[:, None] - lo_j[None, :])
-    return tl.exp(tl.where(o[:, None] >= o[None, :], diff, float("-inf")))
+    # Rows past the end read Γ = 0, which would make their exponents positive (math.md §5.1):
+    # they are masked with the upper triangle.
+    keep = (o[:, None] >= o[None, :]) & (o_t < end)[:, None]
+    return tl.exp(tl.where(keep, diff, float("-inf")))
