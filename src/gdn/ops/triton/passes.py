@@ -175,11 +175,11 @@ class Output:
 def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
                     V=None, store_chunks=True, u_zero=False, out: Output | None = None):
     V = p.V if V is None else V
-    grid = (n_seqs * p.HV, triton.cdiv(V, p.state_bv["forward"]))
     flags = _state_flags(p, "forward")
     q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
+    grid = (n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
         k_, w, u, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
@@ -197,7 +197,7 @@ def _output_pass_launch(flags: dict) -> dict:
     stages = TILES.get("fused_stages", 1)
     f32 = TILES.get("fused_f32", int(stages == 1))
     return dict(num_warps=TILES.get("fused_warps", 4), num_stages=stages,
-                ODT=tl.float32 if f32 else flags["DT"])
+                ODT=tl.float32 if f32 else flags["DT"], BV=TILES.get("fused_bv", flags["BV"]))
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:
