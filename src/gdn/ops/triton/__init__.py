@@ -1,7 +1,7 @@
 """Triton kernels of the chunked recurrence, by stage: gate decays for the state passes
 (decays.py), wy (wy_solve.py, wy.py), state (state.py; passes.py launches it whole or in
-segments, combine.py joins the segments), output (output.py) (math.md §3, §4), and of the
-q/k L2 norm (l2norm.py, §5.4).
+segments, combine.py joins the segments; up to K = 128 its forward pass computes the output
+too, §3.9), output (output.py) (math.md §3, §4), and of the q/k L2 norm (l2norm.py, §5.4).
 
 Importing this package needs Triton; ``gdn.ops`` imports it lazily, so the rest of gdn works
 without it. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``

@@ -8,8 +8,10 @@ are flattened to one packed row. A and the gradient accumulators are float32; th
 tensors the kernels hand to one another (w, u, Δ, the chunk-start states and their
 gradients) are in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32
 otherwise. Every state kept in registers is float32. By default the backward keeps only A
-from the forward and recomputes w, u, Δ and the states (math.md §4.6); with ``keep`` the
-forward hands w, Δ and the states on (``Kept``) and the backward skips those two stages.
+from the forward and recomputes w, u, Δ and the states (math.md §4.6), so the forward need
+not store the states at all: up to K = 128 its state pass computes the output itself
+(``fused_output``, §3.9). With ``keep`` the forward hands w, Δ and the states on (``Kept``)
+and the backward skips those two stages.
 """
 
 from __future__ import annotations
