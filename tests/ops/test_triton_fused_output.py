@@ -195,3 +195,23 @@ def test_the_default_rule(monkeypatch):
     assert launch.fused_output(64) is False
     monkeypatch.setitem(launch.TILES, "fused_output", 1)
     assert launch.fused_output(256) is True
+
+
+def test_the_fused_pass_launch_by_head_dim_and_operand_width(monkeypatch):
+    """Two pipeline stages, with the intra product in the operand dtype, where they keep two
+    programs per SM (K ≤ 64, 16-bit operands); one stage with a float32 intra product
+    otherwise (passes._output_pass_launch, NOTES.md §15)."""
+    import triton.language as tl
+
+    from gdn.ops.triton import passes
+
+    for key in ("fused_stages", "fused_f32", "fused_warps", "fused_bv"):
+        monkeypatch.delitem(passes.TILES, key, raising=False)
+    cases = [(64, tl.bfloat16, 2, tl.bfloat16), (32, tl.float16, 2, tl.float16),
+             (128, tl.bfloat16, 1, tl.float32), (64, tl.float32, 1, tl.float32),
+             (100, tl.bfloat16, 1, tl.float32)]
+    for K, DT, stages, odt in cases:
+        launch = passes._output_pass_launch(dict(K=K, DT=DT, BV=64))
+        assert (launch["num_stages"], launch["ODT"], launch["BV"]) == (stages, odt, 64), K
+    monkeypatch.setitem(passes.TILES, "fused_stages", 2)
+    assert passes._output_pass_launch(dict(K=128, DT=tl.bfloat16, BV=64))["ODT"] == tl.bfloat16

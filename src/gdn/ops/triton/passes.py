@@ -189,12 +189,17 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
 
 def _output_pass_launch(flags: dict) -> dict:
     """Warps, stages and the (QKᵀ ⊙ D) Δ product's operand dtype ODT of the forward pass that
-    computes the output (K ≤ 128, BV = 64): its q, k, w and u tiles take 56 KiB a stage, so
-    two stages (120 KiB, sm90_resources) leave one program per SM and one stage (40 KiB, 255
-    registers) two, as the plain pass has in two stages (NOTES.md §15). In one stage ODT is
-    float32 (state._output_tile says why). GDN_TRITON_TILES=fused_warps / fused_stages /
-    fused_f32 (0: ODT the operand dtype whatever the stages)."""
-    stages = TILES.get("fused_stages", 1)
+    computes the output (K ≤ 128, BV = 64). At K = 128 its q, k, w and u tiles take 56 KiB a
+    stage, so two stages (120 KiB, sm90_resources) leave one program per SM and one stage
+    (56 KiB, 255 registers) two, as the plain pass has in two stages; at K ≤ 64 with 16-bit
+    operands two stages take 65 KiB and keep two per SM. Measured at 8x4096-h16 on an H100
+    (NOTES.md §15): K = 128, the pass 0.579 ms in one stage, 0.789 in two; K = 64, the
+    forward's kernels 0.742 in one stage, 0.706 in two (0.824 unfused). In one stage ODT is
+    float32
+    (state._output_tile says why). GDN_TRITON_TILES=fused_warps / fused_stages / fused_f32
+    (0: ODT the operand dtype whatever the stages)."""
+    two = flags["K"] <= 64 and _sixteen_bit(flags)
+    stages = TILES.get("fused_stages", 2 if two else 1)
     f32 = TILES.get("fused_f32", int(stages == 1))
     return dict(num_warps=TILES.get("fused_warps", 4), num_stages=stages,
                 ODT=tl.float32 if f32 else flags["DT"], BV=TILES.get("fused_bv", flags["BV"]))
