@@ -15,6 +15,9 @@ scaled and converted tiles in registers, computed inf with bf16 operands on Trit
 H100 (benchmarks/NOTES.md §3 v4, §8). All programs of a pass must be resident at once (each
 walks a whole sequence), so registers and shared memory per program decide the tiles, warps
 and pipeline stages of each pass (launch options and their measurements in passes.py).
+
+Up to K = 128 the forward pass also computes the output of each chunk from the state it holds
+(OUTPUT, math.md §3.9), so the forward stores neither the chunk states nor Δ.
 """
 
 import triton
@@ -190,14 +193,14 @@ def _query_block(q, S, Kt, qs, scores, row0, t0, end, stride, K, DT: tl.constexp
 
 @triton.jit
 def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, i_hv, TT,
-                 t0, end, stride, scale, K: tl.constexpr, HAS_GATE: tl.constexpr, DT: tl.constexpr,
-                 ODT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
-                 BV: tl.constexpr):
+                 t0, end, stride, scale, K: tl.constexpr, HAS_GATE: tl.constexpr,
+                 DT: tl.constexpr, ODT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                 KB: tl.constexpr, BV: tl.constexpr):
     """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
     scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
-    them (rounded to the operand dtype) and D from the decay table (``load_decay_matrix``). ODT is
-    the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the left
-    operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
+    them (rounded to the operand dtype) and D from the decay table (``load_decay_matrix``).
+    ODT is the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the
+    left operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
     pipelined (NOTES.md §9), so float32 (TF32) there unless the pass runs in two stages."""
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
@@ -223,7 +226,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
 @triton.jit
 def state_forward_kernel(
     k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
-    decays, h0,            # [HV, 2, TT] float32 (decays.py), [N, HV, K, V] float32
+    decays, h0,            # [HV, ROWS, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     q, o,                  # OUTPUT only: [TT, H, K], out [TT, HV, V]
@@ -289,7 +292,7 @@ def state_forward_kernel(
 
 @triton.jit
 def state_backward_kernel(
-    q, k, w, decays, g,    # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, 2, TT] f32, [TT, HV]
+    q, k, w, decays, g,    # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, ROWS, TT] f32, [TT, HV]
     do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
