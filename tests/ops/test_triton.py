@@ -338,6 +338,19 @@ def test_state_pass_launch_above_k128_by_operand_width():
     assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (64, 4, 2)
 
 
+def test_parallel_kernels_value_block_by_head_dim_and_operand_width(monkeypatch):
+    """BV of the parallel kernels: 64 up to K = 128, and above it with 16-bit operands
+    (measured faster for every one of them at K = 256, NOTES.md §15); 32 above K = 128 with
+    float32 operands; never wider than V needs."""
+    from gdn.ops.triton import tiles
+
+    monkeypatch.delitem(tiles.TILES, "bv", raising=False)
+    assert tiles.tile_sizes(128, 128, sixteen_bit=False)[1] == 64
+    assert tiles.tile_sizes(256, 512, sixteen_bit=True)[1] == 64
+    assert tiles.tile_sizes(256, 512, sixteen_bit=False)[1] == 32
+    assert tiles.tile_sizes(200, 20, sixteen_bit=True)[1] == 32
+
+
 def test_backward_reuses_the_forward_seams(monkeypatch):
     """The backward recomputes the chunk states in one forward pass from the seams the
     forward saved, not in three (own parts, transitions, final pass)."""

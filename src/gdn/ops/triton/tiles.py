@@ -41,16 +41,20 @@ def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict
     """
     BK = max(16, triton.next_power_of_2(K))
     # 64 up to K = 128 (measured with bf16 tiles: wy_backward 0.92 → 0.82 ms, output_forward
-    # 0.36 → 0.31 at 8x4096-h16, NOTES.md §9); at K = 256 the forward output would take
-    # 120 KiB of shared memory, one program per SM: 32 there, not measured against 64.
-    BV = min(TILES.get("bv", 64 if BK <= 128 else 32), max(16, triton.next_power_of_2(V)))
+    # 0.36 → 0.31 at 8x4096-h16, NOTES.md §9). Above K = 128 also 64 with 16-bit operands:
+    # at 8x4096-h6-k256v512 every parallel kernel was faster than with 32 (wy_apply 0.647 →
+    # 0.512 ms, wy_backward 0.702 → 0.611, output_forward 0.690 → 0.603, dv_local 0.309 →
+    # 0.249; kernels 7.26 → 6.88, NOTES.md §15). float32 operands there keep 32 (their tiles
+    # take twice the shared memory; not measured).
+    wide_ok = BK <= 128 or sixteen_bit
+    BV = min(TILES.get("bv", 64 if wide_ok else 32), max(16, triton.next_power_of_2(V)))
     # An explicit state BV is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
     # The forward pass takes BV = 64 (above K = 128 on eight warps; with float32 operands
     # there 32, as two stages of their tiles would not fit), the reverse one 32 (passes.py
     # has the measurements).
     v_tile = max(16, triton.next_power_of_2(V))
-    forward = 64 if BK <= 128 or sixteen_bit else 32
+    forward = 64 if wide_ok else 32
     state_bv = dict(forward=TILES.get("state_bv") or min(forward, v_tile),
                     reverse=TILES.get("state_bwd_bv") or min(32, v_tile))
     return BK, BV, state_bv
