@@ -13,24 +13,19 @@ storing every chunk state for ``output_forward``. In Triton's interpreter (CPU):
 - the default rule of ``fused_output`` and its GDN_TRITON_TILES override.
 """
 
-import os
 
 import pytest
 import torch
+from triton_cases import COMMON_CASES, interpreter_only, op_for
 
-from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
+pytestmark = interpreter_only
 
 CASES = {
-    # name: (random_inputs kwargs, delta, segmented)
-    "gated": (dict(B=2, T=70, H=2, HV=2, K=20, V=12, initial_state=True), True, False),
-    "deltanet": (dict(B=1, T=65, H=1, K=16, V=16, gate=False), True, False),
-    "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False, False),
+    **COMMON_CASES,
     # V = 100: the forward pass in two ragged blocks of 64 columns; an empty and a 1-token
     # document.
     "gva_varlen": (dict(T=100, H=2, HV=4, K=16, V=100, initial_state=True,
@@ -40,10 +35,6 @@ CASES = {
     # K = 200 > 128: not fused by default (fused_output), forced here; four row blocks.
     "wide_k": (dict(B=1, T=70, H=1, K=200, V=20, initial_state=True), True, False),
 }
-
-
-def _op(delta):
-    return chunk_gated_delta_rule if delta else chunk_gated_linear_attention
 
 
 def _force_fusion(monkeypatch, fused: bool):
@@ -64,7 +55,7 @@ def test_fused_and_unfused_forwards_agree(case, dtype, monkeypatch):
     runs = {}
     for fused in (True, False):
         _force_fusion(monkeypatch, fused)
-        runs[fused] = forward_backward(_op(delta), x, seed=7, backend="triton")
+        runs[fused] = forward_backward(op_for(delta), x, seed=7, backend="triton")
     (o1, s1, g1), (o0, s0, g0) = runs[True], runs[False]
     assert o1.dtype == dtype and o1.shape == o0.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -156,9 +147,9 @@ def test_exact_mode_with_a_strong_gate_at_a_chunk_start(delta, fused, monkeypatc
     x = random_inputs(B=1, T=150, H=1, HV=2, K=16, V=16, initial_state=True, delta=delta,
                       seed=64)
     x = _adversarial_gates(x, [0, 64, 128])
-    ref = forward_backward(_op(delta), x.to(torch.float64, requires_grad=True), seed=8,
+    ref = forward_backward(op_for(delta), x.to(torch.float64, requires_grad=True), seed=8,
                            backend="reference")
-    got = forward_backward(_op(delta), x.to(torch.float32, requires_grad=True), seed=8,
+    got = forward_backward(op_for(delta), x.to(torch.float32, requires_grad=True), seed=8,
                            backend="triton", exact=True)
     errors = {"o": rel_error(got[0], ref[0]), "state": rel_error(got[1], ref[1])}
     assert all(e <= 1e-5 for e in errors.values()), errors

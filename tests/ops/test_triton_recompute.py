@@ -4,34 +4,25 @@ are the same ones on the same inputs, so outputs and gradients must equal the re
 backward's bit for bit, in Triton's interpreter (CPU) as on a GPU.
 """
 
-import os
 
 import pytest
 import torch
+from triton_cases import COMMON_CASES, interpreter_only, op_for
 
-from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
+pytestmark = interpreter_only
 
 CASES = {
-    # name: (random_inputs kwargs, delta, segmented)
-    "gated": (dict(B=2, T=70, H=2, HV=2, K=20, V=12, initial_state=True), True, False),
-    "deltanet": (dict(B=1, T=65, H=1, K=16, V=16, gate=False), True, False),
+    **COMMON_CASES,
     "gva_varlen": (dict(T=150, H=2, HV=4, K=32, V=100, initial_state=True,
                         doc_lengths=[1, 70, 0, 14, 65]), True, False),
-    "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False, False),
     "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
                         True),
     "gla_segmented": (dict(B=1, T=300, H=1, K=16, V=16, initial_state=True), False, True),
 }
-
-
-def _op(delta):
-    return chunk_gated_delta_rule if delta else chunk_gated_linear_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -43,7 +34,7 @@ def test_kept_tensors_give_the_same_gradients_bit_for_bit(case, dtype, monkeypat
     if segmented:
         monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
     x = random_inputs(**kwargs, delta=delta, seed=51).to(dtype, requires_grad=True)
-    runs = [forward_backward(_op(delta), x, seed=6, backend="triton", recompute=recompute)
+    runs = [forward_backward(op_for(delta), x, seed=6, backend="triton", recompute=recompute)
             for recompute in (True, False)]
     (o0, s0, g0), (o1, s1, g1) = runs
     # The recomputing forward's state pass computes o itself (launch.fused_output), the

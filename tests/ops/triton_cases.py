@@ -1,0 +1,24 @@
+"""Cases shared by the interpreter tests that run the Triton op two ways and compare
+(test_triton_recompute.py, test_triton_fused_output.py)."""
+
+import os
+
+import pytest
+
+from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+
+interpreter_only = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
+
+# name: (random_inputs kwargs, delta, segmented)
+COMMON_CASES = {
+    "gated": (dict(B=2, T=70, H=2, HV=2, K=20, V=12, initial_state=True), True, False),
+    "deltanet": (dict(B=1, T=65, H=1, K=16, V=16, gate=False), True, False),
+    "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False, False),
+}
+
+
+def op_for(delta: bool):
+    """The gated delta rule, or without the delta term gated linear attention."""
+    return chunk_gated_delta_rule if delta else chunk_gated_linear_attention
