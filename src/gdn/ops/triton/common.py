@@ -48,6 +48,28 @@ def store_rows(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.c
 
 
 @triton.jit
+def add_group_sum(x, partial, FIRST: tl.constexpr, t0, end, stride, col0, n_cols,
+                  BT: tl.constexpr, BD: tl.constexpr):
+    """GVA (math.md §4.5): x plus the float32 running sum of a q/k head's gradient over the
+    v heads of its group that came before (``partial``, out's layout; the launcher runs the
+    v heads of a group one launch after the other). x itself for the group's first v head."""
+    if not FIRST:
+        x += load_rows(partial, t0, end, stride, col0, n_cols, BT, BD)
+    return x
+
+
+@triton.jit
+def store_group_sum(x, partial, out, LAST: tl.constexpr, t0, end, stride, col0, n_cols,
+                    BT: tl.constexpr, BD: tl.constexpr):
+    """The running sum x from ``add_group_sum`` to ``partial``, or for the group's last v head
+    the total to out, rounded once to out's dtype (without GVA every head is the last)."""
+    if LAST:
+        store_rows(out, x, t0, end, stride, col0, n_cols, BT, BD)
+    else:
+        store_rows(partial, x, t0, end, stride, col0, n_cols, BT, BD)
+
+
+@triton.jit
 def load_vec(ptr, t0, end, stride, BT: tl.constexpr):
     """[BT] float32 per-token scalars (gates, β), 0 past the end."""
     o_t = t0 + tl.arange(0, BT).to(tl.int64)

@@ -265,20 +265,28 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     # the autograd context until the backward returns).
     del dv_local, seams, w, kept, d_
 
-    # With G = 1 (no GVA sum) a gradient is final where it is written: store it in its dtype.
-    final_dtype = dict(device=q.device, dtype=k.dtype if G == 1 else torch.float32)
-    dq = torch.empty(TT, HV, K, device=q.device, dtype=q.dtype if G == 1 else torch.float32)
-    # With the delta term, dk's first part goes to the wy backward in the operand dtype (half
-    # the bytes of float32: output_backward 0.95 → 0.90 ms, NOTES.md §10).
-    dk = torch.empty(TT, HV, K, **(lo if delta else final_dtype))
+    # dq, and dk without the delta term, are final where output_backward writes them, in
+    # their dtypes. With GVA a q/k head's gradients sum over its G v heads: G launches, one
+    # per v head of every group, carry a float32 running sum (common.add_group_sum; written
+    # and read once per launch but the last, where per-v-head float32 gradients and a
+    # separate sum wrote and read ~4× dq's bytes). The wy backward reuses the buffer for dk.
+    dq = torch.empty(TT, H, K, device=q.device, dtype=q.dtype)
+    group_sum = torch.empty(TT, H, K, **f32) if G > 1 else dq
+    # With the delta term, dk's first part goes to the wy backward per v head, in the operand
+    # dtype (half the bytes of float32: output_backward 0.95 → 0.90 ms, NOTES.md §10).
+    dk = (torch.empty(TT, HV, K, **lo) if delta
+          else torch.empty(TT, H, K, device=q.device, dtype=k.dtype))
+    dk_group_sum = torch.empty(TT, H, K, **f32) if G > 1 and not delta else dk
     dw = torch.empty(TT, HV, K, **lo) if delta else None
     o_flags = (row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
                | p.exact_launch)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
-    output.output_backward_kernel[(NC, HV, n_kb)](
-        q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, dg_parts, *chunks,
-        scale, TT * HV, V=V, BV=OUTPUT_BACKWARD_BV, DELTA=delta, **o_flags)
+    for i_g in range(G):
+        output.output_backward_kernel[(NC, H, n_kb)](
+            q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, group_sum,
+            dk_group_sum, dg_parts, *chunks, scale, TT * HV, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
+            DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1, **o_flags)
     dg = None if g is None else dg_parts[0] if n_kb == 1 else dg_parts.sum(0)
     del states, d_states, v_new
     # The wy backward's outputs are allocated only now, in the memory the chunk states held:
@@ -287,28 +295,18 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     dbeta = torch.empty(TT, HV, **f32) if delta else None
     if delta:
         dk_partial = dk
-        dk = torch.empty(TT, HV, K, **final_dtype)
+        dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
         wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH | p.exact_launch
-        wy.wy_backward_kernel[(NC, HV)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk, dg, dv,
-                                        dbeta, *chunks, V=V, BV=BV, **wy_flags)
+        for i_g in range(G):
+            wy.wy_backward_kernel[(NC, H)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk,
+                                           group_sum, dg, dv, dbeta, *chunks, i_g, V=V, BV=BV,
+                                           FIRST=i_g == 0, LAST=i_g == G - 1, **wy_flags)
     if not delta:
         dv = d_delta
 
-    def per_qk_head(x, dtype):
-        """GVA: a q/k head's gradient sums over the v heads reading it, in float32, rounded
-        once to the input dtype by the last addition as it stores (a float32 sum and then a
-        cast wrote and read the sum once more: about 1 GB of traffic at 8x4096 with 32 v
-        heads). Not ``torch.sum(out=)``: on CPU it rounds the addends first."""
-        if G == 1:
-            return x.view(B, T, H, K).to(dtype)
-        grouped = x.view(TT, H, G, K)
-        head = grouped[:, :, 0] if G == 2 else grouped[:, :, :-1].sum(2)
-        out = torch.empty(TT, H, K, device=x.device, dtype=dtype)
-        return torch.add(head, grouped[:, :, -1], out=out).view(B, T, H, K)
-
     return (
-        per_qk_head(dq, q.dtype),
-        per_qk_head(dk, k.dtype),
+        dq.view(B, T, H, K),
+        dk.view(B, T, H, K),
         dv.view(B, T, HV, V).to(v.dtype),
         None if g is None else dg.view(B, T, HV).to(g.dtype),
         None if beta is None else dbeta.view(B, T, HV).to(beta.dtype),

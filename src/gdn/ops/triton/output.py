@@ -3,14 +3,15 @@
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk, NC
 chunks. The forward and ``dv_local``: one program per (chunk, v head), the value dimension
 walked in BV blocks inside the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per
-chunk. ``output_backward``: one program per (chunk, v head, KB columns of K), KB = 128 by
-default (one block up to K = 128).
+chunk. ``output_backward``: one program per (chunk, q/k head, KB columns of K), KB = 128 by
+default (one block up to K = 128), in each of the G launches that walk a GVA group's v heads.
 """
 
 import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
+    add_group_sum,
     causal_decay,
     chunk_bounds,
     decay_to_end,
@@ -19,6 +20,7 @@ from gdn.ops.triton.common import (
     load_vec,
     mm,
     mma,
+    store_group_sum,
     store_rows,
     store_vec,
 )
@@ -98,20 +100,26 @@ def dv_local_kernel(
                    HV * V, i_v * BV, V, BT, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["i_g"])
 def output_backward_kernel(
     q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
     v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
-    dq, dk, dw,            # out (per v head): [TT, HV, K] ×3
+    dq, dk, dw,            # out: dq [TT, H, K]; dk [TT, HV, K] with DELTA (the wy backward
+                           # finishes it), else [TT, H, K]; dw [TT, HV, K]
+    dq_sum, dk_sum,        # GVA: [TT, H, K] float32 running sums over the group's v heads
     dg_parts,              # out: [cdiv(K, KB), TT, HV] float32, dg's part from each K block
-    chunk_seq, chunk_start, cu, scale, dg_part_stride,
+    chunk_seq, chunk_start, cu, scale, dg_part_stride, i_g,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
+    LAST: tl.constexpr = True,
 ):
-    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for the
-    KB columns of K of program axis 2.
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
+    chunk, v head i_g of q/k head program_id(1)'s group, and the KB columns of K of program
+    axis 2. GVA: the launcher runs the group's v heads in G launches (FIRST, LAST: the
+    first, the last), each adding its dq, and dk without the delta term, to the float32 sum
+    (common.add_group_sum); the last stores the totals in their dtypes.
 
     Every term is a sum over K of per-column terms or a product that splits by columns, so
     the K blocks are independent programs; each recomputes dO Δᵀ (a sum over V), and its
@@ -120,11 +128,11 @@ def output_backward_kernel(
     (two stages), which Triton 3.6 needs to compute a register product's bf16 products
     right (NOTES.md §9).
     """
-    i_c, i_hv, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    i_h = i_hv // (HV // H)
+    i_hv = i_h * (HV // H) + i_g
     col0 = i_kb * KB
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
     d_q = tl.zeros([BT, KB], dtype=tl.float32)      # dO Sᵀ
@@ -162,8 +170,10 @@ def output_backward_kernel(
     else:
         d_q = d_q * scale
         dM = tl.where(o[:, None] >= o[None, :], dO_Dt, 0.0) * scale
+    d_q = add_group_sum(d_q, dq_sum + i_h * K, FIRST, t0, end, H * K, col0, K, BT, KB)
     d_q = mma(dM, b_k, d_q, DT, PREC)
-    store_rows(dq + i_hv * K, d_q, t0, end, HV * K, col0, K, BT, KB)
+    store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
+                    KB)
     if HAS_GATE:
         chunk_end = tl.minimum(t0 + BT, end)
         d_k = d_k * decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))[:, None]
@@ -173,5 +183,11 @@ def output_backward_kernel(
         d_last = tl.exp(tl.sum(gg, axis=0)) * S_dS + tl.sum(write_term, axis=0)  # dΓ_C
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last  # dΓ_C reaches every g_j
         store_vec(dg_parts + i_kb.to(tl.int64) * dg_part_stride + i_hv, d_g, t0, end, HV, BT)
-    d_k = mma(tl.trans(dM), b_q, d_k, DT, PREC)
-    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, col0, K, BT, KB)
+    if DELTA:   # the wy backward adds its part, for this v head
+        d_k = mma(tl.trans(dM), b_q, d_k, DT, PREC)
+        store_rows(dk + i_hv * K, d_k, t0, end, HV * K, col0, K, BT, KB)
+    else:
+        d_k = add_group_sum(d_k, dk_sum + i_h * K, FIRST, t0, end, H * K, col0, K, BT, KB)
+        d_k = mma(tl.trans(dM), b_q, d_k, DT, PREC)
+        store_group_sum(d_k, dk_sum + i_h * K, dk + i_h * K, LAST, t0, end, H * K, col0, K, BT,
+                        KB)

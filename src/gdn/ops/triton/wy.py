@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton.common import (
+    add_group_sum,
     causal_decay,
     chunk_bounds,
     load_rows,
     load_rows_stored,
     load_vec,
     mma,
+    store_group_sum,
     store_rows,
     store_vec,
 )
@@ -164,46 +166,53 @@ def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
 
 
 @triton.jit
-def _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
+def _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, FIRST: tl.constexpr,
+              LAST: tl.constexpr):
     """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk, with
     H_sym = H + Hᵀ formed once: one product per block instead of two, and one [BT, BT] tile
     less (wy_backward 0.733 → 0.701 ms at 8x4096-h16, NOTES.md §11). The product with it stays
     float32: H is a sum of products in the tensor cores' own layout, and its transpose as a
     bf16 operand is the pattern that Triton 3.4-3.7.0 miscompiles on Hopper
-    (fla-org/flash-linear-attention#640)."""
+    (fla-org/flash-linear-attention#640). With GVA, added to the group's sum (FIRST, LAST:
+    ``wy_backward_kernel``)."""
     b_k = load_rows(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
     d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
     d_k = d_k * (b * e_gamma)[:, None]
     d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
+    d_k = add_group_sum(d_k, dk_sum + i_h * K, FIRST, t0, end, H * K, j * KB, K, BT, KB)
     d_k = tl.dot(H_sym, b_k, d_k, input_precision=PREC)
-    store_rows(dk + i_hv * K, d_k, t0, end, HV * K, j * KB, K, BT, KB)
+    store_group_sum(d_k, dk_sum + i_h * K, dk + i_h * K, LAST, t0, end, H * K, j * KB, K, BT,
+                    KB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["i_g"])
 def wy_backward_kernel(
     k, v, g, beta, a,         # inputs and the forward's A
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
-    dk_partial, dk, dg,       # in [TT, HV, K] in DT: the output stage's part; out: dk;
-                              # in/out [TT, HV] float32: dg
+    dk_partial, dk, dk_sum,   # in [TT, HV, K] in DT: the output stage's part; out: dk
+                              # [TT, H, K]; GVA: [TT, H, K] float32 running sum
+    dg,                       # in/out [TT, HV] float32
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
-    chunk_seq, chunk_start, cu,
+    chunk_seq, chunk_start, cu, i_g,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True, LAST: tl.constexpr = True,
 ):
-    """math.md §4.3 in one program per (chunk, v head): ``_wy_gradients``, then dk block by
-    block."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    """math.md §4.3 in one program per (chunk, q/k head), for v head i_g of the q/k head's
+    group: ``_wy_gradients``, then dk block by block. GVA: the launcher runs the group's v
+    heads in G launches (FIRST, LAST: the first, the last), each adding its dk to the float32
+    sum; the last stores dk in its dtype (math.md §4.5)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    i_h = i_hv // (HV // H)
+    i_hv = i_h * (HV // H) + i_g
     gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
     A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h,
                                         t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
     H_sym = H_ + tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
-        _dk_block(k, dw, dk_partial, dk, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j, H,
-                  HV, K, DT, PREC, BT, KB)
+        _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
+                  H, HV, K, DT, PREC, BT, KB, FIRST, LAST)
