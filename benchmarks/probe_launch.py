@@ -1,7 +1,7 @@
 """Run the op once (forward+backward) at one shape with CUDA_LAUNCH_BLOCKING=1 and report the
 first failing kernel launch, or the relative errors against float64 if none fails.
 
-    PYTHONPATH=src python3 benchmarks/probe_launch.py 8,4096,16,128,128     # B,T,H,K,V
+    PYTHONPATH=src python3 benchmarks/probe_launch.py 8,4096,16,128,128     # B,T,H,K,V[,HV]
 
 The quick full-shape check after a kernel change (``gpu_session.sh state`` runs it at three
 shapes): the interpreter tests cannot see a GPU miscompile, and this names the kernel that
@@ -17,8 +17,8 @@ import torch  # noqa: E402
 from gdn.ops import chunk_gated_delta_rule  # noqa: E402
 from gdn.testing import forward_backward, random_inputs, rel_error  # noqa: E402
 
-B, T, H, K, V = (int(x) for x in sys.argv[1].split(","))
-x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0, device="cuda")
+B, T, H, K, V, *HV = (int(x) for x in sys.argv[1].split(","))    # B,T,H,K,V[,HV]
+x = random_inputs(B=B, T=T, H=H, HV=HV[0] if HV else H, K=K, V=V, seed=0, device="cuda")
 try:
     got = forward_backward(chunk_gated_delta_rule, x.to(torch.bfloat16, requires_grad=True),
                            seed=3, backend="triton")
