@@ -283,7 +283,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     for i_g in range(G):
-        output.output_backward_kernel[(NC, H, n_kb)](
+        output.output_backward_kernel[(NC * n_kb, H)](
             q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, group_sum,
             dk_group_sum, dg_parts, *chunks, scale, TT * HV, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
             DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1, **o_flags)

@@ -3,7 +3,7 @@
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk, NC
 chunks. The forward and ``dv_local``: one program per (chunk, v head), the value dimension
 walked in BV blocks inside the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per
-chunk. ``output_backward``: one program per (chunk, q/k head, KB columns of K), KB = 128 by
+chunk. ``output_backward``: one program per (chunk, KB columns of K, q/k head), KB = 128 by
 default (one block up to K = 128), in each of the G launches that walk a GVA group's v heads.
 """
 
@@ -116,9 +116,9 @@ def output_backward_kernel(
     LAST: tl.constexpr = True,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
-    chunk, v head i_g of q/k head program_id(1)'s group, and the KB columns of K of program
-    axis 2. GVA: the launcher runs the group's v heads in G launches (FIRST, LAST: the
-    first, the last), each adding its dq, and dk without the delta term, to the float32 sum
+    chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
+    GVA: the launcher runs the group's v heads in G launches (FIRST, LAST: the first, the
+    last), each adding its dq, and dk without the delta term, to the float32 sum
     (common.add_group_sum); the last stores the totals in their dtypes.
 
     Every term is a sum over K of per-column terms or a product that splits by columns, so
@@ -128,7 +128,10 @@ def output_backward_kernel(
     (two stages), which Triton 3.6 needs to compute a register product's bf16 products
     right (NOTES.md §9).
     """
-    i_c, i_h, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # The K blocks of a chunk are launched next to each other: they run together and read
+    # the same dO, Δ and dΔ tiles, the second time from L2.
+    n_kb: tl.constexpr = (K + KB - 1) // KB
+    i_c, i_kb, i_h = tl.program_id(0) // n_kb, tl.program_id(0) % n_kb, tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return

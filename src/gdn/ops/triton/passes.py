@@ -71,6 +71,9 @@ _MIN_SEGMENT_CHUNKS = 16
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
+# The V blocks of one (sequence, head) launched next to each other (state._program_slice);
+# GDN_TRITON_TILES=v_fastest=0 launches the (sequence, head)s of one V block together.
+V_FASTEST = bool(TILES.get("v_fastest", 1))
 STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_bwd_stages"))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
 
@@ -179,12 +182,18 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
     q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
-    grid = (n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
+    grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
         k_, w, u, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and out is None, U_ZERO=u_zero, OUTPUT=out is not None,
-        **flags)
+        V_FASTEST=V_FASTEST, **flags)
+
+
+def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:
+    """A state pass's grid: (sequence, head) × V block, on one axis with the V blocks
+    fastest (``V_FASTEST``) or on two. Axis 0 takes up to 2³¹ − 1 programs."""
+    return (seq_heads * v_blocks, 1) if V_FASTEST else (seq_heads, v_blocks)
 
 
 def _output_pass_launch(flags: dict) -> dict:
@@ -399,7 +408,7 @@ def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
 
 def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, *, store_chunks=True, g_=None):
-    grid = (n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
+    grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
     programs, sms = grid[0] * grid[1], _sm_count(q_.device)
     flags = _state_flags(p, "reverse")
     flags["num_stages"] = reverse_stages(p.K, programs, sms, _sixteen_bit(flags))
@@ -407,7 +416,7 @@ def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta
         q_, k_, w, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
         p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
         DELTA=w is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, **flags)
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, V_FASTEST=V_FASTEST, **flags)
 
 
 def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,

@@ -59,11 +59,18 @@ def _load_block(h0, p_state, HAS_H0: tl.constexpr, row0, K, col0, V, KB: tl.cons
 
 @triton.jit
 def _program_slice(cu, offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, BV: tl.constexpr):
+                   V: tl.constexpr, BV: tl.constexpr, V_FASTEST: tl.constexpr):
     """Which slice this program carries: v head, its q/k head, the sequence's token bounds,
     the index of its first chunk, the first value column, and the offset of its [K, V]
-    state in an [N, HV, K, V] tensor."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    state in an [N, HV, K, V] tensor. V_FASTEST: one grid axis with the V blocks of a
+    (sequence, head) launched next to each other, so that they run together and share the
+    q, k and w tiles they all read through L2 (``passes.V_FASTEST``); else (sequence, head)
+    on axis 0 and the V block on axis 1."""
+    if V_FASTEST:
+        n_v: tl.constexpr = (V + BV - 1) // BV
+        i_nh, i_v = tl.program_id(0) // n_v, tl.program_id(0) % n_v
+    else:
+        i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos, end = tl.load(cu + i_n), tl.load(cu + i_n + 1)
@@ -235,14 +242,15 @@ def state_forward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
-    OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None,
+    OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o
     instead of the chunk states and Δ (give it STORE_CHUNKS=False)."""
-    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
+    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
+                                                               V_FASTEST)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     for i in range(0, tl.cdiv(end - bos, BT)):
@@ -302,9 +310,11 @@ def state_backward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
+    V_FASTEST: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
-    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV)
+    i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
+                                                               V_FASTEST)
     state_kv = K * V
     dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
