@@ -71,8 +71,13 @@ _MIN_SEGMENT_CHUNKS = 16
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
-# The V blocks of one (sequence, head) launched next to each other (state._program_slice);
-# GDN_TRITON_TILES=v_fastest=0 launches the (sequence, head)s of one V block together.
+# The V blocks of one (sequence, head) launched next to each other (state._program_slice),
+# so that they walk the chunks together and read the q, k and w tiles they share from L2.
+# Measured against the (sequence, head)s of one V block together (NOTES.md §16): at
+# 8x4096-h6-k256v512 (several waves) the forward passes 1.787 → 1.671 ms, the reverse 1.499
+# → 1.395; at 6x4096-h16 (three reverse programs per SM) the reverse 0.356 → 0.312; at
+# 8x4096-h16 (one wave) 0.868 → 0.850 for the forward passes. GDN_TRITON_TILES=v_fastest=0
+# gives the old order.
 V_FASTEST = bool(TILES.get("v_fastest", 1))
 STATE_STAGES = dict(forward=TILES.get("state_stages"), reverse=TILES.get("state_bwd_stages"))
 STATE_WARPS = dict(forward=TILES.get("state_warps"), reverse=TILES.get("state_bwd_warps"))
