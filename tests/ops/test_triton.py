@@ -414,3 +414,25 @@ def test_reverse_pass_takes_its_gates_from_g_where_three_programs_share_an_sm(mo
     assert not passes.reverse_gates_inline(128, 384, None)     # not a GPU
     monkeypatch.setitem(passes.TILES, "inline_gates", 1)
     assert passes.reverse_gates_inline(128, 128, 132)
+
+
+@pytest.mark.parametrize("segment_chunks", [None, 2])
+def test_state_pass_launch_order_changes_nothing(monkeypatch, segment_chunks):
+    """The state passes' two launch orders (``passes.V_FASTEST``: a (sequence, head)'s V
+    blocks next to each other, or on a grid axis of their own) give the same outputs, final
+    states and gradients bit for bit: each program carries the same slice either way. V = 100
+    with GVA makes two forward and four reverse V blocks per (sequence, head)."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", segment_chunks)
+    x = random_inputs(B=2, T=300, H=1, HV=2, K=16, V=100, initial_state=True,
+                      seed=24).to(torch.float32, requires_grad=True)
+    runs = []
+    for v_fastest in (False, True):
+        monkeypatch.setattr(passes, "V_FASTEST", v_fastest)
+        runs.append(forward_backward(chunk_gated_delta_rule, x, seed=6, backend="triton"))
+    (o0, s0, g0), (o1, s1, g1) = runs
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    for name, grad in g0.items():
+        if grad is not None:
+            assert torch.equal(grad, g1[name]), name
