@@ -50,17 +50,26 @@ OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 # product; Triton 3.6 on an H100 computes that wrong in bf16 when the loop is not pipelined
 # (output 2.2 relative error, the wy gradients inf, an illegal address at K = 256), and right
 # with two stages: benchmarks/bf16_dot_probe.py reproduces it in 20 lines (NOTES.md §9). So
-# these two kernels run with two stages, which their shared memory allows (44 / 72 KiB).
+# these two kernels run with two stages or more, which their shared memory allows.
 # GDN_TRITON_TILES=output_f32=1 / wy_f32=1 give them float32 (TF32) operands instead.
 F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
     num_stages=TILES.get("output_stages", 2))
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_stages=TILES.get("wy_stages", 2), num_warps=TILES.get("wy_warps", 4))
+    num_warps=TILES.get("wy_warps", 4))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
-# tiles in a loop: two stages too.
-TWO_STAGE_LAUNCH = dict(num_stages=TILES.get("loop_stages", 2))
-APPLY_LAUNCH = TWO_STAGE_LAUNCH | dict(num_warps=TILES.get("apply_warps", 4))
+# tiles in a loop: pipelined too (``loop_stages``).
+APPLY_LAUNCH = dict(num_warps=TILES.get("apply_warps", 4))
+
+
+def loop_stages(sixteen_bit: bool, knob: str) -> dict:
+    """Pipeline stages of wy_backward (knob "wy_stages"), wy_apply and dv_local
+    ("loop_stages"), whose loops multiply a tile held in registers (two at least, §9): three
+    with 16-bit operands, measured at 8x4096-h16 on an H100 (NOTES.md §16) against two:
+    wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local 0.204 → 0.196, with the
+    programs per SM unchanged (wy_backward 64 KiB, two by registers). float32 operands keep
+    two: a third stage takes wy_backward to 128 KiB, one program per SM (not measured)."""
+    return dict(num_stages=TILES.get(knob, 3 if sixteen_bit else 2))
 
 
 # wy_apply capped at 128 registers a thread (from 134; spills 8 bytes): four programs per
@@ -134,6 +143,11 @@ class _Plan:
     exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
 
     @property
+    def sixteen_bit(self) -> bool:
+        """Whether the tensors handed between kernels, and so most operands, are 16-bit."""
+        return self.lo["dtype"] != torch.float32
+
+    @property
     def TT(self) -> int:
         return self.B * self.T
 
@@ -162,7 +176,8 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     u = torch.empty(p.TT, p.HV, p.V, **p.lo)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
         k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
-        **(row_block_flags(p.flags) | APPLY_LAUNCH | p.exact_launch))
+        **(row_block_flags(p.flags) | APPLY_LAUNCH | loop_stages(p.sixteen_bit, "loop_stages")
+           | p.exact_launch))
     return w, u
 
 
@@ -256,7 +271,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     dv_local = torch.empty(TT, HV, V, **lo)
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
-                                     **(flags | TWO_STAGE_LAUNCH | p.exact_launch))
+                                     **(flags | loop_stages(p.sixteen_bit, "loop_stages")
+                                        | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
         p, q_, k_, w, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions, g_=g_)
@@ -296,7 +312,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     if delta:
         dk_partial = dk
         dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
-        wy_flags = row_block_flags(flags) | WY_BACKWARD_LAUNCH | p.exact_launch
+        wy_flags = (row_block_flags(flags) | WY_BACKWARD_LAUNCH
+                    | loop_stages(p.sixteen_bit, "wy_stages") | p.exact_launch)
         for i_g in range(G):
             wy.wy_backward_kernel[(NC, H)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk,
                                            group_sum, dg, dv, dbeta, *chunks, i_g, V=V, BV=BV,
