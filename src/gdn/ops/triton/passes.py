@@ -395,13 +395,17 @@ def reverse_stages(K: int, programs: int, sms: int | None, sixteen_bit: bool = T
 # Where the reverse pass takes its gate decays from: the table (decays.py), or g itself, each
 # step loading it and summing it as the passes did before the table. The table made the step
 # shorter where a program has its SM to itself and slower where three share one in two
-# stages, for a reason not found (NOTES.md §14; reverse pass ms, table / g):
+# stages (NOTES.md §14; reverse pass ms, table / g, with the V blocks of a (sequence, head)
+# launched N·HV programs apart):
 # - 2x16384-h16, 128 programs (one per SM), two stages: 0.728 / 0.864;
 # - 4x8192-h16, 256 (two per SM), two stages: 0.510 / 0.546 (the latter from §13);
 # - 6x4096-h16, 384 (three per SM), two stages: 0.487 / 0.350;
 # - 1x65536-h16 in 6 joined segments, 384 programs, two stages: 2.62 / 1.99;
 # - 8x4096-h16, 512 (four per SM), one stage: 0.603 / 0.605;
 # - K = 256 (8x4096-h6-k256v512), 768, one stage: 1.58 / 2.24.
+# The cause was L2 misses on the q, k, w tiles the V blocks share, as they drifted apart
+# (Nsight Compute, NOTES.md §15.10). With them launched together (``V_FASTEST``) the gap is
+# small: 6x4096-h16 0.322 / 0.312, 1x65536-h16 1.656 / 1.659 (NOTES.md §16).
 # GDN_TRITON_TILES=inline_gates=0 or 1 forces either.
 def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
     """Whether the reverse pass computes its decays from g instead of the table."""
