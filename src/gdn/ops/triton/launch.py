@@ -35,7 +35,7 @@ BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 # the state passes stay at one (passes.py: stages cost them programs per SM).
 LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # wy_solve's 16 × 16 tiles: one warp
-# The backward's output kernel: one program per (chunk, v head, KB columns of K), with three
+# The backward's output kernel: one program per (chunk, KB columns of K, v head), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
 # Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
 # on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
