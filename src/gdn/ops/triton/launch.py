@@ -36,11 +36,10 @@ BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # wy_solve's 16 × 16 tiles: one warp
 # The backward's output kernel: one program per (chunk, KB columns of K, v head), with three
-# [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined in two stages (§9).
+# [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined (§9, ``loop_stages``).
 # Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
 # on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
-OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 8),
-                              num_stages=TILES.get("obwd_stages", 2))
+OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 8))
 OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 64)
 OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 
@@ -53,8 +52,7 @@ OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 # these two kernels run with two stages or more, which their shared memory allows.
 # GDN_TRITON_TILES=output_f32=1 / wy_f32=1 give them float32 (TF32) operands instead.
 F32 = dict(DT=tl.float32)
-OUTPUT_LAUNCH = (F32 if TILES.get("output_f32") else {}) | dict(
-    num_stages=TILES.get("output_stages", 2))
+OUTPUT_LAUNCH = F32 if TILES.get("output_f32") else {}
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
     num_warps=TILES.get("wy_warps", 4))
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
@@ -63,12 +61,15 @@ APPLY_LAUNCH = dict(num_warps=TILES.get("apply_warps", 4))
 
 
 def loop_stages(sixteen_bit: bool, knob: str) -> dict:
-    """Pipeline stages of wy_backward (knob "wy_stages"), wy_apply and dv_local
-    ("loop_stages"), whose loops multiply a tile held in registers (two at least, §9): three
-    with 16-bit operands, measured at 8x4096-h16 on an H100 (NOTES.md §16) against two:
-    wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local 0.204 → 0.196, with the
-    programs per SM unchanged (wy_backward 64 KiB, two by registers). float32 operands keep
-    two: a third stage takes wy_backward to 128 KiB, one program per SM (not measured)."""
+    """Pipeline stages of the kernels whose loops multiply a tile held in registers (two at
+    least, §9): wy_backward (knob "wy_stages"), wy_apply and dv_local ("loop_stages"),
+    output_backward ("obwd_stages") and output_forward ("output_stages"). Three with 16-bit
+    operands, measured on an H100 against two (NOTES.md §16), with the programs per SM
+    unchanged: at 8x4096-h16 wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local
+    0.204 → 0.196, output_backward 0.905 → 0.899; at 8x4096-h6-k256v512 output_backward
+    1.355 → 1.116 and output_forward 0.605 → 0.542 (output_forward runs at K ≤ 128 only
+    with recompute=False: not measured there). float32 operands keep two: a third stage
+    takes wy_backward to 128 KiB, one program per SM, and output_backward past 227 KiB."""
     return dict(num_stages=TILES.get(knob, 3 if sixteen_bit else 2))
 
 
@@ -234,7 +235,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     if fused is None:
         output.output_forward_kernel[grid](
             q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V, BV=p.BV,
-            **(p.flags | OUTPUT_LAUNCH | p.exact_launch))
+            **(p.flags | OUTPUT_LAUNCH
+               | loop_stages(p.sixteen_bit and not OUTPUT_LAUNCH, "output_stages")
+               | p.exact_launch))
     kept = None
     if keep:
         if cu_seqlens is not None:
@@ -295,7 +298,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     dk_group_sum = torch.empty(TT, H, K, **f32) if G > 1 and not delta else dk
     dw = torch.empty(TT, HV, K, **lo) if delta else None
     o_flags = (row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
-               | p.exact_launch)
+               | loop_stages(p.sixteen_bit, "obwd_stages") | p.exact_launch)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     for i_g in range(G):
@@ -313,7 +316,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         dk_partial = dk
         dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
         wy_flags = (row_block_flags(flags) | WY_BACKWARD_LAUNCH
-                    | loop_stages(p.sixteen_bit, "wy_stages") | p.exact_launch)
+                    | loop_stages(p.sixteen_bit and "DT" not in WY_BACKWARD_LAUNCH, "wy_stages")
+                    | p.exact_launch)
         for i_g in range(G):
             wy.wy_backward_kernel[(NC, H)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk,
                                            group_sum, dg, dv, dbeta, *chunks, i_g, V=V, BV=BV,
