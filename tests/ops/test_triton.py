@@ -41,6 +41,10 @@ CASES = {
     "gla": (dict(B=2, T=70, H=2, HV=4, K=20, V=12, initial_state=True), False),
     "linear_attention": (dict(B=1, T=67, H=1, K=16, V=20, gate=False), False),
     "gla_varlen": (dict(T=90, H=1, HV=2, K=16, V=16, doc_lengths=[64, 1, 25]), False),
+    # GVA with K in two output_backward blocks (KB = 128): the running group sums of dq and
+    # dk per K block, launched next to each other; three v heads per q/k head (a middle one).
+    "gva_two_k_blocks": (dict(B=1, T=70, H=1, HV=3, K=200, V=20), True),
+    "gla_gva_two_k_blocks": (dict(B=1, T=70, H=1, HV=3, K=200, V=20), False),
 }
 
 
@@ -436,3 +440,16 @@ def test_state_pass_launch_order_changes_nothing(monkeypatch, segment_chunks):
     for name, grad in g0.items():
         if grad is not None:
             assert torch.equal(grad, g1[name]), name
+
+
+def test_pipeline_stages_by_operand_width(monkeypatch):
+    """Three stages for the kernels that multiply a tile held in registers with 16-bit
+    operands, two with float32 ones (their third stage would not fit, or cost programs per
+    SM: launch.loop_stages); a GDN_TRITON_TILES knob overrides either."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.delitem(launch.TILES, "wy_stages", raising=False)
+    assert launch.loop_stages(True, "wy_stages") == {"num_stages": 3}
+    assert launch.loop_stages(False, "wy_stages") == {"num_stages": 2}
+    monkeypatch.setitem(launch.TILES, "wy_stages", 2)
+    assert launch.loop_stages(True, "wy_stages") == {"num_stages": 2}
