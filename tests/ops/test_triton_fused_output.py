@@ -16,7 +16,7 @@ storing every chunk state for ``output_forward``. In Triton's interpreter (CPU):
 
 import pytest
 import torch
-from triton_cases import COMMON_CASES, interpreter_only, op_for
+from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
@@ -46,12 +46,7 @@ def _force_fusion(monkeypatch, fused: bool):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fused_and_unfused_forwards_agree(case, dtype, monkeypatch):
-    from gdn.ops.triton import passes
-
-    kwargs, delta, segmented = CASES[case]
-    if segmented:
-        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
-    x = random_inputs(**kwargs, delta=delta, seed=61).to(dtype, requires_grad=True)
+    x, delta = case_inputs(CASES[case], dtype, 61, monkeypatch)
     runs = {}
     for fused in (True, False):
         _force_fusion(monkeypatch, fused)

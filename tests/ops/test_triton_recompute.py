@@ -7,7 +7,7 @@ backward's bit for bit, in Triton's interpreter (CPU) as on a GPU.
 
 import pytest
 import torch
-from triton_cases import COMMON_CASES, interpreter_only, op_for
+from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
@@ -28,12 +28,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kept_tensors_give_the_same_gradients_bit_for_bit(case, dtype, monkeypatch):
-    from gdn.ops.triton import passes
-
-    kwargs, delta, segmented = CASES[case]
-    if segmented:
-        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
-    x = random_inputs(**kwargs, delta=delta, seed=51).to(dtype, requires_grad=True)
+    x, delta = case_inputs(CASES[case], dtype, 51, monkeypatch)
     runs = [forward_backward(op_for(delta), x, seed=6, backend="triton", recompute=recompute)
             for recompute in (True, False)]
     (o0, s0, g0), (o1, s1, g1) = runs

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
+from gdn.testing import random_inputs
 
 interpreter_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -22,3 +23,15 @@ COMMON_CASES = {
 def op_for(delta: bool):
     """The gated delta rule, or without the delta term gated linear attention."""
     return chunk_gated_delta_rule if delta else chunk_gated_linear_attention
+
+
+def case_inputs(case: tuple, dtype, seed: int, monkeypatch):
+    """The inputs of a case (kwargs, delta, segmented) in dtype, requiring gradients, with
+    the state passes cut into segments of two chunks where the case asks; and its delta."""
+    from gdn.ops.triton import passes
+
+    kwargs, delta, segmented = case
+    if segmented:
+        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    x = random_inputs(**kwargs, delta=delta, seed=seed).to(dtype, requires_grad=True)
+    return x, delta
