@@ -235,7 +235,7 @@ def test_segmented_forward_with_a_plain_reverse_pass(case, monkeypatch):
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
     chosen = []
     monkeypatch.setattr(passes, "reverse_segments",
-                        lambda p, segs, device: chosen.append(segs) or None)
+                        lambda p, segs, launch, device: chosen.append(segs) or None)
     kwargs, delta = SEGMENTED[case]
     _check(random_inputs(**kwargs, delta=delta, seed=20), delta, torch.float32, 1e-5)
     assert chosen and all(segs is not None and segs.P == 3 for segs in chosen)
@@ -252,7 +252,7 @@ def test_reverse_pass_in_joined_segments(case, r, monkeypatch):
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
     joined = []
 
-    def join(p, segs, device):
+    def join(p, segs, launch, device):
         joined.append(passes.join_segments(p, segs, r))
         return joined[-1]
 
@@ -270,25 +270,63 @@ def test_reverse_pass_plain_once_it_fills_two_thirds_of_the_sms(monkeypatch):
 
     monkeypatch.setattr(passes, "_sm_count", lambda device: 132)     # an H100
     segs = passes.Segments(4, 4096, torch.zeros(1), torch.zeros(1))
+    narrow = passes.ReverseLaunch(BV=32, num_warps=4, num_stages=2, per_sm=2)
 
     def plan(B, HV, T=16384, K=128):
-        return SimpleNamespace(B=B, HV=HV, T=T, K=K, V=128, state_bv={"reverse": 32},
-                               flags={"BT": 64})
+        return SimpleNamespace(B=B, HV=HV, T=T, K=K, V=128, flags={"BT": 64})
 
-    assert passes.reverse_segments(plan(2, 16), segs, "cuda") is None    # 128 programs
-    assert passes.reverse_segments(plan(1, 16), segs, "cuda") is segs    # 64 × 4 ≤ 3 × 132
-    assert passes.reverse_segments(plan(1, 21), segs, "cuda") is segs    # 84 < 88
-    assert passes.reverse_segments(plan(1, 22), segs, "cuda") is None    # 88 = 2/3 of 132
-    assert passes.reverse_segments(plan(1, 16), None, "cuda") is None
-    # One 65,536-token row in 16 segments: 1,024 programs, joined by 3 into 6 (384 ≤ 396).
+    assert passes.reverse_segments(plan(2, 16), segs, narrow, "cuda") is None    # 128
+    assert passes.reverse_segments(plan(1, 16), segs, narrow, "cuda") is segs    # 64·4 ≤ 264
+    # 84 < 88 programs, in 4 segments 336 > 2 × 132: joined by two.
+    assert passes.reverse_segments(plan(1, 21), segs, narrow, "cuda").P == 2
+    assert passes.reverse_segments(plan(1, 22), segs, narrow, "cuda") is None    # 88 = 2/3
+    assert passes.reverse_segments(plan(1, 16), None, narrow, "cuda") is None
+    # One 65,536-token row in 16 segments: 1,024 programs, joined by 4 into 4 (256 ≤ 264).
     long = passes._segments(1, 65536, 64, 64, "cpu")
-    joined = passes.reverse_segments(plan(1, 16, T=65536), long, "cpu")
+    joined = passes.reverse_segments(plan(1, 16, T=65536), long, narrow, "cpu")
+    assert (joined.P, joined.tokens) == (4, 4 * 4096)
+    assert joined.cu.tolist() == [0, 16384, 32768, 49152, 65536]
+    assert joined.offsets.tolist() == [0, 256, 512, 768, 1024]
+    # Three per SM (float32 operands): joined by 3 into 6 (384 ≤ 396).
+    three = passes.ReverseLaunch(BV=32, num_warps=2, num_stages=2, per_sm=3)
+    joined = passes.reverse_segments(plan(1, 16, T=65536), long, three, "cpu")
     assert (joined.P, joined.tokens) == (6, 3 * 4096)
-    assert joined.cu.tolist() == [0, 12288, 24576, 36864, 49152, 61440, 65536]
-    assert joined.offsets.tolist() == [0, 192, 384, 576, 768, 960, 1024]
-    assert passes.reverse_segments(plan(1, 16, T=65536, K=256), long, "cpu") is long
+    assert passes.reverse_segments(plan(1, 16, T=65536, K=256), long, narrow, "cpu") is long
     monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 64)                     # forced: both
-    assert passes.reverse_segments(plan(2, 16), segs, "cuda") is segs
+    assert passes.reverse_segments(plan(2, 16), segs, narrow, "cuda") is segs
+
+
+def test_reverse_pass_launch_by_programs_and_operand_width(monkeypatch):
+    """The reverse pass (dSᵀ, 16-bit operands, K ≤ 128): BV = 64 on four warps in two stages,
+    but BV = 32 where only that fills two thirds of the SMs; above K = 128 BV = 32 on four
+    warps in two stages; float32 operands keep two warps up to K = 128, in two stages while
+    three per SM hold all programs, and one stage above K = 128."""
+    from gdn.ops.triton import passes
+
+    def launch(*args, **kwargs):
+        got = passes.reverse_launch(*args, **kwargs)
+        return got.BV, got.num_warps, got.num_stages, got.per_sm
+
+    for name in ("state_bwd_bv",):
+        monkeypatch.delitem(passes.TILES, name, raising=False)
+    monkeypatch.setitem(passes.STATE_WARPS, "reverse", None)
+    monkeypatch.setitem(passes.STATE_STAGES, "reverse", None)
+    assert launch(128, 128, 8 * 16, 132) == (64, 4, 2, 2)       # 8x4096-h16: 256 programs
+    assert launch(128, 128, 2 * 16, 132) == (32, 4, 2, 2)       # 2x16384-h16: 64 at BV = 64
+    assert launch(128, 128, 44, 132) == (64, 4, 2, 2)           # 88 = 2/3 of 132
+    assert launch(128, 128, 43, 132) == (32, 4, 2, 2)           # 172 at BV = 32: plain
+    assert launch(128, 128, 21, 132) == (64, 4, 2, 2)           # 84 at BV = 32: segments
+    assert launch(128, 128, 16, 132) == (64, 4, 2, 2)           # 1x65536-h16
+    assert launch(128, 16, 1, 132) == (16, 4, 2, 2)             # never wider than V
+    assert launch(128, 128, 2, None) == (64, 4, 2, 2)           # not a GPU
+    assert launch(256, 512, 8 * 6, 132) == (32, 4, 2, 1)        # 8x4096-h6-k256v512
+    assert launch(128, 128, 6 * 16, 132, sixteen_bit=False) == (32, 2, 2, 3)   # 384 ≤ 396
+    assert launch(128, 128, 8 * 16, 132, sixteen_bit=False) == (32, 2, 1, 3)   # 512
+    assert launch(128, 128, 2, None, sixteen_bit=False) == (32, 2, 1, 3)
+    assert launch(256, 512, 8 * 6, 132, sixteen_bit=False) == (32, 4, 1, 1)
+    monkeypatch.setitem(passes.STATE_STAGES, "reverse", 3)
+    monkeypatch.setitem(passes.TILES, "state_bwd_bv", 16)
+    assert launch(128, 128, 8 * 16, 132) == (16, 4, 3, 2)
 
 
 def test_join_transitions_multiplies_later_segments_on_the_left():
@@ -301,23 +339,6 @@ def test_join_transitions_multiplies_later_segments_on_the_left():
     torch.testing.assert_close(joined[:, 1], M[:, 3] @ M[:, 2])
     torch.testing.assert_close(joined[:, 2], M[:, 4])
     assert join_transitions(M, 1) is M
-
-
-def test_reverse_pass_in_two_stages_while_all_its_programs_are_resident(monkeypatch):
-    from gdn.ops.triton import passes
-
-    # An H100 (132 SMs): three programs per SM in two stages.
-    assert passes.reverse_stages(128, 384, 132) == 2    # 6x4096-h16
-    assert passes.reverse_stages(128, 396, 132) == 2
-    assert passes.reverse_stages(128, 397, 132) == 1
-    assert passes.reverse_stages(128, 512, 132) == 1    # 8x4096-h16
-    # K = 256: two stages (220 KiB, one per SM) whatever the count, but not with float32
-    # operands (440 KiB).
-    assert passes.reverse_stages(256, 768, 132) == 2    # 8x4096-h6-k256v512
-    assert passes.reverse_stages(256, 768, 132, sixteen_bit=False) == 1
-    assert passes.reverse_stages(128, 4, None) == 1     # not a GPU
-    monkeypatch.setitem(passes.STATE_STAGES, "reverse", 3)
-    assert passes.reverse_stages(128, 512, 132) == 3
 
 
 def test_state_pass_launch_above_k128_by_operand_width():
@@ -407,13 +428,14 @@ def test_reverse_pass_gates_from_g_or_from_the_table_agree(monkeypatch, segment_
             torch.testing.assert_close(table, grads[1][name], rtol=1e-5, atol=1e-5)
 
 
-def test_reverse_pass_takes_its_gates_from_g_where_three_programs_share_an_sm(monkeypatch):
+def test_reverse_pass_takes_its_gates_from_g_where_most_sms_hold_two_programs(monkeypatch):
     from gdn.ops.triton import passes
 
     monkeypatch.delitem(passes.TILES, "inline_gates", raising=False)
-    assert passes.reverse_gates_inline(128, 384, 132)          # 6x4096-h16, three per SM
-    assert not passes.reverse_gates_inline(128, 256, 132)      # 4x8192-h16, two per SM
-    assert not passes.reverse_gates_inline(128, 128, 132)      # 2x16384-h16, one per SM
+    assert passes.reverse_gates_inline(128, 256, 132)          # 8x4096-h16 at BV = 64
+    assert not passes.reverse_gates_inline(128, 198, 132)      # 1.5 per SM
+    assert not passes.reverse_gates_inline(128, 192, 132)      # 6x4096-h16 at BV = 64
+    assert not passes.reverse_gates_inline(128, 128, 132)      # 2x16384-h16 at BV = 32
     assert not passes.reverse_gates_inline(256, 768, 132)      # K = 256: the table
     assert not passes.reverse_gates_inline(128, 384, None)     # not a GPU
     monkeypatch.setitem(passes.TILES, "inline_gates", 1)

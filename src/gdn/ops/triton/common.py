@@ -39,6 +39,23 @@ def load_rows(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.const
 
 
 @triton.jit
+def load_cols(ptr, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """``load_cols_stored`` as float32, for element-wise work on a transposed tile."""
+    return load_cols_stored(ptr, t0, end, stride, col0, n_cols, BT, BD).to(tl.float32)
+
+
+@triton.jit
+def store_cols(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
+    """The transpose of ``store_rows``: a [BD, BT] tile x to rows t0 … t0+BT−1, columns
+    col0 … col0+BD−1 (x[d, t] to row t0 + t, column col0 + d)."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o_d = col0 + tl.arange(0, BD)
+    p = ptr + o_t[None, :] * stride + o_d[:, None]
+    m = (o_t < end)[None, :] & (o_d < n_cols)[:, None]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def store_rows(ptr, x, t0, end, stride, col0, n_cols, BT: tl.constexpr, BD: tl.constexpr):
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     o_d = col0 + tl.arange(0, BD)
@@ -106,6 +123,17 @@ def store_matrix(ptr, x, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
     o_c = col0 + tl.arange(0, BC)
     m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
     tl.store(ptr + o_r[:, None] * stride + o_c[None, :], x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def store_matrix_t(ptr, x_t, row0, n_rows, col0, n_cols, stride, BR: tl.constexpr,
+                   BC: tl.constexpr):
+    """The transpose of ``store_matrix``: a [BC, BR] tile x_t to rows row0 … row0+BR−1,
+    columns col0 … col0+BC−1 of a row-major matrix (x_t[c, r] to row row0 + r)."""
+    o_r = row0 + tl.arange(0, BR)
+    o_c = col0 + tl.arange(0, BC)
+    m = (o_r < n_rows)[None, :] & (o_c < n_cols)[:, None]
+    tl.store(ptr + o_r[None, :] * stride + o_c[:, None], x_t.to(ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

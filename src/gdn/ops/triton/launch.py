@@ -135,7 +135,7 @@ class _Plan:
     K: int
     V: int
     BV: int
-    state_bv: dict   # BV of the state passes by direction (tiles.tile_sizes)
+    state_bv: dict   # BV of the forward state pass (tiles.tile_sizes)
     prec: str
     table: ChunkTable
     flags: dict

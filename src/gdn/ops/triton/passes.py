@@ -63,11 +63,7 @@ _MIN_SEGMENT_CHUNKS = 16
 #   per SM, waiting on unprefetched loads: NOTES.md §14), 2.60 for that in two stages, 3.37
 #   for BV = 64 on eight in one. float32 operands keep BV = 32 on four warps in one stage
 #   (two stages would take 352 KiB);
-# - reverse: BV = 32, one stage, two warps up to K = 128 (0.60 ms against 1.03 on four; BV = 64
-#   on four warps 0.61, and its two stages take 136 KiB, one program per SM); above K = 128
-#   two warps would spill (sm90_resources: 208 bytes at K = 256), so four. Two stages where
-#   all its programs are resident at once even so, and always above K = 128 with 16-bit
-#   operands (``reverse_stages``).
+# - reverse: ``reverse_launch`` (its own table of measurements, below).
 # GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
 # state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
 STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
@@ -104,11 +100,11 @@ def _state_flags(p, direction: str) -> dict:
     if direction == "forward":
         warps = STATE_WARPS["forward"] or (8 if wide_k else 4)
         stages = STATE_STAGES["forward"] or (2 if small_k or wide_k else 1)
-    else:
-        warps = STATE_WARPS["reverse"] or (2 if small_k else 4)
-        stages = 1     # the launcher sets the reverse pass's (``reverse_stages``)
-    return flags | dict(num_warps=warps, num_stages=stages,
-                        BV=p.state_bv[direction]) | p.exact_launch
+        return flags | dict(num_warps=warps, num_stages=stages,
+                            BV=p.state_bv[direction]) | p.exact_launch
+    # The reverse pass's BV, warps and stages depend on how many programs it has
+    # (``reverse_launch``): the launcher adds them, then ``p.exact_launch``.
+    return flags
 
 
 @dataclass
@@ -306,18 +302,74 @@ def _transitions(p, k_, w, g_, decays, segs: Segments) -> torch.Tensor:
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
 
-# The reverse pass when the forward is segmented (auto rule only; a forced segment length
-# segments both). Measured on an H100 (NOTES.md §13), kernels of the reverse pass:
-# - 2x16384-h16 (128 plain programs, 132 SMs): plain 1.654 ms in one stage, 0.866 in two,
-#   0.875 in three; in 4 segments of 64 chunks 1.049 in one stage, 1.188 in two;
-# - 1x65536-h16 (64 plain programs): plain in two stages 2.982, in 16 segments 2.795;
-# - 8x4096-h16 (512 programs): plain in one stage 0.604, in two 0.642.
-# A step waits on its own loads, which a second stage prefetches (``reverse_stages``). The
-# segmented pass runs two passes over each segment with P times the programs,
-# so it takes ~2·c_s·(plain programs / SMs) per chunk of a row where the plain one takes c_p:
-# c_p ≈ 3.2 µs, c_s ≈ 2.1-2.7 µs from the figures above, so the plain pass wins once its
-# programs fill about two thirds of the SMs.
+# The reverse pass (state.state_backward_kernel) carries dSᵀ, so that its products take
+# their register side as the left operand (math.md §4.2). Measured on an H100 with 16-bit
+# operands at K = 128 (benchmarks/state_sweep.py, NOTES.md §17; reverse pass ms, BV:warps:
+# stages, the decays from the table):
+#
+# | shape (h16)  | 32:2:1 (g) | 32:2:2 | 32:4:2 | 64:4:2 | 64:4:2 (g) |
+# |--------------|------------|--------|--------|--------|------------|
+# | 8x4096       | 0.619      | 0.578  | 0.521  | 0.421  | **0.391**  |
+# | 6x4096       | 0.553      | 0.365  | 0.480  | **0.326** | 0.337   |
+# | 4x8192       | 0.967      | 0.561  | 0.512  | **0.449** | 0.561   |
+# | 2x16384      | 1.722      | 0.853  | **0.739** | 0.742 | 0.908    |
+#
+# ("g": the decays from g, ``reverse_gates_inline``). BV = 64 on four warps in two stages
+# (240 registers, 112.5 KiB: two programs per SM, sm90_resources) is best or level wherever
+# its programs fill the GPU; where they would not but BV = 32's do (2x16384: 64 programs),
+# BV = 32 on four warps (178 registers, 62.5 KiB) keeps the pass plain at 128. Where
+# neither fills it, the pass runs in segments (``reverse_segments``) at BV = 64: at
+# 1x65536-h16 BV = 32 on four warps, two per SM, took 4 joined segments and 1.952 ms, against
+# 1.654 for the layout before in 6 (BV = 32 on two warps, three per SM; same call). At 8x4096-h6-k256v512 BV = 32
+# on four warps in two stages took 1.300 ms (1.459 from g, 2.031 in one stage; 255
+# registers, 118.5 KiB: one per SM). The layout before (dS on the right), at those shapes:
+# 0.604, 0.312, 0.546, 0.724 (0.728), 1.395 (NOTES.md §13-§16, some in other sessions).
+# float32 operands keep that layout's launch: BV = 32, two warps up to K = 128, two stages
+# while all programs stay resident at three per SM, else one; four warps in one stage
+# above K = 128 (two stages would take 440 KiB).
+#
+# When the forward is segmented (auto rule only; a forced segment length segments both),
+# the reverse pass runs plain wherever its programs fill about two thirds of the SMs: the
+# segmented pass runs two passes over each segment with P times the programs, so it takes
+# ~2·c_s·(plain programs / SMs) per chunk of a row where the plain one takes c_p, with
+# c_s ≈ c_p (NOTES.md §13: 2x16384-h16 plain 0.866 ms against 1.049 in four segments;
+# 1x65536-h16, 64 programs, plain 2.982 against 2.795 in sixteen).
 _REVERSE_PLAIN_FILL = 2 / 3
+
+
+@dataclass(frozen=True)
+class ReverseLaunch:
+    """The reverse pass's value block, warps and stages, and how many of its programs are
+    resident on one SM (which sets how far the segmented pass joins segments)."""
+
+    BV: int
+    num_warps: int
+    num_stages: int
+    per_sm: int
+
+
+def reverse_launch(K: int, V: int, seq_heads: int, sms: int | None,
+                   sixteen_bit: bool = True) -> ReverseLaunch:
+    """The reverse pass's launch for ``seq_heads`` (sequence, v head) pairs walked plain, on
+    ``sms`` SMs (None: not a GPU). GDN_TRITON_TILES state_bwd_bv / state_bwd_warps /
+    state_bwd_stages override each choice."""
+    v_tile = max(16, triton.next_power_of_2(V))
+    if not sixteen_bit:
+        BV = min(32, v_tile)
+        warps, per_sm = (2, 3) if K <= 128 else (4, 1)
+        fits = sms is not None and seq_heads * triton.cdiv(V, BV) <= per_sm * sms
+        stages = 2 if K <= 128 and fits else 1
+    elif K > 128:
+        BV, warps, stages, per_sm = min(32, v_tile), 4, 2, 1
+    else:
+        # BV = 32 only where that alone keeps the pass plain (``reverse_segments``).
+        def fills(bv):
+            return seq_heads * triton.cdiv(V, bv) >= _REVERSE_PLAIN_FILL * sms
+        wide = sms is None or fills(64) or not fills(32)
+        BV, warps, stages, per_sm = min(64 if wide else 32, v_tile), 4, 2, 2
+    return ReverseLaunch(TILES.get("state_bwd_bv") or BV,
+                         STATE_WARPS["reverse"] or warps,
+                         STATE_STAGES["reverse"] or stages, per_sm)
 
 
 def _sm_count(device) -> int | None:
@@ -327,21 +379,22 @@ def _sm_count(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def reverse_segments(p, segs: Segments | None, device) -> Segments | None:
+def reverse_segments(p, segs: Segments | None, launch: ReverseLaunch,
+                     device) -> Segments | None:
     """The segments of the reverse state pass: None (plain) where the plain reverse pass
     fills enough of the GPU (``_REVERSE_PLAIN_FILL``), else the forward's, joined r at a time
-    for the fewest r whose programs all stay resident in two stages (``reverse_stages``):
-    one 65,536-token sequence with 16 heads has 8 forward segments, 512 reverse programs;
-    joined by two, 4 segments and 256 programs in two stages."""
+    for the fewest r whose programs all stay resident (``ReverseLaunch.per_sm``): one
+    65,536-token sequence with 16 heads has 8 forward segments and, at BV = 32, 512 reverse
+    programs; joined by two, 4 segments and 256 programs, two per SM."""
     sms = _sm_count(device)
     if segs is None or SEGMENT_CHUNKS is not None or sms is None:
         return segs
-    programs = p.B * p.HV * triton.cdiv(p.V, p.state_bv["reverse"])
+    programs = p.B * p.HV * triton.cdiv(p.V, launch.BV)
     if programs >= _REVERSE_PLAIN_FILL * sms:
         return None
     r = 1
     while (p.K <= 128 and r < segs.P
-           and programs * -(-segs.P // r) > _REVERSE_TWO_STAGE_PER_SM * sms):
+           and programs * -(-segs.P // r) > launch.per_sm * sms):
         r += 1
     return join_segments(p, segs, r)
 
@@ -370,57 +423,29 @@ def join_transitions(transitions: torch.Tensor, r: int) -> torch.Tensor:
     return torch.stack(joined, dim=1).to(transitions.dtype)
 
 
-# The reverse pass at K ≤ 128 in two stages takes 68.6 KiB of shared memory a program (ncu),
-# so three are resident per SM, against four (by registers) in one stage. Two stages pay
-# whenever every program is still resident at once (NOTES.md §13: 6x4096-h16, 384 programs,
-# 0.536 → 0.351 ms; 4x8192-h16, 256, 0.941 → 0.546; 2x16384-h16, 128, 1.654 → 0.866); past
-# that a second wave costs more (8x4096-h16, 512 programs, 0.604 → 0.642). Three stages
-# leave two per SM (4x8192: 0.966). Above K = 128 a program in one stage waits on each of its
-# twelve tiles a step in turn, and two stages pay even at one program per SM (220 KiB):
-# 8x4096-h6-k256v512, 768 programs, 1.58 → 1.50 ms (NOTES.md §14). float32 operands would
-# take 440 KiB there, so one.
-_REVERSE_TWO_STAGE_PER_SM = 3
-
-
-def reverse_stages(K: int, programs: int, sms: int | None, sixteen_bit: bool = True) -> int:
-    """Pipeline stages of the reverse pass for ``programs`` programs on ``sms`` SMs."""
-    if STATE_STAGES["reverse"] is not None:
-        return STATE_STAGES["reverse"]
-    if K > 128:
-        return 2 if sixteen_bit else 1
-    fits = sms is not None and programs <= _REVERSE_TWO_STAGE_PER_SM * sms
-    return 2 if fits else 1
-
-
 # Where the reverse pass takes its gate decays from: the table (decays.py), or g itself, each
-# step loading it and summing it as the passes did before the table. The table made the step
-# shorter where a program has its SM to itself and slower where three share one in two
-# stages (NOTES.md §14; reverse pass ms, table / g, with the V blocks of a (sequence, head)
-# launched N·HV programs apart):
-# - 2x16384-h16, 128 programs (one per SM), two stages: 0.728 / 0.864;
-# - 4x8192-h16, 256 (two per SM), two stages: 0.510 / 0.546 (the latter from §13);
-# - 6x4096-h16, 384 (three per SM), two stages: 0.487 / 0.350;
-# - 1x65536-h16 in 6 joined segments, 384 programs, two stages: 2.62 / 1.99;
-# - 8x4096-h16, 512 (four per SM), one stage: 0.603 / 0.605;
-# - K = 256 (8x4096-h6-k256v512), 768, one stage: 1.58 / 2.24.
-# The cause was L2 misses on the q, k, w tiles the V blocks share, as they drifted apart
-# (Nsight Compute, NOTES.md §15.10). With them launched together (``V_FASTEST``) the gap is
-# small: 6x4096-h16 0.322 / 0.312, 1x65536-h16 1.656 / 1.659 (NOTES.md §16).
-# GDN_TRITON_TILES=inline_gates=0 or 1 forces either.
+# step loading it and summing it as the passes did before the table. With dSᵀ (the table
+# above, at K = 128): g where most SMs hold two programs of BV = 64 (8x4096-h16, 256 of them:
+# 0.421 → 0.391 ms), the table where fewer do (6x4096-h16, 192: 0.326 against 0.337;
+# 4x8192-h16, 128: 0.449 against 0.561; 2x16384-h16: 0.742 against 0.908) and at K = 256
+# (1.300 against 1.459). In the layout before, g had won where three programs shared an SM
+# and the table where one or two did (NOTES.md §14-§16). GDN_TRITON_TILES=inline_gates=0
+# or 1 forces either.
 def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
     """Whether the reverse pass computes its decays from g instead of the table."""
     forced = TILES.get("inline_gates")
     if forced is not None:
         return bool(forced)
-    return K <= 128 and sms is not None and programs > 2 * sms
+    return K <= 128 and sms is not None and programs > 1.5 * sms
 
 
 def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
-                     offsets, n_seqs, scale, *, store_chunks=True, g_=None):
-    grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, p.state_bv["reverse"]))
+                     offsets, n_seqs, scale, launch: ReverseLaunch, *, store_chunks=True,
+                     g_=None):
+    grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, launch.BV))
     programs, sms = grid[0] * grid[1], _sm_count(q_.device)
-    flags = _state_flags(p, "reverse")
-    flags["num_stages"] = reverse_stages(p.K, programs, sms, _sixteen_bit(flags))
+    flags = (_state_flags(p, "reverse") | dict(BV=launch.BV, num_warps=launch.num_warps,
+                                               num_stages=launch.num_stages) | p.exact_launch)
     state.state_backward_kernel[grid](
         q_, k_, w, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
         p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
@@ -436,21 +461,23 @@ def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, 
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
-    forward_segs, segs = segs, reverse_segments(p, segs, q_.device)
+    launch = reverse_launch(p.K, p.V, p.table.num_seqs * p.HV, _sm_count(q_.device),
+                            _sixteen_bit(row_block_flags(p.flags) | STATE_DTYPE))
+    forward_segs, segs = segs, reverse_segments(p, segs, launch, q_.device)
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
         _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
-                         p.table.cu, p.table.offsets, p.table.num_seqs, scale, g_=g_)
+                         p.table.cu, p.table.offsets, p.table.num_seqs, scale, launch, g_=g_)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
     _backward_kernel(p, q_, k_, w, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
-                     segs.offsets, n_segs, scale, store_chunks=False, g_=g_)
+                     segs.offsets, n_segs, scale, launch, store_chunks=False, g_=g_)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
     _backward_kernel(p, q_, k_, w, decays, do_, dv_local, end_grads, d_states, d_delta, None,
-                     segs.cu, segs.offsets, n_segs, scale, g_=g_)
+                     segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
     return d_states, d_delta, dh0

@@ -25,13 +25,16 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     decay_to_end,
+    load_cols,
     load_cols_stored,
     load_matrix,
     load_rows,
     load_rows_stored,
     load_vec,
     mma,
+    store_cols,
     store_matrix,
+    store_matrix_t,
     store_rows,
 )
 from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
@@ -299,6 +302,71 @@ def state_forward_kernel(
 
 
 @triton.jit
+def _load_blocks_t(h0, p_state, HAS_H0: tl.constexpr, K: tl.constexpr, col0, V,
+                   KB: tl.constexpr, BV: tl.constexpr):
+    """The row blocks of a [K, V] float32 state from h0 as their transposes [BV, KB] (zeros
+    without h0): the reverse pass's layout. Blocks K does not have are copies of the first."""
+    S1 = tl.trans(_load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV))
+    S2 = S1
+    S3 = S1
+    S4 = S1
+    if K > KB:
+        S2 = tl.trans(_load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV))
+    if K > 2 * KB:
+        S3 = tl.trans(_load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV))
+    if K > 3 * KB:
+        S4 = tl.trans(_load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV))
+    return S1, S2, S3, S4
+
+
+@triton.jit
+def _store_blocks_t(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexpr,
+                    BV: tl.constexpr):
+    """Transposed row blocks [BV, KB] of a state to a [K, V] row-major matrix at ptr."""
+    store_matrix_t(ptr, S1, 0, K, col0, V, V, KB, BV)
+    if K > KB:
+        store_matrix_t(ptr, S2, KB, K, col0, V, V, KB, BV)
+    if K > 2 * KB:
+        store_matrix_t(ptr, S3, 2 * KB, K, col0, V, V, KB, BV)
+    if K > 3 * KB:
+        store_matrix_t(ptr, S4, 3 * KB, K, col0, V, V, KB, BV)
+
+
+@triton.jit
+def _blocks_times_cols_t(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr,
+                         DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                         KB: tl.constexpr, BV: tl.constexpr):
+    """(X S)ᵀ = Σ_b S_bᵀ X[:, block b]ᵀ for a [BT, K] tile X of a packed row (k) and the
+    transposed blocks S_bᵀ: [BV, BT] float32, the state the left operand."""
+    b_x = load_rows_stored(x, t0, end, stride, 0, K, BT, KB)
+    acc = mma(S1, tl.trans(b_x), tl.zeros([BV, BT], dtype=tl.float32), DT, PREC)
+    if K > KB:
+        b_x = load_rows_stored(x, t0, end, stride, KB, K, BT, KB)
+        acc = mma(S2, tl.trans(b_x), acc, DT, PREC)
+    if K > 2 * KB:
+        b_x = load_rows_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
+        acc = mma(S3, tl.trans(b_x), acc, DT, PREC)
+    if K > 3 * KB:
+        b_x = load_rows_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
+        acc = mma(S4, tl.trans(b_x), acc, DT, PREC)
+    return acc
+
+
+@triton.jit
+def _update_block_t(q, w, S, e_last, do_t, d_d_t, row0, t0, end, q_stride, w_stride, K,
+                    HAS_GATE: tl.constexpr, DELTA: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+    """Sᵀ ← e^{Γ_C} Sᵀ + dO_tᵀ Q[:, block] − dΔᵀ W[:, block] for one transposed block: the
+    [BV, BT] sides in registers on the left, the q and w tiles from memory on the right."""
+    if HAS_GATE:
+        S = S * e_last
+    S = mma(do_t, load_rows_stored(q, t0, end, q_stride, row0, K, BT, KB), S, DT, PREC)
+    if DELTA:
+        S = mma(d_d_t, load_rows_stored(w, t0, end, w_stride, row0, K, BT, KB), S, DT, PREC)
+    return S
+
+
+@triton.jit
 def state_backward_kernel(
     q, k, w, decays, g,    # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, ROWS, TT] f32, [TT, HV]
     do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
@@ -312,11 +380,20 @@ def state_backward_kernel(
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
     V_FASTEST: tl.constexpr = False,
 ):
-    """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}."""
+    """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
+    transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ.
+    Every product of the step then has its register side (dSᵀ, dOᵀ, dΔᵀ) on the left, which
+    an H100's wgmma reads from registers, and its tile from memory on the right; with dS on
+    the right, as the forward pass holds S, each step wrote dS to shared memory and waited on
+    it before its first product (benchmarks/transposed_state_probe.py: at 8x4096-h16 0.607 →
+    0.440 ms, at 2x16384-h16 0.724 → 0.631, NOTES.md §17)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
-    dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
+    w_head = w                                   # None without the delta term
+    if DELTA:
+        w_head = w + i_hv * K
+    dS1, dS2, dS3, dS4 = _load_blocks_t(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
@@ -326,27 +403,36 @@ def state_backward_kernel(
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
-            _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
-        # K̃ dS_{n+1} = diag(e^{Γ_C − Γ_r}) K dS_{n+1}, one product per row block of dS.
-        kds = _rows_times_blocks(k + i_h * K, dS1, dS2, dS3, dS4, t0, end, H * K, K, DT, PREC,
-                                 BT, KB, BV)
-        d_d = load_rows(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
-        b_do = load_rows(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
+            _store_blocks_t(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
+        # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ.
+        kds = _blocks_times_cols_t(k + i_h * K, dS1.to(DT), dS2.to(DT), dS3.to(DT),
+                                   dS4.to(DT), t0, end, H * K, K, DT, PREC, BT, KB, BV)
+        d_d = load_cols(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
+        b_do = load_cols(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         if HAS_GATE:
             if INLINE_GATES:
                 e_gamma, to_end, e_last = _inline_gates(g + i_hv, t0, end, HV, BT)
-            d_d += kds * to_end[:, None]
-            b_do = b_do * e_gamma[:, None]          # Q̃ᵀ dO = Qᵀ diag(e^{Γ_r}) dO
+            d_d += kds * to_end[None, :]
+            b_do = b_do * e_gamma[None, :]          # (Q̃ᵀ dO)ᵀ = dOᵀ diag(e^{Γ_r}) Q
         else:
             d_d += kds
         if STORE_CHUNKS:
-            store_rows(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
-        dS1, dS2, dS3, dS4 = _update_blocks(q + i_h * K, dS1, dS2, dS3, dS4, e_last,
-                                            b_do.to(DT), t0, end, H * K, K, HAS_GATE, DT, PREC,
-                                            BT, KB)
-        if DELTA:
-            dS1, dS2, dS3, dS4 = _update_blocks(w + i_hv * K, dS1, dS2, dS3, dS4, 1.0,
-                                                (-d_d).to(DT), t0, end, HV * K, K, False, DT,
-                                                PREC, BT, KB)
+            store_cols(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
+        b_do = b_do.to(DT)
+        neg_d_d = (-d_d).to(DT)
+        dS1 = _update_block_t(q + i_h * K, w_head, dS1, e_last, b_do, neg_d_d, 0, t0,
+                              end, H * K, HV * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB)
+        if K > KB:
+            dS2 = _update_block_t(q + i_h * K, w_head, dS2, e_last, b_do, neg_d_d, KB,
+                                  t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT, PREC, BT,
+                                  KB)
+        if K > 2 * KB:
+            dS3 = _update_block_t(q + i_h * K, w_head, dS3, e_last, b_do, neg_d_d,
+                                  2 * KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
+                                  PREC, BT, KB)
+        if K > 3 * KB:
+            dS4 = _update_block_t(q + i_h * K, w_head, dS4, e_last, b_do, neg_d_d,
+                                  3 * KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
+                                  PREC, BT, KB)
     if STORE_DH0:
-        _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
+        _store_blocks_t(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)

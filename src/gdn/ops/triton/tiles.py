@@ -31,8 +31,8 @@ TILES = _tile_overrides(os.environ.get("GDN_TRITON_TILES", ""))
 
 
 def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:
-    """BK (all of K in one tile), BV for the parallel kernels, BV for the state passes by
-    direction ({"forward": …, "reverse": …}).
+    """BK (all of K in one tile), BV for the parallel kernels, BV for the forward state pass
+    ({"forward": …}; the reverse pass's depends on its program count: passes.reverse_launch).
 
     The state passes keep a [K, BV] float32 state in registers as row blocks of 64 (state.py);
     state_bv / state_bwd_bv override their BV. The parallel kernels walk V in BV blocks; their
@@ -51,12 +51,10 @@ def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict
     # An explicit state BV is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
     # The forward pass takes BV = 64 (above K = 128 on eight warps; with float32 operands
-    # there 32, as two stages of their tiles would not fit), the reverse one 32 (passes.py
-    # has the measurements).
+    # there 32, as two stages of their tiles would not fit; passes.py has the measurements).
     v_tile = max(16, triton.next_power_of_2(V))
     forward = 64 if wide_ok else 32
-    state_bv = dict(forward=TILES.get("state_bv") or min(forward, v_tile),
-                    reverse=TILES.get("state_bwd_bv") or min(32, v_tile))
+    state_bv = dict(forward=TILES.get("state_bv") or min(forward, v_tile))
     return BK, BV, state_bv
 
 

@@ -1,0 +1,67 @@
+"""Time the reverse state pass under launch choices (BV, warps, stages, gate source) at
+several shapes, in one process (benchmarks/NOTES.md §17).
+
+    PYTHONPATH=src python3 benchmarks/state_sweep.py --shapes 8,4096,16,128,128 \
+        --configs 32:2:2:0 64:4:2:0 --out $OUT/sweep
+
+A config is BV:warps:stages:inline (inline 1 = the decays from g, 0 = from the table). Each
+is set the way GDN_TRITON_TILES would set it, and the pass is timed plain (no segments) with
+do_bench on the op's own inputs (transposed_state_probe._inputs). stages.py times the whole
+op; this times one pass under many choices without a process and a compile of the op per
+choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+from transposed_state_probe import _inputs
+
+from gdn.ops.triton import passes
+
+
+def time_reverse(shape, configs) -> dict:
+    p, q_, k_, w, u, g_, d_, do, dv_local = _inputs(shape, "cuda", torch.bfloat16)
+    scale = shape[3] ** -0.5
+    row = {}
+    for config in configs:
+        BV, warps, stages, inline = (int(x) for x in config.split(":"))
+        p.state_bv = dict(p.state_bv, reverse=BV)
+        passes.STATE_WARPS["reverse"], passes.STATE_STAGES["reverse"] = warps, stages
+        passes.TILES["inline_gates"] = inline
+
+        def call():
+            return passes.state_backward(p, q_, k_, w, d_, do, dv_local, None, want_dh0=True,
+                                         scale=scale, segs=None, transitions=None, g_=g_)
+        try:
+            call()
+            row[config] = triton.testing.do_bench(call)
+        except Exception as error:          # a choice that does not fit or compile
+            row[config] = f"failed: {type(error).__name__}: {str(error)[:100]}"
+        print(shape, config, row[config], flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", required=True)
+    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = {s: time_reverse(tuple(int(x) for x in s.split(",")), args.configs)
+            for s in args.shapes}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                      triton=triton.__version__, commit=os.environ.get("GDN_COMMIT", "?"))
+        (args.out / f"state_sweep-{header['commit']}.json").write_text(
+            json.dumps(dict(header=header, reverse_ms=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
