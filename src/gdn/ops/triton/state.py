@@ -8,7 +8,10 @@ independent per value column), and sequences × heads sit on grid axis 0, which 
 
 The state is held as up to four row blocks of KB = 64 rows (S1 … S4; K ≤ 256), so every
 product is a [BT, KB] or [KB, BT] tile from memory times a [·, BV] tile, whatever K is, and
-no [BT, K] tile of K = 256 has to live in registers. The tiles read from memory go into
+no [BT, K] tile of K = 256 has to live in registers. The reverse pass holds its blocks
+transposed, dS_bᵀ [BV, KB], so that the register side of each of its products is the left
+operand, which an H100's wgmma reads from registers (``state_backward_kernel``); the forward
+pass written that way measured slower (NOTES.md §17) and keeps S on the right. The tiles read from memory go into
 ``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), and the gate decays are
 applied to the [BT, BV] side of each product, never to a loaded tile: the first kernels, which
 scaled and converted tiles in registers, computed inf with bf16 operands on Triton 3.6 and an
