@@ -2,6 +2,7 @@
 first failing kernel launch, or the relative errors against float64 if none fails.
 
     PYTHONPATH=src python3 benchmarks/probe_launch.py 8,4096,16,128,128     # B,T,H,K,V[,HV]
+    PYTHONPATH=src python3 benchmarks/probe_launch.py 8,4096,16,128,128 float32  # TF32 path
 
 The quick full-shape check after a kernel change (``gpu_session.sh state`` runs it at three
 shapes): the interpreter tests cannot see a GPU miscompile, and this names the kernel that
@@ -18,9 +19,10 @@ from gdn.ops import chunk_gated_delta_rule  # noqa: E402
 from gdn.testing import forward_backward, random_inputs, rel_error  # noqa: E402
 
 B, T, H, K, V, *HV = (int(x) for x in sys.argv[1].split(","))    # B,T,H,K,V[,HV]
+dtype = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
 x = random_inputs(B=B, T=T, H=H, HV=HV[0] if HV else H, K=K, V=V, seed=0, device="cuda")
 try:
-    got = forward_backward(chunk_gated_delta_rule, x.to(torch.bfloat16, requires_grad=True),
+    got = forward_backward(chunk_gated_delta_rule, x.to(dtype, requires_grad=True),
                            seed=3, backend="triton")
     torch.cuda.synchronize()
 except Exception:

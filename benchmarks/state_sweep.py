@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 import triton
-from transposed_state_probe import _inputs
 
 from gdn.ops.triton import passes
+from transposed_state_probe import _inputs
 
 
 def time_reverse(shape, configs) -> dict:

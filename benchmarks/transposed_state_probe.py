@@ -191,11 +191,11 @@ def run(shape, device, dtype, variants, bench) -> dict:
     for direction, BV, warps, stages in variants:
         name = f"transposed {direction} BV={BV} w{warps} s{stages}"
         if direction == "forward":
-            def call():
+            def call(BV=BV, warps=warps, stages=stages):
                 return _forward_t(p, k_, w, u, d_, T, BV, warps, stages)
             ref = ref_f
         else:
-            def call():
+            def call(BV=BV, warps=warps, stages=stages):
                 return _backward_t(p, q_, k_, w, d_, do, dv_local, scale, T, BV, warps, stages)
             ref = ref_b
         try:

@@ -320,9 +320,10 @@ def _transitions(p, k_, w, g_, decays, segs: Segments) -> torch.Tensor:
 # BV = 32 on four warps (178 registers, 62.5 KiB) keeps the pass plain at 128. Where
 # neither fills it, the pass runs in segments (``reverse_segments``) at BV = 64: at
 # 1x65536-h16 BV = 32 on four warps, two per SM, took 4 joined segments and 1.952 ms, against
-# 1.654 for the layout before in 6 (BV = 32 on two warps, three per SM; same call). At 8x4096-h6-k256v512 BV = 32
-# on four warps in two stages took 1.300 ms (1.459 from g, 2.031 in one stage; 255
-# registers, 118.5 KiB: one per SM). The layout before (dS on the right), at those shapes:
+# 1.654 for the layout before in 6 (BV = 32 on two warps, three per SM; same call); at
+# BV = 64 in 8 segments 1.354. At 8x4096-h6-k256v512 BV = 32 on four warps in two stages
+# took 1.300 ms (1.459 from g, 2.031 in one stage; 255 registers, 118.5 KiB: one per SM).
+# The layout before (dS on the right), at those shapes:
 # 0.604, 0.312, 0.546, 0.724 (0.728), 1.395 (NOTES.md §13-§16, some in other sessions).
 # float32 operands keep that layout's launch: BV = 32, two warps up to K = 128, two stages
 # while all programs stay resident at three per SM, else one; four warps in one stage

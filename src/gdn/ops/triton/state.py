@@ -11,13 +11,14 @@ product is a [BT, KB] or [KB, BT] tile from memory times a [·, BV] tile, whatev
 no [BT, K] tile of K = 256 has to live in registers. The reverse pass holds its blocks
 transposed, dS_bᵀ [BV, KB], so that the register side of each of its products is the left
 operand, which an H100's wgmma reads from registers (``state_backward_kernel``); the forward
-pass written that way measured slower (NOTES.md §17) and keeps S on the right. The tiles read from memory go into
-``tl.dot`` in their stored dtype (bf16 tensor cores for bf16 inputs), and the gate decays are
-applied to the [BT, BV] side of each product, never to a loaded tile: the first kernels, which
-scaled and converted tiles in registers, computed inf with bf16 operands on Triton 3.6 and an
-H100 (benchmarks/NOTES.md §3 v4, §8). All programs of a pass must be resident at once (each
-walks a whole sequence), so registers and shared memory per program decide the tiles, warps
-and pipeline stages of each pass (launch options and their measurements in passes.py).
+pass written that way measured slower (NOTES.md §17) and keeps S on the right. The tiles
+read from memory go into ``tl.dot`` in their stored dtype (bf16 tensor cores for bf16
+inputs), and the gate decays are applied to the [BT, BV] side of each product, never to a
+loaded tile: the first kernels, which scaled and converted tiles in registers, computed inf
+with bf16 operands on Triton 3.6 and an H100 (benchmarks/NOTES.md §3 v4, §8). All programs
+of a pass must be resident at once (each walks a whole sequence), so registers and shared
+memory per program decide the tiles, warps and pipeline stages of each pass (launch options
+and their measurements in passes.py).
 
 Up to K = 128 the forward pass also computes the output of each chunk from the state it holds
 (OUTPUT, math.md §3.9), so the forward stores neither the chunk states nor Δ.
