@@ -55,17 +55,23 @@ def _store_block_t(ptr, St, row0, K, col0, V, KB: tl.constexpr, BV: tl.constexpr
 
 
 @triton.jit
+def _slice(H: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, T: tl.constexpr,
+           BV: tl.constexpr, BT: tl.constexpr):
+    """This program's sequence, v head, q/k head, token bounds, first column, chunk count
+    (rows of T tokens, the V blocks of a (sequence, head) next to each other)."""
+    n_v: tl.constexpr = (V + BV - 1) // BV
+    i_nh, i_v = tl.program_id(0) // n_v, tl.program_id(0) % n_v
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    bos = i_n * T
+    return i_n, i_hv, i_hv // (HV // H), bos, bos + T, i_v * BV, (T + BT - 1) // BT
+
+
+@triton.jit
 def forward_t_kernel(k, w, u, decays, states, v_new, ht, TT, H: tl.constexpr,
                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, T: tl.constexpr,
                      KB: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
     """S ← e^{Γ_C} S + K̃ᵀ (u − w S), carried as Sᵀ = [S1ᵀ S2ᵀ] ([BV, KB] each, K = 2·KB)."""
-    n_v: tl.constexpr = (V + BV - 1) // BV
-    i_nh, i_v = tl.program_id(0) // n_v, tl.program_id(0) % n_v
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
-    bos, end = i_n * T, i_n * T + T
-    col0 = i_v * BV
-    n_chunks = (T + BT - 1) // BT
+    i_n, i_hv, i_h, bos, end, col0, n_chunks = _slice(H, HV, V, T, BV, BT)
     S1 = tl.zeros([BV, KB], dtype=tl.float32)
     S2 = tl.zeros([BV, KB], dtype=tl.float32)
     for i in range(0, n_chunks):
@@ -98,13 +104,7 @@ def backward_t_kernel(q, k, w, decays, do, dv_local, d_states, d_delta, dh0, TT,
                       BT: tl.constexpr):
     """dSᵀ ← e^{Γ_C} dSᵀ + dOᵀ Q̃ − dΔᵀ W with dΔᵀ = dv_localᵀ + (dSᵀ Kᵀ) diag(e^{Γ_C − Γ_r}),
     carried as dSᵀ = [dS1ᵀ dS2ᵀ]; d_states gets dS at each chunk's end."""
-    n_v: tl.constexpr = (V + BV - 1) // BV
-    i_nh, i_v = tl.program_id(0) // n_v, tl.program_id(0) % n_v
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
-    bos, end = i_n * T, i_n * T + T
-    col0 = i_v * BV
-    n_chunks = (T + BT - 1) // BT
+    i_n, i_hv, i_h, bos, end, col0, n_chunks = _slice(H, HV, V, T, BV, BT)
     dS1 = tl.zeros([BV, KB], dtype=tl.float32)
     dS2 = tl.zeros([BV, KB], dtype=tl.float32)
     for j in range(0, n_chunks):

@@ -87,34 +87,55 @@ def _program_slice(cu, offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constex
 
 
 @triton.jit
+def _block(h0, p_state, HAS_H0: tl.constexpr, row0, K, col0, V, KB: tl.constexpr,
+           BV: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``_load_block``, as [BV, KB] with TRANSPOSED (the reverse pass's layout)."""
+    S = _load_block(h0, p_state, HAS_H0, row0, K, col0, V, KB, BV)
+    if TRANSPOSED:
+        S = tl.trans(S)
+    return S
+
+
+@triton.jit
 def _load_blocks(h0, p_state, HAS_H0: tl.constexpr, K: tl.constexpr, col0, V,
-                 KB: tl.constexpr, BV: tl.constexpr):
-    """The row blocks of a [K, V] float32 state from h0 (zeros without it). Blocks K does not
-    have are never read; they are returned as copies of the first so the names exist."""
-    S1 = _load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV)
+                 KB: tl.constexpr, BV: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """The row blocks of a [K, V] float32 state from h0 (zeros without it), as their
+    transposes [BV, KB] with TRANSPOSED. Blocks K does not have are never read; they are
+    returned as copies of the first so the names exist."""
+    S1 = _block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV, TRANSPOSED)
     S2 = S1
     S3 = S1
     S4 = S1
     if K > KB:
-        S2 = _load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV)
+        S2 = _block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV, TRANSPOSED)
     if K > 2 * KB:
-        S3 = _load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV)
+        S3 = _block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV, TRANSPOSED)
     if K > 3 * KB:
-        S4 = _load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV)
+        S4 = _block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV, TRANSPOSED)
     return S1, S2, S3, S4
 
 
 @triton.jit
+def _store_block(ptr, S, row0, K, col0, V, KB: tl.constexpr, BV: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    if TRANSPOSED:
+        store_matrix_t(ptr, S, row0, K, col0, V, V, KB, BV)
+    else:
+        store_matrix(ptr, S, row0, K, col0, V, V, KB, BV)
+
+
+@triton.jit
 def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexpr,
-                  BV: tl.constexpr):
-    """The state's row blocks to a [K, V] matrix at ptr (only the blocks K has)."""
-    store_matrix(ptr, S1, 0, K, col0, V, V, KB, BV)
+                  BV: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """The state's row blocks (their transposes [BV, KB] with TRANSPOSED) to a [K, V]
+    row-major matrix at ptr (only the blocks K has)."""
+    _store_block(ptr, S1, 0, K, col0, V, KB, BV, TRANSPOSED)
     if K > KB:
-        store_matrix(ptr, S2, KB, K, col0, V, V, KB, BV)
+        _store_block(ptr, S2, KB, K, col0, V, KB, BV, TRANSPOSED)
     if K > 2 * KB:
-        store_matrix(ptr, S3, 2 * KB, K, col0, V, V, KB, BV)
+        _store_block(ptr, S3, 2 * KB, K, col0, V, KB, BV, TRANSPOSED)
     if K > 3 * KB:
-        store_matrix(ptr, S4, 3 * KB, K, col0, V, V, KB, BV)
+        _store_block(ptr, S4, 3 * KB, K, col0, V, KB, BV, TRANSPOSED)
 
 
 @triton.jit
@@ -306,37 +327,6 @@ def state_forward_kernel(
 
 
 @triton.jit
-def _load_blocks_t(h0, p_state, HAS_H0: tl.constexpr, K: tl.constexpr, col0, V,
-                   KB: tl.constexpr, BV: tl.constexpr):
-    """The row blocks of a [K, V] float32 state from h0 as their transposes [BV, KB] (zeros
-    without h0): the reverse pass's layout. Blocks K does not have are copies of the first."""
-    S1 = tl.trans(_load_block(h0, p_state, HAS_H0, 0, K, col0, V, KB, BV))
-    S2 = S1
-    S3 = S1
-    S4 = S1
-    if K > KB:
-        S2 = tl.trans(_load_block(h0, p_state, HAS_H0, KB, K, col0, V, KB, BV))
-    if K > 2 * KB:
-        S3 = tl.trans(_load_block(h0, p_state, HAS_H0, 2 * KB, K, col0, V, KB, BV))
-    if K > 3 * KB:
-        S4 = tl.trans(_load_block(h0, p_state, HAS_H0, 3 * KB, K, col0, V, KB, BV))
-    return S1, S2, S3, S4
-
-
-@triton.jit
-def _store_blocks_t(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexpr,
-                    BV: tl.constexpr):
-    """Transposed row blocks [BV, KB] of a state to a [K, V] row-major matrix at ptr."""
-    store_matrix_t(ptr, S1, 0, K, col0, V, V, KB, BV)
-    if K > KB:
-        store_matrix_t(ptr, S2, KB, K, col0, V, V, KB, BV)
-    if K > 2 * KB:
-        store_matrix_t(ptr, S3, 2 * KB, K, col0, V, V, KB, BV)
-    if K > 3 * KB:
-        store_matrix_t(ptr, S4, 3 * KB, K, col0, V, V, KB, BV)
-
-
-@triton.jit
 def _blocks_times_cols_t(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr,
                          DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
                          KB: tl.constexpr, BV: tl.constexpr):
@@ -397,7 +387,7 @@ def state_backward_kernel(
     w_head = w                                   # None without the delta term
     if DELTA:
         w_head = w + i_hv * K
-    dS1, dS2, dS3, dS4 = _load_blocks_t(dht, p_state, HAS_DHT, K, col0, V, KB, BV)
+    dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV, True)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
@@ -407,7 +397,7 @@ def state_backward_kernel(
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
-            _store_blocks_t(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
+            _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)
         # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ.
         kds = _blocks_times_cols_t(k + i_h * K, dS1.to(DT), dS2.to(DT), dS3.to(DT),
                                    dS4.to(DT), t0, end, H * K, K, DT, PREC, BT, KB, BV)
@@ -439,4 +429,4 @@ def state_backward_kernel(
                                   3 * KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
                                   PREC, BT, KB)
     if STORE_DH0:
-        _store_blocks_t(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV)
+        _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)
