@@ -73,12 +73,26 @@ def test_float32_matches_reference(case):
     _check(random_inputs(**kwargs, delta=delta, seed=11), delta, torch.float32, 1e-5)
 
 
-# gva_varlen's V = 100 runs the forward state pass in two ragged blocks of 64 columns and the
-# reverse one in four of 32 (tiles.tile_sizes); k_in_four_blocks walks K in four blocks.
+# gva_varlen's V = 100 runs both state passes in two ragged blocks of 64 columns (float32
+# inputs: the reverse one in four of 32; tiles.tile_sizes, passes.reverse_launch);
+# k_in_four_blocks walks K in four blocks.
 @pytest.mark.parametrize("case", ["gated", "gla", "deltanet", "gva_varlen", "k_in_four_blocks"])
 def test_float16_matches_reference(case):
     kwargs, delta = CASES[case]
     x = random_inputs(**kwargs, delta=delta, seed=12).to(torch.float16).to(torch.float64)
+    _check(x, delta, torch.float16, 2e-3)
+
+
+@pytest.mark.parametrize("case", ["gated", "gla", "k_in_four_blocks"])
+def test_float32_operands_for_float16_inputs(case, monkeypatch):
+    """GDN_TRITON_FP32_OPERANDS=1, float32 operands and intermediates for 16-bit inputs (the
+    knob behind ``benchmarks/stages.py --fp32-operands``): every product takes its 16-bit
+    tiles to float32. Until 2026-11-23 wy_apply's and dv_local's products took them as they
+    were and failed here; the GPU compile also failed on a 16-bit product after a return in
+    a constexpr branch, which only ``benchmarks/sm90_resources.py`` sees (NOTES.md §17)."""
+    monkeypatch.setenv("GDN_TRITON_FP32_OPERANDS", "1")
+    kwargs, delta = CASES[case]
+    x = random_inputs(**kwargs, delta=delta, seed=13).to(torch.float16).to(torch.float64)
     _check(x, delta, torch.float16, 2e-3)
 
 

@@ -182,10 +182,12 @@ def decay_to_end(g_next):
 def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b on tensor cores with operands in DT (the input dtype, or float32), float32 sums.
 
-    PREC ("tf32" or "ieee") only means something for float32 operands.
+    PREC ("tf32" or "ieee") only means something for float32 operands. Casts of tiles
+    already in DT are no-ops; a 16-bit tile goes to float32 where float32 operands were asked
+    for 16-bit inputs (GDN_TRITON_FP32_OPERANDS=1).
     """
     if tl.float32 == DT:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
     return tl.dot(a.to(DT), b.to(DT))
 
 

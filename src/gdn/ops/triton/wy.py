@@ -93,9 +93,15 @@ def _split(A, DT: tl.constexpr):
 @triton.jit
 def _split_dot(hi, lo, x, DT: tl.constexpr, PREC: tl.constexpr):
     """A x from ``_split``'s parts."""
+    # One return, after an if/else: Triton's compiler also compiles the statements after a
+    # return inside a constexpr branch, so a 16-bit product written after it failed for
+    # float32 operands with 16-bit tiles (GDN_TRITON_FP32_OPERANDS=1), which the interpreter
+    # never ran. x is in its stored dtype, 16-bit there.
     if tl.float32 == DT:
-        return tl.dot(hi, x, input_precision=PREC)
-    return tl.dot(hi, x, tl.dot(lo, x))
+        ax = tl.dot(hi, x.to(DT), input_precision=PREC)
+    else:
+        ax = tl.dot(hi, x, tl.dot(lo, x))
+    return ax
 
 
 @triton.jit
