@@ -385,8 +385,9 @@ def reverse_segments(p, segs: Segments | None, launch: ReverseLaunch,
     """The segments of the reverse state pass: None (plain) where the plain reverse pass
     fills enough of the GPU (``_REVERSE_PLAIN_FILL``), else the forward's, joined r at a time
     for the fewest r whose programs all stay resident (``ReverseLaunch.per_sm``): one
-    65,536-token sequence with 16 heads has 8 forward segments and, at BV = 32, 512 reverse
-    programs; joined by two, 4 segments and 256 programs, two per SM."""
+    65,536-token sequence with 16 heads has 8 forward segments; at BV = 64 (the launch
+    chosen there) that is 256 reverse programs, two per SM, so none are joined; at BV = 32
+    it would be 512, joined by two into 4 segments."""
     sms = _sm_count(device)
     if segs is None or SEGMENT_CHUNKS is not None or sms is None:
         return segs
