@@ -184,20 +184,27 @@ def test_the_default_rule(monkeypatch):
 
 
 def test_the_fused_pass_launch_by_head_dim_and_operand_width(monkeypatch):
-    """Two pipeline stages, with the intra product in the operand dtype, where they keep two
-    programs per SM (K ≤ 64, 16-bit operands); one stage with a float32 intra product
-    otherwise (passes._output_pass_launch, NOTES.md §15)."""
+    """Two pipeline stages with the intra product in the operand dtype for 16-bit operands,
+    at BV = 32 above K = 64; one stage with a float32 intra product for float32 operands
+    (passes._output_pass_launch, NOTES.md §15, §18). The knobs cannot ask for a float32
+    product in two stages, which Triton 3.6 computes wrong on an H100."""
     import triton.language as tl
 
     from gdn.ops.triton import passes
 
     for key in ("fused_stages", "fused_f32", "fused_warps", "fused_bv"):
         monkeypatch.delitem(passes.TILES, key, raising=False)
-    cases = [(64, tl.bfloat16, 2, tl.bfloat16), (32, tl.float16, 2, tl.float16),
-             (128, tl.bfloat16, 1, tl.float32), (64, tl.float32, 1, tl.float32),
-             (100, tl.bfloat16, 1, tl.float32)]
-    for K, DT, stages, odt in cases:
+    cases = [(64, tl.bfloat16, 2, tl.bfloat16, 64), (32, tl.float16, 2, tl.float16, 64),
+             (128, tl.bfloat16, 2, tl.bfloat16, 32), (100, tl.float16, 2, tl.float16, 32),
+             (64, tl.float32, 1, tl.float32, 64), (128, tl.float32, 1, tl.float32, 64)]
+    for K, DT, stages, odt, bv in cases:
         launch = passes._output_pass_launch(dict(K=K, DT=DT, BV=64))
-        assert (launch["num_stages"], launch["ODT"], launch["BV"]) == (stages, odt, 64), K
+        assert (launch["num_stages"], launch["ODT"], launch["BV"]) == (stages, odt, bv), K
+    monkeypatch.setitem(passes.TILES, "fused_stages", 1)
+    assert passes._output_pass_launch(dict(K=128, DT=tl.bfloat16, BV=64))["ODT"] == tl.float32
     monkeypatch.setitem(passes.TILES, "fused_stages", 2)
-    assert passes._output_pass_launch(dict(K=128, DT=tl.bfloat16, BV=64))["ODT"] == tl.bfloat16
+    with pytest.raises(ValueError, match="float32"):
+        passes._output_pass_launch(dict(K=128, DT=tl.float32, BV=64))
+    monkeypatch.setitem(passes.TILES, "fused_f32", 1)
+    with pytest.raises(ValueError, match="float32"):
+        passes._output_pass_launch(dict(K=128, DT=tl.bfloat16, BV=64))

@@ -198,21 +198,39 @@ def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:
 
 
 def _output_pass_launch(flags: dict) -> dict:
-    """Warps, stages and the (QKᵀ ⊙ D) Δ product's operand dtype ODT of the forward pass that
-    computes the output (K ≤ 128, BV = 64). At K = 128 its q, k, w and u tiles take 56 KiB a
-    stage, so two stages (120 KiB, sm90_resources) leave one program per SM and one stage
-    (56 KiB, 255 registers) two, as the plain pass has in two stages; at K ≤ 64 with 16-bit
-    operands two stages take 65 KiB and keep two per SM. Measured at 8x4096-h16 on an H100
-    (NOTES.md §15): K = 128, the pass 0.579 ms in one stage, 0.789 in two; K = 64, the
-    forward's kernels 0.742 in one stage, 0.706 in two (0.824 unfused). In one stage ODT is
-    float32
-    (state._output_tile says why). GDN_TRITON_TILES=fused_warps / fused_stages / fused_f32
-    (0: ODT the operand dtype whatever the stages)."""
-    two = flags["K"] <= 64 and _sixteen_bit(flags)
-    stages = TILES.get("fused_stages", 2 if two else 1)
-    f32 = TILES.get("fused_f32", int(stages == 1))
+    """Tiles, warps, stages and the (QKᵀ ⊙ D) Δ product's operand dtype ODT of the forward
+    pass that computes the output (K ≤ 128; state._output_tile).
+
+    - 16-bit operands, K ≤ 64: BV = 64 in two stages (65 KiB, two programs per SM, as the
+      plain pass has), ODT the operand dtype.
+    - 16-bit operands, 64 < K ≤ 128: BV = 32 on four warps in two stages (234 registers,
+      109 KiB, no spill: two per SM), ODT the operand dtype. At BV = 64 two stages take
+      120 KiB (one per SM) and one stage spills (255 registers, 208 B). Measured on an H100,
+      the forward's state passes against BV = 64 in one stage with a TF32 product (NOTES.md
+      §18): 8x4096-h16 0.551 → 0.445 ms (512 programs, two rounds, against 256 in one),
+      8x4096-h32 1.093 → 0.880, 2x16384-h16 (segmented) 0.867 → 0.785, 1x65536-h16 1.681 →
+      1.530. The bf16 product costs output accuracy: o 4.2e-3 → 4.7e-3 against float64 in
+      benchmarks/probe_launch.py, as output_forward, which takes P in bf16 too, gives. P in
+      two bf16 parts (hi + lo) gave 4.4e-3 and took back most of the time (0.505 ms).
+      Earlier, at BV = 64 (§15): K = 128 0.579 ms in one stage, 0.789 in two; K = 64 0.742 /
+      0.706.
+    - float32 operands: one stage, ODT float32.
+
+    In one stage the product must be float32 (state._output_tile), and in two stages at
+    BV = 32 a TF32 product gave o 0.33 and the final state 1.0 relative error on the H100
+    (at BV = 64 it had been right, §15; §18). GDN_TRITON_TILES=fused_stages / fused_f32 /
+    fused_warps / fused_bv measure other launches, but a float32 product in more than one
+    stage is refused."""
+    sixteen = _sixteen_bit(flags)
+    stages = TILES.get("fused_stages", 2 if sixteen else 1)
+    f32 = TILES.get("fused_f32", int(stages == 1)) or not sixteen
+    if f32 and stages > 1:
+        raise ValueError("GDN_TRITON_TILES: a float32 (QKᵀ ⊙ D) Δ product in more than one "
+                         "stage computed wrong outputs on Triton 3.6 / H100 "
+                         "(benchmarks/NOTES.md §18)")
+    bv = min(32, flags["BV"]) if sixteen and flags["K"] > 64 else flags["BV"]
     return dict(num_warps=TILES.get("fused_warps", 4), num_stages=stages,
-                ODT=tl.float32 if f32 else flags["DT"], BV=TILES.get("fused_bv", flags["BV"]))
+                ODT=tl.float32 if f32 else flags["DT"], BV=TILES.get("fused_bv", bv))
 
 
 def _segment_args(B: int, T: int, HV: int, K: int, V: int, BT: int) -> dict:

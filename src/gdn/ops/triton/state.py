@@ -234,9 +234,11 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
     """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
     scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
     them (rounded to the operand dtype) and D from the decay table (``load_decay_matrix``).
-    ODT is the operand dtype of the (QKᵀ ⊙ D) Δ product: a product held in registers as the
-    left operand, which Triton 3.6 computes wrong in bf16 on an H100 in a loop that is not
-    pipelined (NOTES.md §9), so float32 (TF32) there unless the pass runs in two stages."""
+    ODT is the operand dtype of the (QKᵀ ⊙ D) Δ product, whose left operand is a product held
+    in registers. On an H100 with Triton 3.6 that pattern computes wrong in bf16 in a loop
+    that is not pipelined (NOTES.md §9) and wrong in TF32 in one that is (o 0.33, the final
+    state 1.0 relative error, §18): so float32 in one stage, the operand dtype in two
+    (``passes._output_pass_launch``), as output_forward takes it."""
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     qs, scores = _query_block(q, S1, Kt1, qs, scores, 0, t0, end, stride, K, DT, PREC, BT, KB)
