@@ -34,7 +34,12 @@ BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 # below whose loops multiply a tile held in registers override it with two stages (§9);
 # the state passes stay at one (passes.py: stages cost them programs per SM).
 LAUNCH = dict(num_warps=4, num_stages=1)
-INVERSE_LAUNCH = dict(num_warps=1, num_stages=1)   # wy_solve's 16 × 16 tiles: one warp
+# wy_solve: its 16 × 16 tiles on one warp. Its loop over K (kkᵀ, blocks of SOLVE_KB columns)
+# prefetched in two stages: 0.188 → 0.170 ms at 8x4096-h16 on an H100 (255 registers, no
+# spill, 8 KiB); KB = 32 took 193 registers but 0.234 ms in one stage, 0.191 in two (NOTES.md
+# §18). GDN_TRITON_TILES=solve_stages / solve_kb change them.
+INVERSE_LAUNCH = dict(num_warps=1, num_stages=TILES.get("solve_stages", 2))
+SOLVE_KB = TILES.get("solve_kb", 64)
 # The backward's output kernel: one program per (chunk, KB columns of K, v head), with three
 # [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined (§9, ``loop_stages``).
 # Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
@@ -223,7 +228,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
         wy_solve.wy_solve_kernel[grid](
             k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
-            **(row_block_flags(p.flags) | INVERSE_LAUNCH | p.exact_launch))
+            **(row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | p.exact_launch))
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)

@@ -14,9 +14,9 @@ def _tile_overrides(text: str) -> dict[str, int]:
     known = ("bv", "state_bv", "state_warps", "state_stages", "state_bwd_bv",
              "state_bwd_warps", "state_bwd_stages", "state_f32", "output_f32", "wy_f32",
              "output_stages", "wy_stages", "obwd_kb", "obwd_bv", "obwd_warps", "obwd_stages",
-             "loop_stages", "wy_warps", "apply_warps", "apply_maxnreg", "exact_warps",
-             "inline_gates", "fused_output", "fused_warps", "fused_stages", "fused_f32",
-             "fused_bv", "v_fastest")
+             "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
+             "apply_maxnreg", "exact_warps", "inline_gates", "fused_output", "fused_warps",
+             "fused_stages", "fused_f32", "fused_bv", "v_fastest")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
