@@ -14,7 +14,10 @@ Prints and saves JSON under benchmarks/results/host_time/.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import ops as bench  # noqa: E402  (the shared header and case helpers)
 
 
 def host_and_total(case: bench.Case, dtype: torch.dtype, calls: int, backward: bool,
-                   backend: str) -> dict[str, float]:
+                   backend: str, profile: int = 0) -> dict[str, float]:
     x = case.inputs(torch.device("cuda"), seed=0).to(dtype, requires_grad=backward)
     dO = torch.randn(case.B, case.T, case.HV, case.V, device="cuda", dtype=dtype)
     call = bench.BACKENDS[backend].call
@@ -50,6 +53,13 @@ def host_and_total(case: bench.Case, dtype: torch.dtype, calls: int, backward: b
     enqueued = time.perf_counter()
     torch.cuda.synchronize()
     done = time.perf_counter()
+    if profile:   # where the host's time goes, by Python function
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [step() for _ in range(calls)])
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile)
+        print(text.getvalue())
     return {"enqueue_ms": 1e3 * (enqueued - start) / calls,
             "total_ms": 1e3 * (done - start) / calls}
 
@@ -61,6 +71,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--backward", action="store_true", help="forward+backward calls")
     parser.add_argument("--backend", default="triton", choices=("triton", "fla"))
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N Python functions with the most own time")
     parser.add_argument("--out", type=Path,
                         default=bench.ROOT / "benchmarks" / "results" / "host_time")
     args = parser.parse_args()
@@ -71,7 +83,7 @@ def main() -> None:
         row = {"case": case.name, "variant": case.variant, "backend": args.backend,
                "backward": args.backward}
         row |= host_and_total(case, getattr(torch, args.dtype), args.calls, args.backward,
-                              args.backend)
+                              args.backend, args.profile)
         rows.append(row)
         print(f"{case.name:22} {args.backend:6} {'fwd+bwd' if args.backward else 'fwd':7} "
               f"enqueue {row['enqueue_ms']:.3f} ms  total {row['total_ms']:.3f} ms", flush=True)

@@ -13,6 +13,7 @@ and return at once. This keeps varlen calls free of a device-to-host copy and tr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +38,54 @@ def chunk_count(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int) -> int
 
 def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int,
                 device: torch.device) -> ChunkTable:
+    """The table of B rows of T tokens, or of the sequences of ``cu_seqlens``; the rows'
+    table is kept from call to call (``kept_per_stream``)."""
     if cu_seqlens is None:
-        cu = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int64) if T > 0 \
-            else torch.zeros(B + 1, device=device, dtype=torch.int64)
-        per_seq = -(-T // BT)
-        num_chunks = chunk_count(B, T, None, BT)
-        ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
-        seq = ids // max(per_seq, 1)
-        offsets = torch.arange(0, B + 1, device=device, dtype=torch.int64) * per_seq
-        start = seq * T + (ids - seq * per_seq) * BT
-        return ChunkTable(cu, offsets, seq.to(torch.int32), start, num_chunks, B)
+        return _row_table(B, T, BT, device)
+    return _sequences(B, T, cu_seqlens, BT, device)
+
+
+def kept_per_stream(build):
+    """``build(*sizes, device)``, whose tensors depend on the sizes alone and are only ever
+    read, kept for the next call with the same sizes on the same device and stream (another
+    stream could read them before the ops that made them have run). Not while a CUDA graph
+    is being captured: tensors made then hold their values only once the graph replays."""
+    kept = functools.lru_cache(maxsize=32)(lambda *sizes_device_stream:
+                                           build(*sizes_device_stream[:-1]))
+
+    @functools.wraps(build)
+    def get(*sizes_and_device):
+        *sizes, device = sizes_and_device
+        device = torch.device(device)
+        stream = 0
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return build(*sizes, device)
+            stream = torch.cuda.current_stream(device).stream_id
+        return kept(*sizes, device, stream)
+    return get
+
+
+def _rows(B: int, T: int, BT: int, device: torch.device) -> ChunkTable:
+    cu = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int64) if T > 0 \
+        else torch.zeros(B + 1, device=device, dtype=torch.int64)
+    per_seq = -(-T // BT)
+    num_chunks = chunk_count(B, T, None, BT)
+    ids = torch.arange(num_chunks, device=device, dtype=torch.int64)
+    seq = ids // max(per_seq, 1)
+    offsets = torch.arange(0, B + 1, device=device, dtype=torch.int64) * per_seq
+    start = seq * T + (ids - seq * per_seq) * BT
+    return ChunkTable(cu, offsets, seq.to(torch.int32), start, num_chunks, B)
+
+
+# Building the rows' table is five small device ops, about 0.13 ms of host time a call on
+# the H100's host (benchmarks/host_time.py --profile, NOTES.md §18), paid by the forward and
+# again by the backward: the op is host-bound where its kernels are short.
+_row_table = kept_per_stream(_rows)
+
+
+def _sequences(B: int, T: int, cu_seqlens: torch.Tensor, BT: int,
+               device: torch.device) -> ChunkTable:
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     N = cu.numel() - 1
     counts = (cu[1:] - cu[:-1] + BT - 1) // BT

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from gdn.ops.triton import combine, state
+from gdn.ops.triton.indexing import kept_per_stream
 from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
 
 # Chunks per segment of the segmented passes: None chooses by ``auto_segment_chunks``, 0 turns
@@ -153,8 +154,10 @@ def plan_segments(B: int, T: int, BT: int, cu_seqlens, device, *, programs: int,
     return _segments(B, T, BT, L, device)
 
 
+@kept_per_stream
 def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
-    """Rows of T tokens in segments of L chunks."""
+    """Rows of T tokens in segments of L chunks (kept from call to call, as the chunk
+    table is: ``indexing.kept_per_stream``)."""
     per_row = -(-T // BT)
     P = -(-per_row // L)
     # Boundary i is segment i % P of row i // P (i = B·P: the end), built by one arange on
