@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import launch, output, passes, wy_solve
+from gdn.ops.triton import launch, output, passes
 from gdn.ops.triton.common import (
     load_rows_stored,
     mm,
@@ -47,7 +47,10 @@ from gdn.ops.triton.common import (
     store_vec,
 )
 from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
-from gdn.testing import random_inputs, rel_error
+from gdn.testing import rel_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transposed_state_probe import save_rows, state_pass_inputs, try_variant  # noqa: E402
 
 
 @triton.jit
@@ -181,21 +184,10 @@ def fused_kernel(q, k, w, u, decays, do, d_delta, d_states, dq, dk, dw, dg, TT, 
 
 
 def _inputs(shape, device, dtype):
-    """The backward's tensors up to output_backward, from the op's own stages."""
+    """The backward's tensors up to output_backward, from the op's own stages: the state
+    passes' inputs, then the reverse pass's dS and dΔ."""
     B, T, H, K, V = shape
-    x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0).to(dtype)
-    q, k, v, g, beta = (t.to(device) for t in (x.q, x.k, x.v, x.g, x.beta))
-    p = launch._plan(q, v, g, None, False)
-    q_, k_, v_, g_, b_ = (launch._flat(t) for t in (q, k, v, g, beta))
-    a = torch.empty(p.TT, p.HV, launch.BT, **p.f32)
-    wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](
-        k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
-        **(launch.row_block_flags(p.flags) | launch.INVERSE_LAUNCH))
-    w, u = launch._wy_apply(p, k_, v_, g_, b_, a)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(p.TT, p.HV, V, generator=gen).to(device, dtype)
-    dv_local = torch.randn(p.TT, p.HV, V, generator=gen).to(device, dtype)
-    d_ = launch._decays(p, g_)
+    p, q_, k_, w, u, g_, d_, do, dv_local = state_pass_inputs(shape, device, dtype)
     scale = K ** -0.5
     d_states, d_delta, _ = passes.state_backward(
         p, q_, k_, w, d_, do, dv_local, None, want_dh0=True, scale=scale, segs=None,
@@ -248,11 +240,8 @@ def run(shape, device, dtype, variants, bench) -> dict:
         def call(warps=warps, stages=stages, tma=tma, parts=parts):
             return _fused(p, q_, k_, w, u, d_, do, d_states, d_delta, scale, T, warps, stages,
                           bool(tma), parts)
-        try:
-            got = call()
-        except Exception as error:          # a variant that does not compile or fit
-            row[name] = f"failed: {type(error).__name__}: {str(error)[:160]}"
-            print(name, row[name], flush=True)
+        got = try_variant(row, name, call)
+        if got is None:
             continue
         errors = {n: rel_error(a, b) for n, a, b in zip(("dq", "dk", "dw", "dg"), got, ref,
                                                          strict=True) if parts == 4}
@@ -286,12 +275,7 @@ def main() -> None:
                                                                  dtype=torch.int8))
     rows = [run(tuple(int(x) for x in s.split(",")), "cuda", torch.bfloat16, variants, True)
             for s in args.shapes]
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                      triton=triton.__version__, commit=os.environ.get("GDN_COMMIT", "?"))
-        (args.out / "fused_backward_probe.json").write_text(
-            json.dumps(dict(header=header, rows=rows), indent=1))
+    save_rows(args.out, "fused_backward_probe", rows)
 
 
 if __name__ == "__main__":

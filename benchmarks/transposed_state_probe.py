@@ -135,8 +135,9 @@ def backward_t_kernel(q, k, w, decays, do, dv_local, d_states, d_delta, dh0, TT,
     _store_block_t(dh0 + p_state, dS2, KB, K, col0, V, KB, BV)
 
 
-def _inputs(shape, device, dtype):
-    """The state passes' inputs from the op's own first stages: w, u from the wy stage."""
+def state_pass_inputs(shape, device, dtype):
+    """The state passes' inputs from the op's own first stages: w, u from the wy stage (also
+    used by fused_backward_probe.py)."""
     B, T, H, K, V = shape
     x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0).to(dtype)
     q, k, v, g, beta = (t.to(device) for t in (x.q, x.k, x.v, x.g, x.beta))
@@ -176,7 +177,7 @@ def _backward_t(p, q_, k_, w, d_, do, dv_local, scale, T, BV, warps, stages):
 
 def run(shape, device, dtype, variants, bench) -> dict:
     B, T, H, K, V = shape
-    p, q_, k_, w, u, g_, d_, do, dv_local = _inputs(shape, device, dtype)
+    p, q_, k_, w, u, g_, d_, do, dv_local = state_pass_inputs(shape, device, dtype)
     scale = K ** -0.5
     ref_f = passes.state_forward(p, k_, w, u, g_, d_, None, None)[:3]
     ref_b = passes.state_backward(p, q_, k_, w, d_, do, dv_local, None, want_dh0=True,
@@ -198,11 +199,8 @@ def run(shape, device, dtype, variants, bench) -> dict:
             def call(BV=BV, warps=warps, stages=stages):
                 return _backward_t(p, q_, k_, w, d_, do, dv_local, scale, T, BV, warps, stages)
             ref = ref_b
-        try:
-            got = call()
-        except Exception as error:          # a variant that does not compile or fit
-            row[name] = f"failed: {type(error).__name__}: {str(error)[:120]}"
-            print(name, row[name], flush=True)
+        got = try_variant(row, name, call)
+        if got is None:
             continue
         errors = [rel_error(a, b) for a, b in zip(got, ref, strict=True)]
         row[name + " errors"] = errors
@@ -231,12 +229,28 @@ def main() -> None:
                 ("reverse", 32, 4, 2), ("reverse", 64, 4, 2), ("reverse", 32, 2, 1)]
     rows = [run(tuple(int(x) for x in s.split(",")), "cuda", torch.bfloat16, variants, True)
             for s in args.shapes]
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+    save_rows(args.out, "transposed_state_probe", rows)
+
+
+def try_variant(row: dict, name: str, call):
+    """call()'s result, or None for a variant that does not compile or fit, its error in
+    row[name] (also used by fused_backward_probe.py)."""
+    try:
+        return call()
+    except Exception as error:
+        row[name] = f"failed: {type(error).__name__}: {str(error)[:160]}"
+        print(name, row[name], flush=True)
+        return None
+
+
+def save_rows(out: Path | None, name: str, rows: list) -> None:
+    """A probe's rows as out/name.json with the device, torch, Triton and GDN_COMMIT (also
+    used by fused_backward_probe.py); nothing without out."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
         header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                       triton=triton.__version__, commit=os.environ.get("GDN_COMMIT", "?"))
-        (args.out / "transposed_state_probe.json").write_text(
-            json.dumps(dict(header=header, rows=rows), indent=1))
+        (out / f"{name}.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
 
 
 if __name__ == "__main__":
