@@ -4,8 +4,9 @@ storing every chunk state for ``output_forward``. In Triton's interpreter (CPU):
 
 - fused and unfused forwards agree to rounding, and the backward, which recomputes what it
   needs whichever forward ran, gives the same gradients bit for bit;
-- the fused forward launches no ``output_forward``, and ``recompute=False`` (``keep``) never
-  fuses, since its backward needs the stored chunk states;
+- with ``recompute=False`` (``keep``) the fused pass also stores the chunk states and Δ, the
+  same ones the unfused pass stores, so the gradients again agree bit for bit;
+- the fused forward launches no ``output_forward``, with or without ``keep``;
 - exact mode stays within 10⁻⁵ of float64 with a −10⁴ log gate at a chunk's first step,
   where the decay as a plain difference of float32 prefix sums is off by about 10⁻³ (the
   fused pass forms it from Γ as a compensated float32 pair, decays.load_decay_matrix);
@@ -43,14 +44,17 @@ def _force_fusion(monkeypatch, fused: bool):
     monkeypatch.setattr(launch, "fused_output", lambda K: fused)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(("dtype", "recompute"), [(torch.float32, True), (torch.float16, True),
+                                               (torch.float32, False)],
+                         ids=["float32", "float16", "float32-keep"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fused_and_unfused_forwards_agree(case, dtype, monkeypatch):
+def test_fused_and_unfused_forwards_agree(case, dtype, recompute, monkeypatch):
     x, delta = case_inputs(CASES[case], dtype, 61, monkeypatch)
     runs = {}
     for fused in (True, False):
         _force_fusion(monkeypatch, fused)
-        runs[fused] = forward_backward(op_for(delta), x, seed=7, backend="triton")
+        runs[fused] = forward_backward(op_for(delta), x, seed=7, backend="triton",
+                                       recompute=recompute)
     (o1, s1, g1), (o0, s0, g0) = runs[True], runs[False]
     assert o1.dtype == dtype and o1.shape == o0.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -59,8 +63,8 @@ def test_fused_and_unfused_forwards_agree(case, dtype, monkeypatch):
     # The final state comes from the same update steps on the same tiles either way (the
     # fused pass only reads k's tiles once for both products): equal in the interpreter.
     assert torch.equal(s1, s0)
-    # The backward recomputes w, u, Δ and the states itself: it cannot tell the forwards
-    # apart.
+    # The backward recomputes w, u, Δ and the states itself, or with keep takes the ones
+    # both passes stored from the same steps: it cannot tell the forwards apart.
     assert g1.keys() == g0.keys()
     for name, grad in g1.items():
         assert grad is not None, name
@@ -101,7 +105,7 @@ def test_the_fused_forward_skips_output_forward(monkeypatch):
     results = {}
     # (forced fusion or None for the default rule, recompute) → output_forward launches
     plan = {(None, True): 0, (True, True): 0, (False, True): 1,
-            (None, False): 1, (True, False): 1, (False, False): 1}
+            (None, False): 0, (True, False): 0, (False, False): 1}
     for (forced, recompute), expected in plan.items():
         with monkeypatch.context() as m:
             if forced is not None:
@@ -113,11 +117,17 @@ def test_the_fused_forward_skips_output_forward(monkeypatch):
             assert len(launches) == expected, (forced, recompute, launches)
             assert len(outs) == 1
             assert (outs[0] is not None) == (expected == 0), (forced, recompute)
+            if outs[0] is not None:
+                assert outs[0].keep == (not recompute)
             results[forced, recompute] = o.detach()
             if expected == 0:
-                # The backward's recomputing state pass stores the states: no output there.
                 o.sum().backward()
-                assert len(outs) == 2 and outs[1] is None
+                if recompute:
+                    # The backward's recomputing state pass stores the states: no output.
+                    assert len(outs) == 2 and outs[1] is None
+                else:
+                    # The backward takes the fused pass's states: no state pass at all.
+                    assert len(outs) == 1
                 assert len(launches) == 0
     for key, o in results.items():
         assert rel_error(o, results[False, True]) <= 1e-6, key

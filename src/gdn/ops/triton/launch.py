@@ -233,8 +233,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
-    # The state pass computes the output itself unless the backward keeps the states.
-    fused = None if keep or not fused_output(p.K) else passes.Output(q_, o, scale)
+    # The state pass computes the output itself (and with keep also stores the chunk states
+    # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
+    fused = passes.Output(q_, o, scale, keep) if fused_output(p.K) else None
     states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:

@@ -172,11 +172,14 @@ def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
 @dataclass
 class Output:
     """What the forward pass needs to compute o itself from the state in registers
-    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale."""
+    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale, and
+    whether it also stores the chunk-start states and Δ for a backward that keeps them
+    (``keep``, recompute=False in gdn.ops)."""
 
     q: torch.Tensor
     o: torch.Tensor
     scale: float
+    keep: bool = False
 
 
 def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
@@ -190,8 +193,8 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
     state.state_forward_kernel[grid](
         k_, w, u, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
-        STORE_CHUNKS=store_chunks and out is None, U_ZERO=u_zero, OUTPUT=out is not None,
-        V_FASTEST=V_FASTEST, **flags)
+        STORE_CHUNKS=store_chunks and (out is None or out.keep), U_ZERO=u_zero,
+        OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
 
 def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:
@@ -274,11 +277,11 @@ def state_forward(p, k_, w, u, g_, decays, initial_state, segs: Segments | None,
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
     when segmented, the ``Seams``. ``decays`` are g_'s chunk decays (decays.py), None without
     a gate. Given the forward's seams, only the last pass runs (the final state is then
-    None). Given ``out``, that pass writes the output into ``out.o`` instead of the states
-    and Δ, which are then None."""
+    None). Given ``out``, that pass writes the output into ``out.o``, and the states and Δ
+    only with ``out.keep`` (else they are None)."""
     delta = w is not None
     states = v_new = None
-    if out is None:
+    if out is None or out.keep:
         states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
         v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
     if seams is not None:

@@ -21,7 +21,8 @@ memory per program decide the tiles, warps and pipeline stages of each pass (lau
 and their measurements in passes.py).
 
 Up to K = 128 the forward pass also computes the output of each chunk from the state it holds
-(OUTPUT, math.md §3.9), so the forward stores neither the chunk states nor Δ.
+(OUTPUT, math.md §3.9), so the forward stores neither the chunk states nor Δ unless the
+backward keeps them (recompute=False).
 """
 
 import triton
@@ -277,19 +278,23 @@ def state_forward_kernel(
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
-    (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o
-    instead of the chunk states and Δ (give it STORE_CHUNKS=False)."""
+    (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
+    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
-    for i in range(0, tl.cdiv(end - bos, BT)):
+    n_chunks = tl.cdiv(end - bos, BT)
+    if STORE_CHUNKS and OUTPUT and n_chunks > 0:
+        p_chunk = (first * HV + i_hv) * state_kv
+        _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+    for i in range(0, n_chunks):
         t0 = bos + i * BT
         e_gamma = 1.0
         e_last = 1.0
         if HAS_GATE:
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
-        if STORE_CHUNKS:
+        if STORE_CHUNKS and not OUTPUT:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         if U_ZERO:
@@ -300,7 +305,7 @@ def state_forward_kernel(
             ws = _rows_times_blocks(w + i_hv * K, S1, S2, S3, S4, t0, end, HV * K, K, DT, PREC,
                                     BT, KB, BV)
             delta -= ws
-            if STORE_CHUNKS:
+            if STORE_CHUNKS and not OUTPUT:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
         if OUTPUT:
             # k's tiles serve QKᵀ here and the update below: read once.
@@ -309,6 +314,8 @@ def state_forward_kernel(
                                e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
                                HAS_GATE, DT, ODT, PREC, BT, KB, BV)
             store_rows(o + i_hv * V, b_o, t0, end, HV * V, col0, V, BT, BV)
+            if STORE_CHUNKS and DELTA:
+                store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
         if HAS_GATE:
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
             # goes from memory into the product untouched.
@@ -321,6 +328,9 @@ def state_forward_kernel(
                 S3 = _update_tile(Kt3, S3, e_last, delta.to(DT), HAS_GATE, DT, PREC)
             if K > 3 * KB:
                 S4 = _update_tile(Kt4, S4, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+            if STORE_CHUNKS and i + 1 < n_chunks:
+                p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
+                _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         else:
             S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT),
                                             t0, end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
