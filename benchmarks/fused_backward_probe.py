@@ -201,13 +201,13 @@ def _today(p, q_, k_, w, u, g_, d_, do, d_states, d_delta, scale):
     dq = torch.empty(p.TT, p.H, p.K, device=q_.device, dtype=q_.dtype)
     dk = torch.empty(p.TT, p.HV, p.K, **p.lo)
     dw = torch.empty(p.TT, p.HV, p.K, **p.lo)
-    dg = torch.empty(1, p.TT, p.HV, **p.f32)
-    o_flags = (launch.row_block_flags(p.flags, launch.OUTPUT_BACKWARD_KB)
-               | launch.OUTPUT_BACKWARD_LAUNCH | launch.loop_stages(p.sixteen_bit, "obwd_stages"))
-    output.output_backward_kernel[(p.table.num_chunks, p.H)](
+    o_flags = launch.output_backward_flags(p)
+    n_kb = triton.cdiv(p.K, o_flags["KB"])
+    dg = torch.empty(n_kb, p.TT, p.HV, **p.f32)
+    output.output_backward_kernel[(p.table.num_chunks * n_kb, p.H)](
         q_, k_, g_, v_new, do, d_delta, states, d_states, dq, dk, dw, dq, dk, dg, *p.chunks,
         scale, p.TT * p.HV, 0, V=p.V, BV=launch.OUTPUT_BACKWARD_BV, DELTA=True, **o_flags)
-    return dq, dk, dw, dg[0]
+    return dq, dk, dw, dg.sum(0)
 
 
 def _fused(p, q_, k_, w, u, d_, do, d_states, d_delta, scale, T, warps, stages, tma, parts=4):

@@ -98,7 +98,9 @@ def main() -> None:
     tag = f"{case.name}-{args.variant}-{args.dtype}{'-fp32ops' if args.fp32_operands else ''}"
     tag += "-fwd" if args.forward else ""
     tag += f"-{args.tag}" if args.tag else ""
-    tag += "-fla" if args.backend == "fla" else ""
+    # The backend in the name unless it is the default: two backends in one call (triton
+    # and triton-keep, NOTES.md §19) had written one file.
+    tag += f"-{args.backend}" if args.backend != "triton" else ""
     path = args.out / f"{bench.results_stem(head)}-{tag}.json"
     path.write_text(json.dumps({"header": head, "case": case.name, "variant": args.variant,
                                 "dtype": args.dtype, "backend": args.backend,

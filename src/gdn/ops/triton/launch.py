@@ -41,12 +41,9 @@ LAUNCH = dict(num_warps=4, num_stages=1)
 INVERSE_LAUNCH = dict(num_warps=1, num_stages=TILES.get("solve_stages", 2))
 SOLVE_KB = TILES.get("solve_kb", 64)
 # The backward's output kernel: one program per (chunk, KB columns of K, v head), with three
-# [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined (§9, ``loop_stages``).
-# Measured at 8x4096-h16 with BV = 32 (NOTES.md §9): KB = 128 on 8 warps 1.12 ms, KB = 64
-# on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
-OUTPUT_BACKWARD_LAUNCH = dict(num_warps=TILES.get("obwd_warps", 8))
+# [BT, KB] float32 accumulators and dO Δᵀ; the loop over V pipelined (§9). Its KB, warps and
+# stages: ``output_backward_flags``.
 OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 64)
-OUTPUT_BACKWARD_KB = TILES.get("obwd_kb", 128)
 
 
 # Operand dtypes: every kernel multiplies in the operand dtype (bf16 for bf16 inputs). The
@@ -187,6 +184,26 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     return w, u
 
 
+def output_backward_flags(p: _Plan) -> dict:
+    """KB, warps and stages of output_backward, merged into the plan's flags.
+
+    16-bit operands up to K = 128: KB = 64 on four warps in two stages (255 registers, 64 KiB,
+    no spill: two programs per SM, each K half of a chunk its own program, which recomputes
+    dO Δᵀ and reads dO, Δ and dΔ from L2 after its neighbour). At 8x4096-h16 on an H100
+    (NOTES.md §19) 0.905 → 0.823 ms against KB = 128 on eight warps in three stages (226
+    registers, 136 KiB: one program per SM, whose loads after its two-iteration loop over V
+    nothing else hides); in three stages 0.828; with BV = 32 0.989. Elsewhere KB = 128 on
+    eight warps, three stages with 16-bit operands (``loop_stages``). Earlier, with BV = 32
+    (§9): KB = 128 on 8 warps 1.12 ms, KB = 64 on 4 warps 1.19, on 8 warps 1.71; then
+    BV = 64: 0.95. GDN_TRITON_TILES obwd_kb / obwd_warps / obwd_stages / obwd_bv override."""
+    small = p.sixteen_bit and p.K <= 128
+    return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
+            | dict(num_warps=TILES.get("obwd_warps", 4 if small else 8))
+            | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
+               else loop_stages(p.sixteen_bit, "obwd_stages"))
+            | p.exact_launch)
+
+
 def _decays(p: _Plan, g_):
     """The state passes' chunk decays (decays.py), None without a gate."""
     return None if g_ is None else decays.chunk_decays(g_, p.table, BT)
@@ -303,8 +320,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
           else torch.empty(TT, H, K, device=q.device, dtype=k.dtype))
     dk_group_sum = torch.empty(TT, H, K, **f32) if G > 1 and not delta else dk
     dw = torch.empty(TT, HV, K, **lo) if delta else None
-    o_flags = (row_block_flags(flags, OUTPUT_BACKWARD_KB) | OUTPUT_BACKWARD_LAUNCH
-               | loop_stages(p.sixteen_bit, "obwd_stages") | p.exact_launch)
+    o_flags = output_backward_flags(p)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     for i_g in range(G):
