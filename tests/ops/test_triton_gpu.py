@@ -165,9 +165,17 @@ def test_recompute_false_gives_the_same_gradients_bit_for_bit(T):
     pass's states, and the outputs agreed only to rounding.)"""
     x = _on_cuda(random_inputs(B=1, T=T, H=2, K=128, V=128, initial_state=True, seed=30),
                  torch.bfloat16)
-    (o0, s0, g0), (o1, s1, g1) = (
-        forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton",
-                         recompute=recompute) for recompute in (True, False))
+    o0, s0, g0 = forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton")
+    # The second run's buffers are NaN-poisoned: an element read before it is written would
+    # show. With output_backward's dMᵀ Q product in bf16 on four warps, this comparison
+    # found dk, dg and dβ a few ulps apart from run to run (NOTES.md §19).
+    original = torch.empty
+    torch.empty = lambda *a, **kw: original(*a, **kw).fill_(float("nan"))
+    try:
+        o1, s1, g1 = forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton",
+                                      recompute=False)
+    finally:
+        torch.empty = original
     assert torch.equal(s0, s1)
     assert torch.equal(o0, o1)
     for name, grad in g0.items():
