@@ -123,7 +123,9 @@ def section(result: dict, name: str) -> list[str]:
             load += f", {_loads(h['load_avg_end'])} at end"
         facts.append(load)
     rows = table(result["rows"], cuda=h["device_type"] == "cuda")
-    return [title, "", " · ".join(facts) + f" · `{name}`", "", *rows, ""]
+    # A note added to a results file after its run (what was found about that commit later).
+    note = [f"Note: {h['note']}", ""] if h.get("note") else []
+    return [title, "", " · ".join(facts) + f" · `{name}`", "", *note, *rows, ""]
 
 
 TRAIN_LEGEND = """\
