@@ -167,8 +167,9 @@ def test_recompute_false_gives_the_same_gradients_bit_for_bit(T):
                  torch.bfloat16)
     o0, s0, g0 = forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton")
     # The second run's buffers are NaN-poisoned: an element read before it is written would
-    # show. With output_backward's dMᵀ Q product in bf16 on four warps, this comparison
-    # found dk, dg and dβ a few ulps apart from run to run (NOTES.md §19).
+    # show. With output_backward's dMᵀ Q product as a transposed bf16 register operand on
+    # four warps, this comparison found dk, dg and dβ a few ulps apart from run to run
+    # (NOTES.md §19; output._dm_t_times).
     original = torch.empty
     torch.empty = lambda *a, **kw: original(*a, **kw).fill_(float("nan"))
     try:

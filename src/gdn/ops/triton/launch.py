@@ -189,20 +189,20 @@ def output_backward_flags(p: _Plan) -> dict:
 
     16-bit operands up to K = 128: KB = 64 on four warps in two stages (255 registers, 64 KiB,
     no spill: two programs per SM, each K half of a chunk its own program, which recomputes
-    dO Δᵀ and reads dO, Δ and dΔ from L2 after its neighbour), with the dMᵀ Q product in
-    TF32 (``DMT_F32``, output._dm_t_times): in bf16 there, dk differed from run to run. At
-    8x4096-h16 on an H100 (NOTES.md §19): 0.905 → 0.883 ms against KB = 128 on eight warps
-    in three stages (226 registers, 136 KiB: one program per SM, whose loads after its
-    two-iteration loop over V nothing else hides); 0.823 with the bf16 product. Elsewhere
-    KB = 128 on eight warps, three stages with 16-bit operands (``loop_stages``), the
-    product in the operand dtype (TF32 there: 1.075). Earlier, with BV = 32 (§9): KB = 128
-    on 8 warps 1.12 ms, KB = 64 on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
+    dO Δᵀ and reads dO, Δ and dΔ from L2 after its neighbour), with dMᵀ Q formed as
+    (Qᵀ dM)ᵀ (``DM_RIGHT``, output._dm_t_times): as written before, dk differed from run to
+    run there. At 8x4096-h16 on an H100 (NOTES.md §19): 0.905 → 0.837 ms against KB = 128
+    on eight warps in three stages (226 registers, 136 KiB: one program per SM, whose loads
+    after its two-iteration loop over V nothing else hides). Elsewhere KB = 128 on eight
+    warps, three stages with 16-bit operands (``loop_stages``); at 8x4096-h6-k256v512 KB = 64
+    on four warps was slower (1.225 against 1.129). Earlier, with BV = 32 (§9): KB = 128 on
+    8 warps 1.12 ms, KB = 64 on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
     GDN_TRITON_TILES obwd_kb / obwd_warps / obwd_stages / obwd_bv override; fewer than eight
-    warps always take the TF32 product."""
+    warps always take DM_RIGHT."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
     return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
-            | dict(num_warps=warps, DMT_F32=warps < 8)
+            | dict(num_warps=warps, DM_RIGHT=warps < 8)
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)

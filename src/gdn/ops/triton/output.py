@@ -101,15 +101,16 @@ def dv_local_kernel(
 
 
 @triton.jit
-def _dm_t_times(dM, b_q, acc, DT: tl.constexpr, PREC: tl.constexpr, DMT_F32: tl.constexpr):
+def _dm_t_times(dM, b_q, acc, DT: tl.constexpr, PREC: tl.constexpr, DM_RIGHT: tl.constexpr):
     """acc + dMᵀ Q. dM is a product's result held in registers, and as a transposed 16-bit
-    operand that is the pattern Triton 3.4-3.7 miscompiles on Hopper
+    left operand that is the pattern Triton 3.4-3.7 miscompiles on Hopper
     (fla-org/flash-linear-attention#640): with KB = 64 on four warps, dk differed from run to
-    run by a few bf16 ulps on an H100 (NOTES.md §19). DMT_F32 takes it in float32 (TF32),
-    which ran deterministic there; eight warps keep the 16-bit product, deterministic in the
-    same check."""
-    if DMT_F32:
-        acc = tl.dot(tl.trans(dM), b_q.to(tl.float32), acc, input_precision=PREC)
+    run by a few bf16 ulps on an H100 (NOTES.md §19). DM_RIGHT forms it as (Qᵀ dM)ᵀ, dM the
+    right operand untransposed and q's tile the transposed one: deterministic there, and
+    0.837 ms against 0.883 for the TF32 product that was the first fix. Eight warps keep the
+    transposed product, deterministic in the same check."""
+    if DM_RIGHT:
+        acc += tl.trans(mm(tl.trans(b_q), dM, DT, PREC))
     else:
         acc = mma(tl.trans(dM), b_q, acc, DT, PREC)
     return acc
@@ -128,7 +129,7 @@ def output_backward_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
-    LAST: tl.constexpr = True, DMT_F32: tl.constexpr = False,
+    LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
@@ -203,10 +204,10 @@ def output_backward_kernel(
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last  # dΓ_C reaches every g_j
         store_vec(dg_parts + i_kb.to(tl.int64) * dg_part_stride + i_hv, d_g, t0, end, HV, BT)
     if DELTA:   # the wy backward adds its part, for this v head
-        d_k = _dm_t_times(dM, b_q, d_k, DT, PREC, DMT_F32)
+        d_k = _dm_t_times(dM, b_q, d_k, DT, PREC, DM_RIGHT)
         store_rows(dk + i_hv * K, d_k, t0, end, HV * K, col0, K, BT, KB)
     else:
         d_k = add_group_sum(d_k, dk_sum + i_h * K, FIRST, t0, end, H * K, col0, K, BT, KB)
-        d_k = _dm_t_times(dM, b_q, d_k, DT, PREC, DMT_F32)
+        d_k = _dm_t_times(dM, b_q, d_k, DT, PREC, DM_RIGHT)
         store_group_sum(d_k, dk_sum + i_h * K, dk + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                         KB)
