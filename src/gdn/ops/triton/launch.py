@@ -57,6 +57,10 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = F32 if TILES.get("output_f32") else {}
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
     num_warps=TILES.get("wy_warps", 4))
+# wy_backward's BV, if not the plan's (GDN_TRITON_TILES=wy_bv): at 32 sm90_resources gives it
+# 255 registers and no spill at K = 128, against 40 B of spill at the plan's 64 (NOTES.md §19;
+# not yet measured on the GPU).
+WY_BACKWARD_BV = TILES.get("wy_bv")
 # wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
 # tiles in a loop: pipelined too (``loop_stages``).
 APPLY_LAUNCH = dict(num_warps=TILES.get("apply_warps", 4))
@@ -346,8 +350,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                     | p.exact_launch)
         for i_g in range(G):
             wy.wy_backward_kernel[(NC, H)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk,
-                                           group_sum, dg, dv, dbeta, *chunks, i_g, V=V, BV=BV,
-                                           FIRST=i_g == 0, LAST=i_g == G - 1, **wy_flags)
+                                           group_sum, dg, dv, dbeta, *chunks, i_g, V=V,
+                                           BV=WY_BACKWARD_BV or BV, FIRST=i_g == 0,
+                                           LAST=i_g == G - 1, **wy_flags)
     if not delta:
         dv = d_delta
 

@@ -13,8 +13,8 @@ def _tile_overrides(text: str) -> dict[str, int]:
     state_warps=8" (benchmarks/NOTES.md); the defaults below are what measurements chose."""
     known = ("bv", "state_bv", "state_warps", "state_stages", "state_bwd_bv",
              "state_bwd_warps", "state_bwd_stages", "state_f32", "output_f32", "wy_f32",
-             "output_stages", "wy_stages", "obwd_kb", "obwd_bv", "obwd_warps", "obwd_stages",
-             "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
+             "output_stages", "wy_stages", "wy_bv", "obwd_kb", "obwd_bv", "obwd_warps",
+             "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
              "apply_maxnreg", "exact_warps", "inline_gates", "fused_output", "fused_warps",
              "fused_stages", "fused_f32", "fused_bv", "v_fastest")
     chosen = {}
