@@ -3,6 +3,9 @@
     python benchmarks/accuracy.py                 # 200 configs, T up to 8192 (a few minutes)
     python benchmarks/accuracy.py --configs 20 --max-tokens 500 --no-save
     python benchmarks/accuracy.py --backend triton --device cuda   # the Triton kernels
+    # … in n processes (each compiles its own configs' kernels), then one file of them all:
+    python benchmarks/accuracy.py --backend triton --device cuda --shard 3/n --time-limit 300
+    python benchmarks/accuracy.py --merge benchmarks/results/accuracy/*-shard*.json
 
 With ``--backend triton`` the kernels run in float32 with ``exact=True`` and in bfloat16,
 against the float64 chunked torch path on the same device (it agrees with the float64 token
@@ -25,6 +28,7 @@ import argparse
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,6 +97,55 @@ def errors(actual, expected) -> dict[str, float]:
     return out
 
 
+def summarise(rows: list[dict]) -> dict[str, float]:
+    """The worst error per dtype and quantity ("float32 grads" is the worst of every
+    gradient) over the rows."""
+    worst = {}
+    for row in rows:
+        for dtype, errs in row.items():
+            if dtype in ("config", "index"):
+                continue
+            for quantity, value in errs.items():
+                key = f"{dtype} {'grads' if quantity[0] == 'd' else quantity}"
+                worst[key] = max(worst.get(key, 0.0), value)
+    return dict(sorted(worst.items()))
+
+
+def save(result: dict, device: torch.device | None, tag: str) -> None:
+    head = result["header"] if device is None else header(device)
+    result = {"header": head, **{k: v for k, v in result.items() if k != "header"}}
+    path = ROOT / "benchmarks" / "results" / "accuracy" / f"{results_stem(head)}{tag}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def report(result: dict) -> None:
+    stopped = f", stopped by the time limit after {len(result['rows'])}" if (
+        result.get("stopped")) else ""
+    print(f"\n{len(result['rows'])} configs in {result['seconds']:.0f} s{stopped}; worst "
+          "relative RMS error (floor RMS 1) against the float64 reference:")
+    for key, value in result["worst"].items():
+        print(f"  {key:<18} {value:.2e}")
+
+
+def merge(paths: list[str]) -> None:
+    """One result of a sweep run in shards (``--shard``): their rows in config order; the
+    seconds are the longest shard's, the shards having run side by side."""
+    shards = [json.loads(Path(p).read_text()) for p in paths]
+    counts = {s["args"]["shard"].split("/")[1] for s in shards}
+    if len(counts) != 1 or len(shards) != int(counts.pop()):
+        raise SystemExit(f"--merge: {len(shards)} files, not the shards of one sweep")
+    rows = sorted((r for s in shards for r in s["rows"]), key=lambda r: r["index"])
+    result = {"header": shards[0]["header"], "args": shards[0]["args"] | {"shard": "all"},
+              "seconds": max(s["seconds"] for s in shards),
+              "stopped": any(s.get("stopped") for s in shards),
+              "worst": summarise(rows), "rows": rows}
+    report(result)
+    save(result, None, "-" + shards[0]["args"]["backend"] if shards[0]["args"]["backend"]
+         != "torch" else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +156,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["torch", "triton"], default="torch")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shard", default="0/1", help="r/n: run configs i with i %% n = r "
+                        "(the same configs whichever n)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds after which no further config starts (the result says so)")
+    parser.add_argument("--merge", nargs="+", metavar="FILE", help="join shards' results")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        raise SystemExit(f"--shard: expected r/n with 0 <= r < n; got {args.shard!r}")
     device = torch.device(args.device)
     if args.backend == "torch":
         truth_backend, runs = "reference", [(torch.float64, {}), (torch.float32, {})]
@@ -114,43 +178,33 @@ def main() -> None:
                 (torch.bfloat16, {"backend": "triton", "chunk_size": 64})]
 
     rng = random.Random(args.seed)
-    rows, worst = [], {}
+    rows, stopped = [], False
     start = time.perf_counter()
     for i in range(args.configs):
-        c = draw_config(rng, args.max_tokens, args.budget)
+        c = draw_config(rng, args.max_tokens, args.budget)   # every i: the rng's sequence
+        if i % shards != shard:
+            continue
+        if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+            stopped = True
+            break
         x, op = build_inputs(c)
         x = _to_device(x, device)
         truth = forward_backward(op, x.to(torch.float64, True), backend=truth_backend)
-        row = {"config": c}
+        row = {"index": i, "config": c}
         for dtype, options in runs:
             kwargs = {"chunk_size": c["chunk_size"], **options}
             got = forward_backward(op, x.to(dtype, True), **kwargs)
-            errs = errors(got, truth)
-            row[str(dtype).removeprefix("torch.")] = errs
-            for quantity, value in errs.items():
-                key = (str(dtype).removeprefix("torch."), "grads" if quantity[0] == "d"
-                       else quantity)
-                worst[key] = max(worst.get(key, 0.0), value)
+            row[str(dtype).removeprefix("torch.")] = errors(got, truth)
         rows.append(row)
         print(f"[{i + 1}/{args.configs}] {c['variant']} T={c['T']} HV={c['HV']} K={c['K']} "
               f"V={c['V']} docs={c['docs'] is not None} gate={c['gate']} beta={c['beta']}: "
               f"float32 worst {max(row['float32'].values()):.2e}", flush=True)
-    seconds = time.perf_counter() - start
-
-    summary = {f"{dtype} {quantity}": value for (dtype, quantity), value in sorted(worst.items())}
-    print(f"\n{args.configs} configs in {seconds:.0f} s; worst relative RMS error "
-          "(floor RMS 1) against the float64 reference:")
-    for key, value in summary.items():
-        print(f"  {key:<18} {value:.2e}")
-    if args.no_save:
-        return
-    head = header(device)
-    tag = "" if args.backend == "torch" else f"-{args.backend}"
-    path = ROOT / "benchmarks" / "results" / "accuracy" / f"{results_stem(head)}{tag}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"header": head, "args": vars(args), "seconds": seconds,
-                                "worst": summary, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    result = {"args": vars(args), "seconds": time.perf_counter() - start, "stopped": stopped,
+              "worst": summarise(rows), "rows": rows}
+    report(result)
+    if not args.no_save:
+        tag = "" if args.backend == "torch" else f"-{args.backend}"
+        save(result, device, tag + (f"-shard{shard}of{shards}" if shards > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -187,8 +187,18 @@ if [ "$what" = fsdp ]; then
     nvidia-smi --query-gpu=name,memory.used --format=csv
 fi
 if [ "$what" = sweep ]; then
-    # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16.
-    python3 benchmarks/accuracy.py --backend triton --device cuda 2>&1 | tail -12
+    # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16, in
+    # GDN_SWEEP_SHARDS processes side by side (compiling each config's kernels is most of the
+    # time, and one process compiles on one core), none starting a config after
+    # GDN_SWEEP_SECONDS; then the shards joined into one result file.
+    n=${GDN_SWEEP_SHARDS:-12}
+    for r in $(seq 0 $((n - 1))); do
+        python3 benchmarks/accuracy.py --backend triton --device cuda --shard "$r/$n" \
+            --time-limit "${GDN_SWEEP_SECONDS:-240}" > "$out/results/sweep-$r.log" 2>&1 &
+    done
+    wait
+    python3 benchmarks/accuracy.py --merge benchmarks/results/accuracy/*-triton-shard*of"$n".json \
+        2>&1 | tee "$out/results/sweep.log" | tail -12
     cp benchmarks/results/accuracy/*-triton.json "$out/results/" 2>/dev/null
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
