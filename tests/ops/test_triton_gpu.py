@@ -86,6 +86,22 @@ def test_float32_exact_within_bounds(shape):
     _assert_within(_errors(x, True, torch.float32, exact=True), 1e-5, None, 1e-4)
 
 
+# Heads of 32 and sequences shorter than a chunk: configs of the GPU accuracy sweep that
+# read outside the kernels' shared memory with 32-column bf16 tiles (NOTES.md §20).
+NARROW = {
+    "v32_gva": dict(T=80, H=2, HV=8, K=100, V=32, gate=False),
+    "v32_one_token": dict(T=1, H=1, K=64, V=32, initial_state=True),
+    "v32_k256_two_tokens": dict(T=2, H=2, HV=8, K=256, V=32, gate=False, initial_state=True),
+    "k32_varlen": dict(T=62, H=2, HV=4, K=32, V=128, gate=False, doc_lengths=[2, 1, 59]),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NARROW))
+def test_narrow_heads_within_bounds(shape):
+    x = random_inputs(**NARROW[shape], seed=25)
+    _assert_within(_errors(x, True, torch.bfloat16), 5e-3, 2e-2, 1e-2)
+
+
 @pytest.mark.parametrize("gate", [True, False])
 def test_gated_linear_attention(gate):
     x = random_inputs(B=2, T=900, H=2, HV=4, K=128, V=128, gate=gate, delta=False,

@@ -39,7 +39,14 @@ def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict
     tiles of [BT, BK] and [BK, BV], two pipeline stages of them, must fit the 227 KiB of
     shared memory of an H100 with room for more than one program.
     """
-    BK = max(16, triton.next_power_of_2(K))
+    # 16-bit tiles are never narrower than 64 columns: on an H100 with Triton 3.6 the
+    # pipelined parallel kernels (wy_apply, wy_backward) read outside their shared memory
+    # with 32-column bf16 tiles (V = 32, or K = 32: an illegal address in 5 of the first 50
+    # configs of the GPU accuracy sweep, compute-sanitizer: "Invalid __shared__ read" in
+    # wy_apply, "Out-of-range shared or local address" in wy_backward; NOTES.md §20). Columns
+    # past K or V are masked, so a head of 32 costs a 64-wide tile's work.
+    narrowest = 64 if sixteen_bit else 16
+    BK = max(narrowest, triton.next_power_of_2(K))
     # 64 up to K = 128 (measured with bf16 tiles: wy_backward 0.92 → 0.82 ms, output_forward
     # 0.36 → 0.31 at 8x4096-h16, NOTES.md §9). Above K = 128 also 64 with 16-bit operands:
     # at 8x4096-h6-k256v512 every parallel kernel was faster than with 32 (wy_apply 0.647 →
@@ -47,7 +54,7 @@ def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict
     # 0.249; kernels 7.26 → 6.88, NOTES.md §15). float32 operands there keep 32 (their tiles
     # take twice the shared memory; not measured).
     wide_ok = BK <= 128 or sixteen_bit
-    BV = min(TILES.get("bv", 64 if wide_ok else 32), max(16, triton.next_power_of_2(V)))
+    BV = min(TILES.get("bv", 64 if wide_ok else 32), max(narrowest, triton.next_power_of_2(V)))
     # An explicit state BV is taken as given (a first sweep capped it at BV and measured
     # nothing: NOTES.md §6).
     # The forward pass takes BV = 64 (above K = 128 on eight warps; with float32 operands
