@@ -380,14 +380,19 @@ def test_state_pass_launch_above_k128_by_operand_width():
 def test_parallel_kernels_value_block_by_head_dim_and_operand_width(monkeypatch):
     """BV of the parallel kernels: 64 up to K = 128, and above it with 16-bit operands
     (measured faster for every one of them at K = 256, NOTES.md §15); 32 above K = 128 with
-    float32 operands; never wider than V needs."""
+    float32 operands; with float32 operands never wider than V needs, with 16-bit ones never
+    narrower than 64 columns, nor is BK (32-column bf16 tiles read outside shared memory on
+    an H100, NOTES.md §20)."""
     from gdn.ops.triton import tiles
 
     monkeypatch.delitem(tiles.TILES, "bv", raising=False)
     assert tiles.tile_sizes(128, 128, sixteen_bit=False)[1] == 64
     assert tiles.tile_sizes(256, 512, sixteen_bit=True)[1] == 64
     assert tiles.tile_sizes(256, 512, sixteen_bit=False)[1] == 32
-    assert tiles.tile_sizes(200, 20, sixteen_bit=True)[1] == 32
+    assert tiles.tile_sizes(200, 20, sixteen_bit=False)[1] == 32
+    assert tiles.tile_sizes(200, 20, sixteen_bit=True)[1] == 64
+    assert tiles.tile_sizes(32, 20, sixteen_bit=True)[:2] == (64, 64)
+    assert tiles.tile_sizes(32, 20, sixteen_bit=False)[:2] == (32, 32)
 
 
 def test_backward_reuses_the_forward_seams(monkeypatch):
