@@ -10,7 +10,9 @@
 With ``--backend triton`` the kernels run in float32 with ``exact=True`` and in bfloat16,
 against the float64 chunked torch path on the same device (it agrees with the float64 token
 loop to ~10⁻¹⁴, tests/ops/test_chunked_vs_reference.py, and is fast on a GPU); the chunk is
-64, the kernels' size.
+64, the kernels' size. The bfloat16 errors are against float64 on the same bf16-rounded
+inputs (the kernels' own error, as the gpu tests and RELIABILITY.md item 2 take it; results
+before 2026-11-23 14:00 took the unrounded inputs, so input rounding was in them).
 
 The sweep RELIABILITY.md item 1 asks for: T from 1 to 8192 (never a multiple of the chunk),
 head dims 32–256 including 60 and 100, GVA ratios 1/2/4, packed documents with 1-token
@@ -130,20 +132,29 @@ def report(result: dict) -> None:
 
 
 def merge(paths: list[str]) -> None:
-    """One result of a sweep run in shards (``--shard``): their rows in config order; the
-    seconds are the longest shard's, the shards having run side by side."""
-    shards = [json.loads(Path(p).read_text()) for p in paths]
-    counts = {s["args"]["shard"].split("/")[1] for s in shards}
-    if len(counts) != 1 or len(shards) != int(counts.pop()):
-        raise SystemExit(f"--merge: {len(shards)} files, not the shards of one sweep")
-    rows = sorted((r for s in shards for r in s["rows"]), key=lambda r: r["index"])
-    result = {"header": shards[0]["header"], "args": shards[0]["args"] | {"shard": "all"},
-              "seconds": max(s["seconds"] for s in shards),
-              "stopped": any(s.get("stopped") for s in shards),
+    """One result from results of disjoint configs of one sweep (``--shard``, or a later run
+    with ``--skip-done``): their rows in config order; "seconds" is the longest file's (the
+    shards of a run run side by side), "seconds_per_file" each one's."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("configs", "max_tokens", "budget", "seed", "backend", "device")
+    if any({k: p["args"][k] for k in same} != {k: parts[0]["args"][k] for k in same}
+           for p in parts):
+        raise SystemExit(f"--merge: the files are not of one sweep (they differ in {same})")
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["index"])
+    indices = [r["index"] for r in rows]
+    if len(set(indices)) != len(indices):
+        raise SystemExit("--merge: a config appears in more than one file")
+    result = {"header": parts[-1]["header"],
+              "args": parts[0]["args"] | {"shard": "all", "merged": [Path(p).name
+                                                                     for p in paths]},
+              "seconds": max(p["seconds"] for p in parts),
+              "seconds_per_file": {Path(path).name: p["seconds"]
+                                   for path, p in zip(paths, parts, strict=True)},
+              "stopped": len(rows) < parts[0]["args"]["configs"],
               "worst": summarise(rows), "rows": rows}
     report(result)
-    save(result, None, "-" + shards[0]["args"]["backend"] if shards[0]["args"]["backend"]
-         != "torch" else "")
+    backend = parts[0]["args"]["backend"]
+    save(result, None, f"-{backend}" if backend != "torch" else "")
 
 
 def main() -> None:
@@ -160,7 +171,10 @@ def main() -> None:
                         "(the same configs whichever n)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which no further config starts (the result says so)")
-    parser.add_argument("--merge", nargs="+", metavar="FILE", help="join shards' results")
+    parser.add_argument("--skip-done", nargs="+", metavar="FILE",
+                        help="skip the configs these results of the same sweep hold")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="join results of disjoint configs of one sweep")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     if args.merge:
@@ -177,12 +191,14 @@ def main() -> None:
         runs = [(torch.float32, {"exact": True, "backend": "triton", "chunk_size": 64}),
                 (torch.bfloat16, {"backend": "triton", "chunk_size": 64})]
 
+    done = {r["index"] for path in args.skip_done or []
+            for r in json.loads(Path(path).read_text())["rows"]}
     rng = random.Random(args.seed)
     rows, stopped = [], False
     start = time.perf_counter()
     for i in range(args.configs):
         c = draw_config(rng, args.max_tokens, args.budget)   # every i: the rng's sequence
-        if i % shards != shard:
+        if i % shards != shard or i in done:
             continue
         if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
             stopped = True
@@ -193,8 +209,12 @@ def main() -> None:
         row = {"index": i, "config": c}
         for dtype, options in runs:
             kwargs = {"chunk_size": c["chunk_size"], **options}
+            reference = truth
+            if dtype in (torch.bfloat16, torch.float16):
+                reference = forward_backward(op, x.to(dtype).to(torch.float64, True),
+                                             backend=truth_backend)
             got = forward_backward(op, x.to(dtype, True), **kwargs)
-            row[str(dtype).removeprefix("torch.")] = errors(got, truth)
+            row[str(dtype).removeprefix("torch.")] = errors(got, reference)
         rows.append(row)
         print(f"[{i + 1}/{args.configs}] {c['variant']} T={c['T']} HV={c['HV']} K={c['K']} "
               f"V={c['V']} docs={c['docs'] is not None} gate={c['gate']} beta={c['beta']}: "

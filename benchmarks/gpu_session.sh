@@ -190,11 +190,15 @@ if [ "$what" = sweep ]; then
     # RELIABILITY.md item 1 for the kernels: 200 configs, float32 exact and bfloat16, in
     # GDN_SWEEP_SHARDS processes side by side (compiling each config's kernels is most of the
     # time, and one process compiles on one core), none starting a config after
-    # GDN_SWEEP_SECONDS; then the shards joined into one result file.
+    # GDN_SWEEP_SECONDS and none running a config that GDN_SWEEP_SKIP's result files hold
+    # (a sweep continued in a later call); then the shards joined into one result file.
     n=${GDN_SWEEP_SHARDS:-12}
+    skip=()
+    [ -n "${GDN_SWEEP_SKIP:-}" ] && skip=(--skip-done $GDN_SWEEP_SKIP)
     for r in $(seq 0 $((n - 1))); do
         python3 benchmarks/accuracy.py --backend triton --device cuda --shard "$r/$n" \
-            --time-limit "${GDN_SWEEP_SECONDS:-240}" > "$out/results/sweep-$r.log" 2>&1 &
+            --time-limit "${GDN_SWEEP_SECONDS:-240}" "${skip[@]}" \
+            > "$out/results/sweep-$r.log" 2>&1 &
     done
     wait
     python3 benchmarks/accuracy.py --merge benchmarks/results/accuracy/*-triton-shard*of"$n".json \
