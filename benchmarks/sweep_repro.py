@@ -37,4 +37,4 @@ for i in args.indices:
             where = [ln.strip() for ln in lines if "gdn/ops/triton" in ln]
             print(i, dtype, "FAILED", configs[i], *where[-3:], lines[-1][:160], sep="\n  ",
                   flush=True)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
