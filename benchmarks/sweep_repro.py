@@ -24,13 +24,15 @@ parser.add_argument("indices", type=int, nargs="+")
 parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
 parser.add_argument("--device", default="cuda")
 parser.add_argument("--tokens", type=int, help="run the config with T cut to this")
+parser.add_argument("--beta", help="run the config with this β choice (accuracy.BETAS)")
 parser.add_argument("--errors", nargs="+", metavar="BACKEND",
                     help="print these backends' errors against float64 on the rounded inputs")
 args = parser.parse_args()
 rng = random.Random(0)
 configs = [draw_config(rng, 8192, 2**29) for _ in range(max(args.indices) + 1)]
 for i in args.indices:
-    config = configs[i] | ({"T": min(args.tokens, configs[i]["T"])} if args.tokens else {})
+    config = configs[i] | ({"T": min(args.tokens, configs[i]["T"])} if args.tokens else {}) | (
+        {"beta": args.beta} if args.beta else {})
     for name in args.dtypes:
         dtype = getattr(torch, name)
         x, op = build_inputs(config)

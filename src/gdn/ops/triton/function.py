@@ -41,7 +41,8 @@ def chunk_forward_op(
         return x if x is not None else q.new_empty(_EMPTY, dtype=dtype)
     return (o, final_state, present(a),
             present(seams and seams.starts), present(seams and seams.transitions),
-            present(kept and kept.w, lo), present(kept and kept.states, lo),
+            present(kept and kept.w, launch.handoff_dtype(q.dtype, exact)),
+            present(kept and kept.states, lo),
             present(kept and kept.v_new, lo))
 
 
@@ -54,11 +55,13 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
     starts, transitions = passes.seam_shapes(B, T, HV, q.shape[-1], V, launch.BT, cu_seqlens,
                                              q.device, delta=beta is not None)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None)
-    lo = dict(dtype=launch.operand_dtype(q.dtype, exact))
+    lo = launch.operand_dtype(q.dtype, exact)
+    dtypes = (launch.handoff_dtype(q.dtype, exact), lo, lo)        # w, states, Δ
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
             q.new_empty(a_shape, **f32), q.new_empty(starts, **f32),
             q.new_empty(transitions, **f32),
-            *(q.new_empty(shape if keep else _EMPTY, **lo) for shape in kept))
+            *(q.new_empty(shape if keep else _EMPTY, dtype=dtype)
+              for shape, dtype in zip(kept, dtypes, strict=True)))
 
 
 @torch.library.custom_op("gdn::chunk_backward", mutates_args=())

@@ -124,6 +124,14 @@ def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     return dtype
 
 
+def handoff_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """Dtype of w and u, which wy_apply hands to the state passes: the operand dtype, or
+    float32 with GDN_TRITON_TILES=wu_f32=1. Their 16-bit rounding is one of the three sources
+    of the drift of the undamped delta rule in bf16 (with the state passes' 16-bit products;
+    NOTES.md §20): a measurement knob for that, its speed not yet measured."""
+    return torch.float32 if TILES.get("wu_f32") else operand_dtype(dtype, exact)
+
+
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None:
         return None
@@ -179,8 +187,9 @@ def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
 
 
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
-    w = torch.empty(p.TT, p.HV, p.K, **p.lo)
-    u = torch.empty(p.TT, p.HV, p.V, **p.lo)
+    handoff = p.f32 if TILES.get("wu_f32") else p.lo     # ``handoff_dtype``
+    w = torch.empty(p.TT, p.HV, p.K, **handoff)
+    u = torch.empty(p.TT, p.HV, p.V, **handoff)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
         k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
         **(row_block_flags(p.flags) | APPLY_LAUNCH | loop_stages(p.sixteen_bit, "loop_stages")
