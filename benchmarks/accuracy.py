@@ -173,6 +173,9 @@ def main() -> None:
                         help="seconds after which no further config starts (the result says so)")
     parser.add_argument("--skip-done", nargs="+", metavar="FILE",
                         help="skip the configs these results of the same sweep hold")
+    parser.add_argument("--skip-indices", default="", metavar="I,J,...",
+                        help="skip these configs too (e.g. ones a cut-off run printed, NOTES.md "
+                             "§20)")
     parser.add_argument("--merge", nargs="+", metavar="FILE",
                         help="join results of disjoint configs of one sweep")
     parser.add_argument("--no-save", action="store_true")
@@ -193,6 +196,7 @@ def main() -> None:
 
     done = {r["index"] for path in args.skip_done or []
             for r in json.loads(Path(path).read_text())["rows"]}
+    done |= {int(i) for i in args.skip_indices.split(",") if i}
     rng = random.Random(args.seed)
     rows, stopped = [], False
     start = time.perf_counter()

@@ -195,15 +195,40 @@ if [ "$what" = sweep ]; then
     n=${GDN_SWEEP_SHARDS:-12}
     skip=()
     [ -n "${GDN_SWEEP_SKIP:-}" ] && skip=(--skip-done $GDN_SWEEP_SKIP)
+    [ -n "${GDN_SWEEP_SKIP_INDICES:-}" ] && skip+=(--skip-indices "$GDN_SWEEP_SKIP_INDICES")
+    # Each shard's file is copied to $OUT as it finishes: a call cut off before the merge
+    # still returns them (NOTES.md §20).
     for r in $(seq 0 $((n - 1))); do
-        python3 benchmarks/accuracy.py --backend triton --device cuda --shard "$r/$n" \
+        (python3 benchmarks/accuracy.py --backend triton --device cuda --shard "$r/$n" \
             --time-limit "${GDN_SWEEP_SECONDS:-240}" "${skip[@]}" \
-            > "$out/results/sweep-$r.log" 2>&1 &
+            > "$out/results/sweep-$r.log" 2>&1
+         cp benchmarks/results/accuracy/*-triton-shard"$r"of"$n".json "$out/results/") &
     done
     wait
     python3 benchmarks/accuracy.py --merge benchmarks/results/accuracy/*-triton-shard*of"$n".json \
         2>&1 | tee "$out/results/sweep.log" | tail -12
     cp benchmarks/results/accuracy/*-triton.json "$out/results/" 2>/dev/null
+fi
+if [ "$what" = drift ]; then
+    # The undamped rule's bf16 drift (benchmarks/drift.py, NOTES.md §21): for each config of
+    # GDN_DRIFT_CONFIGS ("|"-separated drift.py arguments), the kernels once per operand
+    # choice of GDN_TILE_SWEEP (default first) and the torch path and fla, processes side by
+    # side.
+    IFS='|' read -r -a configs <<< "${GDN_DRIFT_CONFIGS:---index 92}"
+    i=0
+    for config in "${configs[@]}"; do
+        for tiles in "" ${GDN_TILE_SWEEP:-} torch-fla; do
+            backends=triton
+            [ "$tiles" = torch-fla ] && backends="torch fla" && tiles=""
+            # shellcheck disable=SC2086
+            GDN_TRITON_TILES=$tiles timeout "${GDN_DRIFT_SECONDS:-400}" \
+                python3 benchmarks/drift.py $config --backends $backends \
+                --out "$out/results/drift-$i.jsonl" > "$out/results/drift-$i.log" 2>&1 &
+            i=$((i + 1))
+        done
+    done
+    wait
+    for f in "$out"/results/drift-*.log; do echo "== $f"; grep -v -i warn "$f" | tail -4; done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     cases=("$@")

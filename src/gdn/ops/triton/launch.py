@@ -25,7 +25,7 @@ import triton.language as tl
 
 from gdn.ops.triton import decays, output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
-from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
+from gdn.ops.triton.tiles import TILES, row_block_flags, state_operands_f32, tile_sizes
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 
@@ -176,14 +176,20 @@ def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     HV, V = v.shape[2], v.shape[3]
     prec = "ieee" if exact else "tf32"
     inter = operand_dtype(q.dtype, exact)
-    # state_f32 (passes.STATE_DTYPE) gives the state passes float32 operands whatever inter is.
-    BK, BV, state_bv = tile_sizes(K, V, inter != torch.float32 and not TILES.get("state_f32"))
+    # passes.STATE_DTYPE gives the state passes float32 operands whatever inter is.
+    BK, BV, state_bv = tile_sizes(K, V, inter != torch.float32 and not state_operands_f32())
     flags = dict(H=H, HV=HV, K=K, BK=BK, HAS_GATE=g is not None, PREC=prec, BT=BT,
                  DT=TL_DTYPES[inter], **LAUNCH)
     return _Plan(B, T, H, HV, K, V, BV, state_bv, prec,
                  chunk_table(B, T, cu_seqlens, BT, q.device), flags,
                  dict(device=q.device, dtype=torch.float32),
                  dict(device=q.device, dtype=inter), exact_launch(exact))
+
+
+def _solve_precision(p: _Plan) -> dict:
+    """GDN_TRITON_TILES=solve_x3=1: wy_solve's block products in tf32x3 instead of TF32, a
+    measurement knob for the undamped rule's bf16 drift (NOTES.md §21)."""
+    return dict(PREC="tf32x3") if TILES.get("solve_x3") and p.prec == "tf32" else {}
 
 
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
@@ -262,7 +268,8 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
         wy_solve.wy_solve_kernel[grid](
             k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
-            **(row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | p.exact_launch))
+            **(row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
+               | p.exact_launch))
         w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)

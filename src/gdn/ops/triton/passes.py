@@ -27,7 +27,7 @@ import triton.language as tl
 
 from gdn.ops.triton import combine, state
 from gdn.ops.triton.indexing import kept_per_stream
-from gdn.ops.triton.tiles import TILES, row_block_flags, tile_sizes
+from gdn.ops.triton.tiles import TILES, row_block_flags, state_operands_f32, tile_sizes
 
 # Chunks per segment of the segmented passes: None chooses by ``auto_segment_chunks``, 0 turns
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
@@ -65,9 +65,10 @@ _MIN_SEGMENT_CHUNKS = 16
 #   for BV = 64 on eight in one. float32 operands keep BV = 32 on four warps in one stage
 #   (two stages would take 352 KiB);
 # - reverse: ``reverse_launch`` (its own table of measurements, below).
-# GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes; state_stages /
-# state_bwd_stages and state_warps / state_bwd_warps override each pass's choice.
-STATE_DTYPE = dict(DT=tl.float32) if TILES.get("state_f32") else {}
+# GDN_TRITON_TILES=state_f32=1 forces float32 (TF32) operands for both passes, state_x3=1
+# float32 operands in tf32x3 products; state_stages / state_bwd_stages and state_warps /
+# state_bwd_warps override each pass's choice.
+STATE_DTYPE = dict(DT=tl.float32) if state_operands_f32() else {}
 # The V blocks of one (sequence, head) launched next to each other (state._program_slice),
 # so that they walk the chunks together and read the q, k and w tiles they share from L2.
 # Measured against the (sequence, head)s of one V block together (NOTES.md §16): at
@@ -97,6 +98,8 @@ def _state_flags(p, direction: str) -> dict:
     """The launch plan's flags for a state kernel: the state in row blocks of KB (state.py:
     K ≤ 256 is up to four blocks) instead of one BK tile."""
     flags = row_block_flags(p.flags) | STATE_DTYPE
+    if TILES.get("state_x3") and flags["PREC"] == "tf32":
+        flags["PREC"] = "tf32x3"
     small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
     if direction == "forward":
         warps = STATE_WARPS["forward"] or (8 if wide_k else 4)

@@ -16,7 +16,8 @@ def _tile_overrides(text: str) -> dict[str, int]:
              "output_stages", "wy_stages", "wy_bv", "obwd_kb", "obwd_bv", "obwd_warps",
              "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
              "apply_maxnreg", "exact_warps", "inline_gates", "fused_output", "fused_warps",
-             "fused_stages", "fused_f32", "fused_bv", "v_fastest", "wu_f32")
+             "fused_stages", "fused_f32", "fused_bv", "v_fastest", "wu_f32", "state_x3",
+             "solve_x3")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -28,6 +29,14 @@ def _tile_overrides(text: str) -> dict[str, int]:
 
 
 TILES = _tile_overrides(os.environ.get("GDN_TRITON_TILES", ""))
+
+
+def state_operands_f32() -> bool:
+    """Float32 operands in the state passes: state_f32 (TF32 products on the GPU) or state_x3
+    (tf32x3, three TF32 products each, about float32's precision). Measurement knobs for the
+    undamped rule's bf16 drift (benchmarks/NOTES.md §20-21); read at each launch so that a
+    test can set them."""
+    return bool(TILES.get("state_f32") or TILES.get("state_x3"))
 
 
 def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:
