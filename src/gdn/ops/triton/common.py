@@ -179,6 +179,18 @@ def decay_to_end(g_next):
 
 
 @triton.jit
+def split16(x, DT: tl.constexpr):
+    """A float32 x as hi + lo for products with 16-bit tiles: hi = x rounded to DT, lo = the
+    rest rounded, so two 16-bit products carry x to about 16 bits of mantissa (more than
+    TF32's 10, and rounded where TF32 truncates: benchmarks/NOTES.md §21) while the other
+    operand goes straight from memory into them. For a float32 DT, x itself (lo unused)."""
+    if tl.float32 == DT:
+        return x, x
+    hi = x.to(DT)
+    return hi, (x - hi.to(tl.float32)).to(DT)
+
+
+@triton.jit
 def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b on tensor cores with operands in DT (the input dtype, or float32), float32 sums.
 

@@ -25,7 +25,14 @@ import triton.language as tl
 
 from gdn.ops.triton import decays, output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
-from gdn.ops.triton.tiles import TILES, row_block_flags, state_operands_f32, tile_sizes
+from gdn.ops.triton.tiles import (
+    TILES,
+    handoff_f32,
+    row_block_flags,
+    state_operands_f32,
+    state_split,
+    tile_sizes,
+)
 
 BT = 64  # chunk length: four 16-row blocks in the inverse (wy_solve.BC)
 
@@ -126,10 +133,10 @@ def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
 
 def handoff_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     """Dtype of w and u, which wy_apply hands to the state passes: the operand dtype, or
-    float32 with GDN_TRITON_TILES=wu_f32=1. Their 16-bit rounding is one of the three sources
-    of the drift of the undamped delta rule in bf16 (with the state passes' 16-bit products;
-    NOTES.md §20): a measurement knob for that, its speed not yet measured."""
-    return torch.float32 if TILES.get("wu_f32") else operand_dtype(dtype, exact)
+    float32 with GDN_TRITON_TILES=wu_f32=1 or state_split=1 (``tiles.handoff_f32``). Their
+    16-bit rounding is one of the three sources of the drift of the undamped delta rule in
+    bf16 (with wy_solve's TF32 products and the state passes' 16-bit ones; NOTES.md §20-21)."""
+    return torch.float32 if handoff_f32() else operand_dtype(dtype, exact)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -193,7 +200,7 @@ def _solve_precision(p: _Plan) -> dict:
 
 
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
-    handoff = p.f32 if TILES.get("wu_f32") else p.lo     # ``handoff_dtype``
+    handoff = p.f32 if handoff_f32() else p.lo     # ``handoff_dtype``
     w = torch.empty(p.TT, p.HV, p.K, **handoff)
     u = torch.empty(p.TT, p.HV, p.V, **handoff)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
@@ -319,7 +326,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                                                        segs, seams if segs is not None else None)
         del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
-    dv_local = torch.empty(TT, HV, V, **lo)
+    # state_split's reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
+    dv_local = torch.empty(TT, HV, V, **(f32 if state_split() and p.sixteen_bit else lo))
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **(flags | loop_stages(p.sixteen_bit, "loop_stages")
                                         | p.exact_launch))

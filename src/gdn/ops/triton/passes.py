@@ -27,7 +27,13 @@ import triton.language as tl
 
 from gdn.ops.triton import combine, state
 from gdn.ops.triton.indexing import kept_per_stream
-from gdn.ops.triton.tiles import TILES, row_block_flags, state_operands_f32, tile_sizes
+from gdn.ops.triton.tiles import (
+    TILES,
+    row_block_flags,
+    state_operands_f32,
+    state_split,
+    tile_sizes,
+)
 
 # Chunks per segment of the segmented passes: None chooses by ``auto_segment_chunks``, 0 turns
 # them off, n > 0 forces segments of n chunks (GDN_TRITON_SEGMENT_CHUNKS, for measuring).
@@ -100,6 +106,8 @@ def _state_flags(p, direction: str) -> dict:
     flags = row_block_flags(p.flags) | STATE_DTYPE
     if TILES.get("state_x3") and flags["PREC"] == "tf32":
         flags["PREC"] = "tf32x3"
+    if state_split() and _sixteen_bit(flags):
+        flags["SPLIT"] = True
     small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
     if direction == "forward":
         warps = STATE_WARPS["forward"] or (8 if wide_k else 4)

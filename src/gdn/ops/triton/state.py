@@ -37,6 +37,7 @@ from gdn.ops.triton.common import (
     load_rows_stored,
     load_vec,
     mma,
+    split16,
     store_cols,
     store_matrix,
     store_matrix_t,
@@ -140,62 +141,83 @@ def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexp
 
 
 @triton.jit
+def _split_dot(a, b, acc, DT: tl.constexpr):
+    """acc + a b for float32 a and b as three 16-bit products of their ``split16`` parts
+    (the lo·lo term is below float32's rounding of the sum): about 16 bits of mantissa."""
+    a_hi, a_lo = split16(a.to(tl.float32), DT)
+    b_hi, b_lo = split16(b.to(tl.float32), DT)
+    acc = tl.dot(a_hi, b_hi, acc)
+    acc = tl.dot(a_lo, b_hi, acc)
+    return tl.dot(a_hi, b_lo, acc)
+
+
+@triton.jit
 def _rows_times_block(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
-                      PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
-    """acc + X[:, row0:row0+KB] S for a [BT, K] tile X of a packed row (w or k)."""
+                      PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """acc + X[:, row0:row0+KB] S for a [BT, K] tile X of a packed row (w or k); SPLIT: X
+    (float32 w) and S each as two 16-bit parts (``_split_dot``)."""
     b_x = load_rows_stored(x, t0, end, stride, row0, K, BT, KB)
-    return mma(b_x, S, acc, DT, PREC)
+    return _split_dot(b_x, S, acc, DT) if SPLIT else mma(b_x, S, acc, DT, PREC)
 
 
 @triton.jit
 def _rows_times_blocks(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr, DT: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
-                       BV: tl.constexpr):
+                       BV: tl.constexpr, SPLIT: tl.constexpr):
     """X S = Σ_b X[:, block b] S_b for a [BT, K] tile X of a packed row and the state's blocks:
     [BT, BV] float32."""
     acc = _rows_times_block(x, S1, tl.zeros([BT, BV], dtype=tl.float32), 0, t0, end, stride,
-                            K, DT, PREC, BT, KB)
+                            K, DT, PREC, BT, KB, SPLIT)
     if K > KB:
-        acc = _rows_times_block(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB)
+        acc = _rows_times_block(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB, SPLIT)
     if K > 2 * KB:
-        acc = _rows_times_block(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB)
+        acc = _rows_times_block(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB,
+                                SPLIT)
     if K > 3 * KB:
-        acc = _rows_times_block(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB)
+        acc = _rows_times_block(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB,
+                                SPLIT)
     return acc
 
 
 @triton.jit
-def _update_tile(b_xt, S, e_last, rhs, HAS_GATE: tl.constexpr, DT: tl.constexpr,
-                 PREC: tl.constexpr):
-    """e^{Γ_C} S + b_xt rhs for a [KB, BT] tile b_xt already loaded."""
+def _update_tile(b_xt, S, e_last, rhs, rhs_lo, HAS_GATE: tl.constexpr, DT: tl.constexpr,
+                 PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """e^{Γ_C} S + b_xt rhs for a [KB, BT] tile b_xt already loaded; SPLIT: rhs given as two
+    16-bit parts (rhs + rhs_lo), b_xt being exact in 16 bits (k from memory)."""
     if HAS_GATE:
         S = S * e_last
-    return mma(b_xt, rhs, S, DT, PREC)
+    S = mma(b_xt, rhs, S, DT, PREC)
+    if SPLIT:
+        S = mma(b_xt, rhs_lo, S, DT, PREC)
+    return S
 
 
 @triton.jit
-def _update_block(x, S, e_last, rhs, row0, t0, end, stride, K, HAS_GATE: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+def _update_block(x, S, e_last, rhs, rhs_lo, row0, t0, end, stride, K,
+                  HAS_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                  BT: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr):
     """e^{Γ_C} S + X[:, row0:row0+KB]ᵀ rhs, with X read transposed from memory."""
     b_xt = load_cols_stored(x, t0, end, stride, row0, K, BT, KB)          # [KB, BT]
-    return _update_tile(b_xt, S, e_last, rhs, HAS_GATE, DT, PREC)
+    return _update_tile(b_xt, S, e_last, rhs, rhs_lo, HAS_GATE, DT, PREC, SPLIT)
 
 
 @triton.jit
-def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, t0, end, stride, K: tl.constexpr,
+def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, rhs_lo, t0, end, stride, K: tl.constexpr,
                    HAS_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                   BT: tl.constexpr, KB: tl.constexpr):
+                   BT: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr):
     """Every block of S ← e^{Γ_C} S + Xᵀ rhs (``_update_block``)."""
-    S1 = _update_block(x, S1, e_last, rhs, 0, t0, end, stride, K, HAS_GATE, DT, PREC, BT, KB)
+    S1 = _update_block(x, S1, e_last, rhs, rhs_lo, 0, t0, end, stride, K, HAS_GATE, DT, PREC,
+                       BT, KB, SPLIT)
     if K > KB:
-        S2 = _update_block(x, S2, e_last, rhs, KB, t0, end, stride, K, HAS_GATE, DT, PREC, BT,
-                           KB)
+        S2 = _update_block(x, S2, e_last, rhs, rhs_lo, KB, t0, end, stride, K, HAS_GATE, DT,
+                           PREC, BT, KB, SPLIT)
     if K > 2 * KB:
-        S3 = _update_block(x, S3, e_last, rhs, 2 * KB, t0, end, stride, K, HAS_GATE, DT, PREC,
-                           BT, KB)
+        S3 = _update_block(x, S3, e_last, rhs, rhs_lo, 2 * KB, t0, end, stride, K, HAS_GATE,
+                           DT, PREC, BT, KB, SPLIT)
     if K > 3 * KB:
-        S4 = _update_block(x, S4, e_last, rhs, 3 * KB, t0, end, stride, K, HAS_GATE, DT, PREC,
-                           BT, KB)
+        S4 = _update_block(x, S4, e_last, rhs, rhs_lo, 3 * KB, t0, end, stride, K, HAS_GATE,
+                           DT, PREC, BT, KB, SPLIT)
     return S1, S2, S3, S4
 
 
@@ -274,12 +296,15 @@ def state_forward_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
+    SPLIT: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
-    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them."""
+    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them. SPLIT
+    (16-bit DT, float32 w and u): the products that carry the state from chunk to chunk
+    (w S, Kᵀ Δ) take S, w and Δ as two 16-bit parts each (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
@@ -303,7 +328,7 @@ def state_forward_kernel(
             delta = load_rows(u + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if DELTA:
             ws = _rows_times_blocks(w + i_hv * K, S1, S2, S3, S4, t0, end, HV * K, K, DT, PREC,
-                                    BT, KB, BV)
+                                    BT, KB, BV, SPLIT)
             delta -= ws
             if STORE_CHUNKS and not OUTPUT:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
@@ -320,55 +345,88 @@ def state_forward_kernel(
             # K̃ᵀ Δ = Kᵀ diag(e^{Γ_C − Γ_r}) Δ: the decay goes on Δ's rows, so the k tile
             # goes from memory into the product untouched.
             delta = delta * to_end[:, None]
+        if SPLIT:
+            d_hi, d_lo = split16(delta, DT)
+        else:
+            d_hi = delta.to(DT)
+            d_lo = d_hi
         if OUTPUT:
-            S1 = _update_tile(Kt1, S1, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+            S1 = _update_tile(Kt1, S1, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
             if K > KB:
-                S2 = _update_tile(Kt2, S2, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+                S2 = _update_tile(Kt2, S2, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
             if K > 2 * KB:
-                S3 = _update_tile(Kt3, S3, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+                S3 = _update_tile(Kt3, S3, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
             if K > 3 * KB:
-                S4 = _update_tile(Kt4, S4, e_last, delta.to(DT), HAS_GATE, DT, PREC)
+                S4 = _update_tile(Kt4, S4, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
             if STORE_CHUNKS and i + 1 < n_chunks:
                 p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
                 _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         else:
-            S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, delta.to(DT),
-                                            t0, end, H * K, K, HAS_GATE, DT, PREC, BT, KB)
+            S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, d_hi, d_lo,
+                                            t0, end, H * K, K, HAS_GATE, DT, PREC, BT, KB,
+                                            SPLIT)
     if STORE_HT:
         _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
 
 @triton.jit
-def _blocks_times_cols_t(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr,
-                         DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                         KB: tl.constexpr, BV: tl.constexpr):
-    """(X S)ᵀ = Σ_b S_bᵀ X[:, block b]ᵀ for a [BT, K] tile X of a packed row (k) and the
-    transposed blocks S_bᵀ: [BV, BT] float32, the state the left operand."""
-    b_x = load_rows_stored(x, t0, end, stride, 0, K, BT, KB)
-    acc = mma(S1, tl.trans(b_x), tl.zeros([BV, BT], dtype=tl.float32), DT, PREC)
-    if K > KB:
-        b_x = load_rows_stored(x, t0, end, stride, KB, K, BT, KB)
-        acc = mma(S2, tl.trans(b_x), acc, DT, PREC)
-    if K > 2 * KB:
-        b_x = load_rows_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
-        acc = mma(S3, tl.trans(b_x), acc, DT, PREC)
-    if K > 3 * KB:
-        b_x = load_rows_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
-        acc = mma(S4, tl.trans(b_x), acc, DT, PREC)
+def _block_times_cols_t(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
+                        PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                        SPLIT: tl.constexpr):
+    """acc + S_bᵀ X[:, row0:row0+KB]ᵀ for a float32 block S_bᵀ [BV, KB] in registers; SPLIT:
+    S_bᵀ as two 16-bit parts (X, k from memory, is exact in 16 bits)."""
+    b_xt = tl.trans(load_rows_stored(x, t0, end, stride, row0, K, BT, KB))
+    if SPLIT:
+        hi, lo = split16(S, DT)
+        acc = mma(lo, b_xt, mma(hi, b_xt, acc, DT, PREC), DT, PREC)
+    else:
+        acc = mma(S, b_xt, acc, DT, PREC)
     return acc
 
 
 @triton.jit
-def _update_block_t(q, w, S, e_last, do_t, d_d_t, row0, t0, end, q_stride, w_stride, K,
-                    HAS_GATE: tl.constexpr, DELTA: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
+def _blocks_times_cols_t(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr,
+                         DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                         KB: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr):
+    """(X S)ᵀ = Σ_b S_bᵀ X[:, block b]ᵀ for a [BT, K] tile X of a packed row (k) and the
+    transposed blocks S_bᵀ: [BV, BT] float32, the state the left operand."""
+    acc = _block_times_cols_t(x, S1, tl.zeros([BV, BT], dtype=tl.float32), 0, t0, end,
+                              stride, K, DT, PREC, BT, KB, SPLIT)
+    if K > KB:
+        acc = _block_times_cols_t(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB,
+                                  SPLIT)
+    if K > 2 * KB:
+        acc = _block_times_cols_t(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB,
+                                  SPLIT)
+    if K > 3 * KB:
+        acc = _block_times_cols_t(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB,
+                                  SPLIT)
+    return acc
+
+
+@triton.jit
+def _update_block_t(q, w, S, e_last, do_t, do_lo, d_d_t, d_d_lo, row0, t0, end, q_stride,
+                    w_stride, K, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                    SPLIT: tl.constexpr):
     """Sᵀ ← e^{Γ_C} Sᵀ + dO_tᵀ Q[:, block] − dΔᵀ W[:, block] for one transposed block: the
-    [BV, BT] sides in registers on the left, the q and w tiles from memory on the right."""
+    [BV, BT] sides in registers on the left, the q and w tiles from memory on the right.
+    SPLIT: the register sides come as two 16-bit parts (do_t + do_lo, d_d_t + d_d_lo) and
+    the float32 w tile is split too."""
     if HAS_GATE:
         S = S * e_last
-    S = mma(do_t, load_rows_stored(q, t0, end, q_stride, row0, K, BT, KB), S, DT, PREC)
+    b_q = load_rows_stored(q, t0, end, q_stride, row0, K, BT, KB)
+    S = mma(do_t, b_q, S, DT, PREC)
+    if SPLIT:
+        S = mma(do_lo, b_q, S, DT, PREC)
     if DELTA:
-        S = mma(d_d_t, load_rows_stored(w, t0, end, w_stride, row0, K, BT, KB), S, DT, PREC)
+        b_w = load_rows_stored(w, t0, end, w_stride, row0, K, BT, KB)
+        if SPLIT:
+            w_hi, w_lo = split16(b_w.to(tl.float32), DT)
+            S = tl.dot(d_d_lo, w_hi, tl.dot(d_d_t, w_hi, S))
+            S = tl.dot(d_d_t, w_lo, S)
+        else:
+            S = mma(d_d_t, b_w, S, DT, PREC)
     return S
 
 
@@ -384,7 +442,7 @@ def state_backward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
-    V_FASTEST: tl.constexpr = False,
+    V_FASTEST: tl.constexpr = False, SPLIT: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
     transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ.
@@ -392,7 +450,9 @@ def state_backward_kernel(
     an H100's wgmma reads from registers, and its tile from memory on the right; with dS on
     the right, as the forward pass holds S, each step wrote dS to shared memory and waited on
     it before its first product (benchmarks/transposed_state_probe.py: at 8x4096-h16 0.607 →
-    0.440 ms, at 2x16384-h16 0.724 → 0.631, NOTES.md §17)."""
+    0.440 ms, at 2x16384-h16 0.724 → 0.631, NOTES.md §17). SPLIT (16-bit DT, float32 w and
+    dv_local): dSᵀ, dOᵀ and dΔᵀ enter their products as two 16-bit parts each, w too, as the
+    forward pass's SPLIT (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
@@ -411,8 +471,8 @@ def state_backward_kernel(
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)
         # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ.
-        kds = _blocks_times_cols_t(k + i_h * K, dS1.to(DT), dS2.to(DT), dS3.to(DT),
-                                   dS4.to(DT), t0, end, H * K, K, DT, PREC, BT, KB, BV)
+        kds = _blocks_times_cols_t(k + i_h * K, dS1, dS2, dS3, dS4, t0, end, H * K, K, DT,
+                                   PREC, BT, KB, BV, SPLIT)
         d_d = load_cols(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         b_do = load_cols(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         if HAS_GATE:
@@ -424,21 +484,28 @@ def state_backward_kernel(
             d_d += kds
         if STORE_CHUNKS:
             store_cols(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
-        b_do = b_do.to(DT)
-        neg_d_d = (-d_d).to(DT)
-        dS1 = _update_block_t(q + i_h * K, w_head, dS1, e_last, b_do, neg_d_d, 0, t0,
-                              end, H * K, HV * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB)
+        if SPLIT:
+            b_do, do_lo = split16(b_do, DT)
+            neg_d_d, neg_d_d_lo = split16(-d_d, DT)
+        else:
+            b_do = b_do.to(DT)
+            do_lo = b_do
+            neg_d_d = (-d_d).to(DT)
+            neg_d_d_lo = neg_d_d
+        dS1 = _update_block_t(q + i_h * K, w_head, dS1, e_last, b_do, do_lo, neg_d_d,
+                              neg_d_d_lo, 0, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
+                              PREC, BT, KB, SPLIT)
         if K > KB:
-            dS2 = _update_block_t(q + i_h * K, w_head, dS2, e_last, b_do, neg_d_d, KB,
-                                  t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT, PREC, BT,
-                                  KB)
+            dS2 = _update_block_t(q + i_h * K, w_head, dS2, e_last, b_do, do_lo, neg_d_d,
+                                  neg_d_d_lo, KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA,
+                                  DT, PREC, BT, KB, SPLIT)
         if K > 2 * KB:
-            dS3 = _update_block_t(q + i_h * K, w_head, dS3, e_last, b_do, neg_d_d,
-                                  2 * KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
-                                  PREC, BT, KB)
+            dS3 = _update_block_t(q + i_h * K, w_head, dS3, e_last, b_do, do_lo, neg_d_d,
+                                  neg_d_d_lo, 2 * KB, t0, end, H * K, HV * K, K, HAS_GATE,
+                                  DELTA, DT, PREC, BT, KB, SPLIT)
         if K > 3 * KB:
-            dS4 = _update_block_t(q + i_h * K, w_head, dS4, e_last, b_do, neg_d_d,
-                                  3 * KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
-                                  PREC, BT, KB)
+            dS4 = _update_block_t(q + i_h * K, w_head, dS4, e_last, b_do, do_lo, neg_d_d,
+                                  neg_d_d_lo, 3 * KB, t0, end, H * K, HV * K, K, HAS_GATE,
+                                  DELTA, DT, PREC, BT, KB, SPLIT)
     if STORE_DH0:
         _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)

@@ -17,7 +17,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
              "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
              "apply_maxnreg", "exact_warps", "inline_gates", "fused_output", "fused_warps",
              "fused_stages", "fused_f32", "fused_bv", "v_fastest", "wu_f32", "state_x3",
-             "solve_x3")
+             "solve_x3", "state_split")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -37,6 +37,20 @@ def state_operands_f32() -> bool:
     undamped rule's bf16 drift (benchmarks/NOTES.md §20-21); read at each launch so that a
     test can set them."""
     return bool(TILES.get("state_f32") or TILES.get("state_x3"))
+
+
+def state_split() -> bool:
+    """GDN_TRITON_TILES=state_split=1: the state passes' chained products take their
+    float32 operands as two 16-bit parts each (state.py's SPLIT), fed by float32 hand-offs
+    (``handoff_f32``): the undamped rule's bf16 drift removed with 16-bit tiles (NOTES.md
+    §21). A measurement knob until its cost on the GPU is known."""
+    return bool(TILES.get("state_split"))
+
+
+def handoff_f32() -> bool:
+    """Whether w and u (wy_apply → the state passes) are float32 rather than the operand
+    dtype: wu_f32=1, or state_split=1, whose split needs them whole."""
+    return bool(TILES.get("wu_f32")) or state_split()
 
 
 def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:

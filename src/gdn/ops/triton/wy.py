@@ -10,8 +10,8 @@ r) because the apply kernel and the backward both use it.
 
 A is float32, and inverted in float32 (TF32 products, or IEEE in exact mode): it feeds every
 later stage. The products with k and v take them in their stored dtype; in ``wy_apply`` A is
-carried as two 16-bit parts for 16-bit inputs (``_split``). The backward takes most of its
-operands in DT (see its docstring).
+carried as two 16-bit parts for 16-bit inputs (``common.split16``). The backward takes
+most of its operands in DT (see its docstring).
 """
 
 import triton
@@ -25,6 +25,7 @@ from gdn.ops.triton.common import (
     load_rows_stored,
     load_vec,
     mma,
+    split16,
     store_group_sum,
     store_rows,
     store_vec,
@@ -66,12 +67,12 @@ def wy_apply_kernel(
         kb = b * tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
     # The diagonal scalings go on A's columns, so k and v go from memory straight into the
     # products: w = (A diag(β e^Γ)) K, u = (A diag(β)) V.
-    hi, lo = _split(A * kb[None, :], DT)
+    hi, lo = split16(A * kb[None, :], DT)
     for j in range(0, tl.cdiv(K, KB)):
         b_k = load_rows_stored(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
         store_rows(w + i_hv * K, _split_dot(hi, lo, b_k, DT, PREC), t0, end, HV * K, j * KB,
                    K, BT, KB)
-    hi, lo = _split(A * b[None, :], DT)
+    hi, lo = split16(A * b[None, :], DT)
     for i_v in range(0, tl.cdiv(V, BV)):
         b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         store_rows(u + i_hv * V, _split_dot(hi, lo, b_v, DT, PREC), t0, end, HV * V, i_v * BV,
@@ -79,20 +80,8 @@ def wy_apply_kernel(
 
 
 @triton.jit
-def _split(A, DT: tl.constexpr):
-    """A float32 A as hi + lo for products with 16-bit tiles: hi = A rounded to DT, lo = the
-    rest rounded, so two 16-bit products carry A to about 16 bits of mantissa (more than
-    TF32's 10) while the other operand goes straight from memory into them. For a float32 DT,
-    A itself (lo unused)."""
-    if tl.float32 == DT:
-        return A, A
-    hi = A.to(DT)
-    return hi, (A - hi.to(tl.float32)).to(DT)
-
-
-@triton.jit
 def _split_dot(hi, lo, x, DT: tl.constexpr, PREC: tl.constexpr):
-    """A x from ``_split``'s parts."""
+    """A x from ``split16``'s parts."""
     # One return, after an if/else: Triton's compiler also compiles the statements after a
     # return inside a constexpr branch, so a 16-bit product written after it failed for
     # float32 operands with 16-bit tiles (GDN_TRITON_FP32_OPERANDS=1), which the interpreter
