@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|drift|split|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -229,6 +229,25 @@ if [ "$what" = drift ]; then
     done
     wait
     for f in "$out"/results/drift-*.log; do echo "== $f"; grep -v -i warn "$f" | tail -4; done
+fi
+if [ "$what" = split ]; then
+    # NOTES.md §21.5: what state_split costs and whether it holds the bf16 bounds. Kernel
+    # times of DeltaNet and the gated rule at 8x4096-h16 per knob set (GDN_TILE_SWEEP
+    # overrides the list), then config 92's errors with the split, then its gpu test.
+    sweep=${GDN_TILE_SWEEP:-"state_split=1,solve_x3=1 state_split=1,solve_x3=1,fused_stages=1,state_bwd_stages=1"}
+    for variant in deltanet gated_delta_rule; do
+        for tiles in "" $sweep; do
+            echo "== $variant ${tiles:-default}"
+            GDN_TRITON_TILES=$tiles run_stages --variant "$variant" \
+                --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines
+        done
+    done
+    for tiles in "" $sweep; do
+        GDN_TRITON_TILES=$tiles timeout 200 python3 benchmarks/drift.py --index 92 \
+            --out "$out/results/drift.jsonl" 2>&1 | grep -v -i warn
+    done
+    timeout 300 python3 -m pytest -m gpu -v -p no:cacheprovider -k "split_operands" tests \
+        2>&1 | tee "$out/results/gpu_tests_split.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|>"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     cases=("$@")
