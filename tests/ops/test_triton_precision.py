@@ -92,3 +92,14 @@ def test_split_operands_stop_the_undamped_drift(case, monkeypatch):
     assert split_state < 1e-5 and split_state * 50 < state, (split_state, state)
     assert split_output < output and split_grads < grads, (
         (split_output, output), (split_grads, grads))
+
+
+def test_exact_mode_with_16_bit_inputs_stops_the_undamped_drift():
+    """exact=True with fp16 or bf16 inputs computes in float32 throughout (float32 operands,
+    IEEE products, float32 hand-offs), the inputs' own rounding aside: the remedy available
+    without knobs, at exact mode's speed (NOTES.md §21)."""
+    rounded = _undamped(HV=2, K=80, V=24)
+    state, output, grads = _errors(rounded)
+    exact_state, exact_output, exact_grads = _errors(rounded, exact=True)
+    assert exact_state < 1e-5 and exact_state * 50 < state, (exact_state, state)
+    assert exact_output < output and exact_grads < grads

@@ -183,7 +183,11 @@ _CHUNK_DOC = """
         chunk_size: tokens per chunk of the chunked algorithm (math.md §3); the Triton
             kernels use 64.
         exact: Triton backend with float32 inputs: IEEE float32 dot products instead of
-            TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error).
+            TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error). With bf16/fp16
+            inputs: float32 throughout as well, the inputs' rounding aside, for the drift
+            of a rule that never forgets (no gate, β near 2, thousands of tokens: 4.5·10⁻²
+            in bf16 by default), at exact mode's speed; verified in Triton's interpreter,
+            not yet on a GPU (benchmarks/NOTES.md §21).
         recompute: Triton backend: the backward recomputes w, u, Δ and the chunk states
             from the inputs (True, least memory). False keeps them from the forward until
             the backward, which then skips two of its stages: the same gradients, bit for
