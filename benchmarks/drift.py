@@ -79,14 +79,17 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for backend in args.backends:
         call = fla_op(config["variant"]) if backend == "fla" else op
-        got = forward_backward(call, x.to(dtype, True),
-                               **({} if backend == "fla" else {"backend": backend}))
+        # triton-exact: the kernels with exact=True on the same 16-bit inputs (NOTES §21.5).
+        options = ({} if backend == "fla" else
+                   {"backend": "triton", "exact": True} if backend == "triton-exact" else
+                   {"backend": backend})
+        got = forward_backward(call, x.to(dtype, True), **options)
         row = dict(config=config, dtype=args.dtype, backend=backend,
                    tiles=os.environ.get("GDN_TRITON_TILES", ""),
                    fp32_operands=os.environ.get("GDN_TRITON_FP32_OPERANDS", ""),
                    errors=errors(got, reference))
         grads = max(v for k, v in row["errors"].items() if k.startswith("d"))
-        print(f"{backend:6} tiles={row['tiles'] or '-':28} output {row['errors']['output']:.1e}"
+        print(f"{backend:12} tiles={row['tiles'] or '-':28} output {row['errors']['output']:.1e}"
               f"  state {row['errors']['state']:.1e}  worst grad {grads:.1e}", flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

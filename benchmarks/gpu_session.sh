@@ -231,24 +231,52 @@ if [ "$what" = drift ]; then
     for f in "$out"/results/drift-*.log; do echo "== $f"; grep -v -i warn "$f" | tail -4; done
 fi
 if [ "$what" = split ]; then
-    # NOTES.md §21.5: what state_split costs and whether it holds the bf16 bounds. Kernel
-    # times of DeltaNet and the gated rule at 8x4096-h16 per knob set (GDN_TILE_SWEEP
-    # overrides the list), then config 92's errors with the split, then the gpu test of the
-    # split and of exact mode on bf16 inputs there.
+    # NOTES.md §21.5, §22: what state_split and exact mode cost and whether they hold the
+    # bf16 bounds, and the K = 256 reverse launch (§21.6). First the accuracy side by side,
+    # which also compiles every launch the timings need (stages.py --external: two calls,
+    # no profile); then the timings one process at a time on a quiet GPU.
     sweep=${GDN_TILE_SWEEP:-"state_split=1,solve_x3=1 state_split=1,solve_x3=1,fused_stages=1,state_bwd_stages=1"}
+    k256=${GDN_K256_TILES:-"state_bwd_bv=64,state_bwd_warps=8,state_bwd_stages=1"}
+    i=0
+    for tiles in "" $sweep exact; do
+        backends=triton
+        [ "$tiles" = exact ] && backends=triton-exact && tiles=""
+        GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/drift.py --index 92 \
+            --backends $backends --out "$out/results/drift.jsonl" \
+            > "$out/results/drift-$i.log" 2>&1 &
+        i=$((i + 1))
+    done
+    timeout 400 python3 -m pytest -m gpu -v -p no:cacheprovider -k "undamped_rule" tests \
+        > "$out/results/gpu_tests_split.log" 2>&1 &
+    for variant in deltanet gated_delta_rule; do
+        for tiles in $sweep; do
+            GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/stages.py \
+                --variant "$variant" --external > /dev/null 2>&1 &
+        done
+        timeout 300 python3 benchmarks/stages.py --variant "$variant" --backend triton-exact \
+            --external > /dev/null 2>&1 &
+    done
+    for tiles in "" $k256; do
+        GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/stages.py \
+            --shape 8,4096,6,256,512 --external > /dev/null 2>&1 &
+    done
+    wait
+    for f in "$out"/results/drift-*.log; do grep -v -i warn "$f" | tail -2; done
+    grep -E "PASSED|FAILED|ERROR|passed|failed|^E " "$out/results/gpu_tests_split.log" | head -20
     for variant in deltanet gated_delta_rule; do
         for tiles in "" $sweep; do
             echo "== $variant ${tiles:-default}"
             GDN_TRITON_TILES=$tiles run_stages --variant "$variant" \
                 --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines
         done
+        echo "== $variant exact=True"
+        run_stages --variant "$variant" --backend triton-exact --out "$out/stages" | stage_lines
     done
-    for tiles in "" $sweep; do
-        GDN_TRITON_TILES=$tiles timeout 200 python3 benchmarks/drift.py --index 92 \
-            --out "$out/results/drift.jsonl" 2>&1 | grep -v -i warn
+    for tiles in "" $k256; do
+        echo "== 8,4096,6,256,512 ${tiles:-default}"
+        GDN_TRITON_TILES=$tiles run_stages --shape 8,4096,6,256,512 \
+            --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines
     done
-    timeout 300 python3 -m pytest -m gpu -v -p no:cacheprovider -k "undamped_rule" tests \
-        2>&1 | tee "$out/results/gpu_tests_split.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|>"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     cases=("$@")

@@ -243,6 +243,8 @@ BACKENDS = {b.name: b for b in [
     Backend("triton", _gdn_op("triton"), why_not=_needs_cuda),
     # recompute=False: the forward keeps w, Δ and the chunk states for the backward.
     Backend("triton-keep", _gdn_op("triton", recompute=False), why_not=_needs_cuda),
+    # exact=True: float32 operands, IEEE products and hand-offs, whatever the input dtype.
+    Backend("triton-exact", _gdn_op("triton", exact=True), why_not=_needs_cuda),
     Backend("fla", _fla_call, why_not=_fla_why_not),
     Backend("sdpa", _sdpa_call, why_not=_sdpa_why_not, same_function=False),
 ]}
