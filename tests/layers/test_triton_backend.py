@@ -76,3 +76,22 @@ def test_recompute_false_reaches_the_op_and_changes_no_gradient(name, monkeypatc
     for (n, p), (_, q) in zip(recomputing.named_parameters(), keeping.named_parameters(),
                               strict=True):
         assert torch.equal(p.grad, q.grad), n
+
+
+@pytest.mark.parametrize("letter", ["G", "D"])
+def test_the_model_configs_precise_state_reaches_the_op(letter, monkeypatch):
+    """ModelConfig.precise_state goes to every delta-rule layer's chunked calls (gdn.ops);
+    the one-token decode step, float32 inside, takes none."""
+    from gdn.layers import gated_deltanet
+    from gdn.models.config import ModelConfig
+    from gdn.models.lm import build_mixer
+
+    seen = []
+    chunk_op = gated_deltanet.chunk_gated_delta_rule
+    monkeypatch.setattr(gated_deltanet, "chunk_gated_delta_rule",
+                        lambda *a, **kw: seen.append(kw["precise_state"]) or chunk_op(*a, **kw))
+    for precise in (False, True):
+        config = ModelConfig.from_preset("gdn-tiny", backend="triton", precise_state=precise)
+        mixer = build_mixer(config, letter)
+        mixer(torch.randn(1, 70, config.d_model))
+    assert seen == [False, True]

@@ -74,6 +74,7 @@ BAD = [
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(tie_embeddings=1), TypeError, "tie_embeddings must be a bool"),
     (dict(recompute="no"), TypeError, "recompute must be a bool"),
+    (dict(precise_state=1), TypeError, "precise_state must be a bool"),
     (dict(attn_head_dim=63), ValueError, "attn_head_dim must be even"),
 ]
 

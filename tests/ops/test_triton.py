@@ -138,13 +138,15 @@ def test_split_and_carry_equals_one_call():
     assert rel_error(s2, s) <= 1e-6
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+@pytest.mark.parametrize("keep", [False, True, "precise"],
+                         ids=["recompute", "keep", "keep-precise"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["varlen", "segmented"])
 def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
     segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
     ``keep`` w, the chunk states (a grid bound of them with varlen) and Δ, whose shapes the
-    fake must predict."""
+    fake must predict; with fp16 inputs and precise_state ("precise") w is float32, as the
+    fake must say too."""
     from gdn.ops.triton import function, passes
 
     if segmented:
@@ -153,8 +155,10 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     else:
         x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                           doc_lengths=[30, 40], seed=16)
-    x = x.to(torch.float32)
-    args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, True, keep)
+    precise = keep == "precise"
+    x = x.to(torch.float16 if precise else torch.float32)   # the state stays float32
+    args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, not precise,
+            bool(keep), precise)
     torch.library.opcheck(function.chunk_forward_op, args)
     o, final, a, seam_starts, transitions, *kept = function.chunk_forward_op(*args)
     assert seam_starts.shape == ((6, 2, 16, 16) if segmented else (0,))
@@ -163,14 +167,17 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     tokens = 300 if segmented else 70
     want = [(tokens, 2, 16), (chunks, 2, 16, 16), (tokens, 2, 16)] if keep else [(0,)] * 3
     assert [tuple(t.shape) for t in kept] == want
+    if precise:
+        assert [t.dtype for t in kept] == [torch.float32, torch.float16, torch.float16]
     backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
-                     a, 0.25, x.initial_state, x.cu_seqlens, True, seam_starts, transitions,
-                     *kept)
+                     a, 0.25, x.initial_state, x.cu_seqlens, not precise, seam_starts,
+                     transitions, *kept, precise)
     torch.library.opcheck(function.chunk_backward_op, backward_args)
 
 
 @pytest.mark.parametrize("options", [{}, dict(use_qk_l2norm_in_kernel=True),
-                                     dict(recompute=False)], ids=["plain", "l2norm", "keep"])
+                                     dict(recompute=False), dict(precise_state=True)],
+                         ids=["plain", "l2norm", "keep", "precise"])
 def test_torch_compile_fullgraph_traces_the_op(options):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
     (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,

@@ -1,9 +1,10 @@
-"""The undamped rule's 16-bit drift and the launches that remove it (benchmarks/NOTES.md §20-21).
+"""The undamped rule's 16-bit drift and the launches that remove it (benchmarks/NOTES.md §20-22).
 
 DeltaNet with β = 2 (or any gate of 0) never forgets, so every rounding the kernels make in
 what passes from chunk to chunk stays in the state: a random walk, 4.5e-2 in bf16 over 7,273
-tokens on the GPU. In Triton's interpreter (fp16; float32 products exact there) the knobs of
-``gdn.ops.triton.tiles`` are held to taking the final state back to the torch path's error.
+tokens on the GPU. In Triton's interpreter (fp16; float32 products exact there) the op's
+``precise_state`` and ``exact``, and the knobs of ``gdn.ops.triton.tiles`` that led to them,
+are held to taking the final state back to the torch path's error.
 """
 
 import os
@@ -74,24 +75,53 @@ SPLIT_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
-def test_split_operands_stop_the_undamped_drift(case, monkeypatch):
-    """``state_split``: the state passes keep their 16-bit tiles and take S, w and Δ (dSᵀ,
-    dOᵀ, dΔᵀ in the reverse pass) as two 16-bit parts each, with w, u and dv_local handed
-    over in float32. The state comes back to the torch path's accuracy (1e-5, against
-    ~1e-3 by default) and every gradient gets closer, forward and reverse, with and without
-    recompute, in segments too."""
-    from gdn.ops.triton import passes, tiles
+def test_precise_state_stops_the_undamped_drift(case, monkeypatch):
+    """``precise_state=True``: the state passes keep their 16-bit tiles and take S, w and Δ
+    (dSᵀ, dOᵀ, dΔᵀ in the reverse pass) as two 16-bit parts each, with w, u and dv_local
+    handed over in float32 and wy_solve in tf32x3. The state comes back to the torch path's
+    accuracy (1e-5, against ~1e-3 by default) and every gradient gets closer, forward and
+    reverse, with and without recompute, in segments too."""
+    from gdn.ops.triton import passes
 
     kwargs, recompute, segment_chunks = SPLIT_CASES[case]
     if segment_chunks is not None:
         monkeypatch.setattr(passes, "SEGMENT_CHUNKS", segment_chunks)
     rounded = _undamped(**kwargs)
     state, output, grads = _errors(rounded, recompute=recompute)
-    monkeypatch.setitem(tiles.TILES, "state_split", 1)
-    split_state, split_output, split_grads = _errors(rounded, recompute=recompute)
+    split_state, split_output, split_grads = _errors(rounded, recompute=recompute,
+                                                     precise_state=True)
     assert split_state < 1e-5 and split_state * 50 < state, (split_state, state)
     assert split_output < output and split_grads < grads, (
         (split_output, output), (split_grads, grads))
+
+
+def test_the_state_split_knob_is_precise_state_for_every_call(monkeypatch):
+    """GDN_TRITON_TILES=state_split=1 (a measurement knob) launches what precise_state=True
+    does, bit for bit."""
+    from gdn.ops.triton import tiles
+
+    x = _undamped(HV=2, K=80, V=24).to(torch.float16, True)
+    chosen = forward_backward(chunk_gated_delta_rule, x, backend="triton", precise_state=True)
+    monkeypatch.setitem(tiles.TILES, "state_split", 1)
+    monkeypatch.setitem(tiles.TILES, "solve_x3", 1)
+    knob = forward_backward(chunk_gated_delta_rule, x, backend="triton")
+    assert torch.equal(chosen[0], knob[0]) and torch.equal(chosen[1], knob[1])
+    for name, grad in chosen[2].items():
+        assert torch.equal(grad, knob[2][name]), name
+
+
+def test_precise_state_leaves_float32_inputs_as_they_were():
+    """With float32 inputs the operands are float32 already: precise_state changes nothing
+    (the option is for 16-bit inputs), and the torch backend ignores it."""
+    x = random_inputs(T=100, H=1, HV=2, K=24, V=20, initial_state=True, seed=16)
+    for backend in ("triton", "torch"):
+        plain = forward_backward(chunk_gated_delta_rule, x.to(torch.float32, True),
+                                 backend=backend)
+        precise = forward_backward(chunk_gated_delta_rule, x.to(torch.float32, True),
+                                   backend=backend, precise_state=True)
+        assert torch.equal(plain[0], precise[0]) and torch.equal(plain[1], precise[1])
+        for name, grad in plain[2].items():
+            assert torch.equal(grad, precise[2][name]), (backend, name)
 
 
 def test_exact_mode_with_16_bit_inputs_stops_the_undamped_drift():

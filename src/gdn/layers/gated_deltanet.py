@@ -80,7 +80,7 @@ class GatedDeltaNet(nn.Module):
         head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
-        recompute: bool = True, use_decay_gate: bool = True,
+        recompute: bool = True, use_decay_gate: bool = True, precise_state: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
@@ -106,6 +106,9 @@ class GatedDeltaNet(nn.Module):
         self.chunk_size = check_chunk_size(chunk_size)
         self.backend = check_backend(backend)
         self.recompute = flag("recompute", recompute)
+        # The op's precise_state (gdn.ops): for the undamped rule's bf16 drift, e.g. DeltaNet
+        # with allow_neg_eigval over long sequences.
+        self.precise_state = flag("precise_state", precise_state)
         self.use_decay_gate = flag("use_decay_gate", use_decay_gate)
 
         H, HV, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -174,6 +177,7 @@ class GatedDeltaNet(nn.Module):
         o, state = run_recurrence(chunk_gated_delta_rule, recurrent_gated_delta_rule, args,
                                   cache=cache, cu_seqlens=cu_seqlens, backend=self.backend,
                                   chunk_size=self.chunk_size, recompute=self.recompute,
+                                  precise_state=self.precise_state,
                                   use_qk_l2norm_in_kernel=True)
         o = self.out_norm(o, self.output_gate_proj(x).view(B, T, HV, V))
         if cache is not None:

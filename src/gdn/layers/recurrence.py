@@ -21,11 +21,12 @@ def step_backend(backend: str) -> str:
 
 def run_recurrence(chunk_op: Callable, step_op: Callable, args: tuple, *,
                    cache: RecurrentCache | None, cu_seqlens: torch.Tensor | None, backend: str,
-                   chunk_size: int, recompute: bool = True,
+                   chunk_size: int, recompute: bool = True, precise_state: bool = False,
                    **op_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, final state or None) of ``chunk_op(*args, ...)``, or of ``step_op`` for a
     one-token call with a cache. args are the op's positional (q, k, v, g[, beta]);
-    ``recompute`` goes to the chunked op only (gdn.ops)."""
+    ``recompute`` and ``precise_state`` go to the chunked op only (gdn.ops: the step is
+    float32 inside)."""
     T, v = args[0].shape[1], args[2]
     common = dict(
         initial_state=None if cache is None else initial_recurrent_state(cache, v.dtype),
@@ -33,4 +34,4 @@ def run_recurrence(chunk_op: Callable, step_op: Callable, args: tuple, *,
     if cache is not None and T == 1:
         return step_op(*args, backend=step_backend(backend), **common)
     return chunk_op(*args, chunk_size=chunk_size, backend=backend, recompute=recompute,
-                    **common)
+                    precise_state=precise_state, **common)

@@ -71,6 +71,11 @@ class ModelConfig:
     # Triton backend: False keeps w, Δ and the chunk states from each recurrent layer's
     # forward for its backward instead of recomputing them (gdn.ops, math.md §4.6).
     recompute: bool = True
+    # Triton backend with bf16/fp16: the recurrent (G, D) layers' state kept at about
+    # float32 precision with 16-bit tiles, against the bf16 drift of a rule that never
+    # forgets (DeltaNet with allow_neg_eigval, long sequences); ~40 % more kernel time
+    # (gdn.ops).
+    precise_state: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "gdn_num_heads", "attn_num_heads",
@@ -84,7 +89,7 @@ class ModelConfig:
                 _check_positive_int(name, getattr(self, name))
         for name in ("rope_theta", "mlp_ratio", "norm_eps", "initializer_range"):
             _check_positive_float(name, getattr(self, name))
-        for name in ("allow_neg_eigval", "tie_embeddings", "recompute"):
+        for name in ("allow_neg_eigval", "tie_embeddings", "recompute", "precise_state"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._check_pattern()

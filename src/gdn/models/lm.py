@@ -42,7 +42,7 @@ def build_mixer(config: ModelConfig, letter: str) -> nn.Module:
                    num_v_heads=config.gdn_num_v_heads, conv_size=config.conv_size,
                    allow_neg_eigval=config.allow_neg_eigval, norm_eps=config.norm_eps,
                    chunk_size=config.chunk_size, backend=config.backend,
-                   recompute=config.recompute)
+                   recompute=config.recompute, precise_state=config.precise_state)
     if letter == "M":
         return Mamba2(config.d_model, num_heads=config.mamba_num_heads,
                       head_dim=config.mamba_head_dim, state_size=config.mamba_state_size,

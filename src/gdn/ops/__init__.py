@@ -114,7 +114,7 @@ def _resolve_backend(backend: object, q: torch.Tensor, chunk_size: int | None) -
 
 def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
          output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, backend, chunk_size,
-         check_values, exact=False, recompute=True):
+         check_values, exact=False, recompute=True, precise_state=False):
     """Validate, resolve the backend, normalise q/k if asked, and run.
 
     ``chunked_op`` is True for the chunk_* functions, whose "torch" backend is the chunked
@@ -131,6 +131,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool; got {type(recompute).__name__}")
+    if not isinstance(precise_state, bool):
+        raise TypeError(f"precise_state must be a bool; got {type(precise_state).__name__}")
     name = _resolve_backend(backend, q, chunk_size if chunked_op else None)
     if scale is None:
         scale = dims.K ** -0.5
@@ -140,7 +142,8 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
     common = dict(scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens)
     if name == "triton":
         o, final_state = _triton_kernels().triton_chunked_recurrence(
-            q, k, v, g, beta, exact=exact, recompute=recompute, **common)
+            q, k, v, g, beta, exact=exact, recompute=recompute, precise_state=precise_state,
+            **common)
     elif name == "torch" and chunked_op:
         o, final_state = chunked.chunked_recurrence(q, k, v, g, beta, chunk_size=chunk_size,
                                                     **common)
@@ -184,10 +187,17 @@ _CHUNK_DOC = """
             kernels use 64.
         exact: Triton backend with float32 inputs: IEEE float32 dot products instead of
             TF32 (slower, about 10⁻⁶ instead of 10⁻³ relative error). With bf16/fp16
-            inputs: float32 throughout as well, the inputs' rounding aside, for the drift
-            of a rule that never forgets (no gate, β near 2, thousands of tokens: 4.5·10⁻²
-            in bf16 by default), at exact mode's speed; verified in Triton's interpreter,
-            not yet on a GPU (benchmarks/NOTES.md §21).
+            inputs: float32 throughout as well, the inputs' rounding aside: the torch
+            path's accuracy, at 75-87× the kernel time of the default (H100,
+            benchmarks/NOTES.md §22); ``precise_state`` is the fast remedy for the drift.
+        precise_state: Triton backend with bf16/fp16 inputs: keep the chunk-to-chunk state
+            recurrence at about float32 precision while its tiles stay 16-bit (float32
+            w/u hand-offs, each chained product's operands split in two 16-bit parts,
+            the triangular solve in tf32x3; math.md §5.6). For a rule that never forgets
+            (no gate, β near 2, thousands of tokens), whose bf16 error grows with T: 4.5·10⁻²
+            by default at 7,273 tokens, 2.5·10⁻³ with it. Costs about 40 % more kernel time
+            (H100, 8 × 4096 tokens, 16 heads of 128: 3.08 → 4.26 ms DeltaNet, 3.53 → 5.03
+            gated). Float32 inputs and the other backends ignore it (already float32).
         recompute: Triton backend: the backward recomputes w, u, Δ and the chunk states
             from the inputs (True, least memory). False keeps them from the forward until
             the backward, which then skips two of its stages: the same gradients, bit for
@@ -215,13 +225,14 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
     chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False, recompute=True,
+    precise_state=False,
 ):
     return _run(q, k, v, g, beta, needs_beta=True, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values,
-                exact=exact, recompute=recompute)
+                exact=exact, recompute=recompute, precise_state=precise_state)
 
 
 def recurrent_gated_delta_rule(
@@ -239,13 +250,14 @@ def chunk_gated_linear_attention(
     q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
     cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *,
     chunk_size=DEFAULT_CHUNK_SIZE, check_values=None, exact=False, recompute=True,
+    precise_state=False,
 ):
     return _run(q, k, v, g, None, needs_beta=False, chunked_op=True, scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                 backend=backend, chunk_size=chunk_size, check_values=check_values,
-                exact=exact, recompute=recompute)
+                exact=exact, recompute=recompute, precise_state=precise_state)
 
 
 def recurrent_gated_linear_attention(

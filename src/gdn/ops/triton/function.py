@@ -27,27 +27,27 @@ _EMPTY = (0,)
 def chunk_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
     beta: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None, exact: bool, keep: bool,
+    cu_seqlens: torch.Tensor | None, exact: bool, keep: bool, precise_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """o, final state, A, the segmented pass's seam states and transitions (for the backward;
     passes.Seams), and with ``keep`` w, the chunk states and Δ (launch.Kept)."""
     o, final_state, a, seams, kept = launch.chunk_forward(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-        exact=exact, keep=keep)
+        exact=exact, keep=keep, precise_state=precise_state)
     lo = launch.operand_dtype(q.dtype, exact)
 
     def present(x, dtype=torch.float32):
         return x if x is not None else q.new_empty(_EMPTY, dtype=dtype)
     return (o, final_state, present(a),
             present(seams and seams.starts), present(seams and seams.transitions),
-            present(kept and kept.w, launch.handoff_dtype(q.dtype, exact)),
+            present(kept and kept.w, launch.handoff_dtype(q.dtype, exact, precise_state)),
             present(kept and kept.states, lo),
             present(kept and kept.v_new, lo))
 
 
 @chunk_forward_op.register_fake
-def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
+def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_state):
     B, T, HV, V = v.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
@@ -56,7 +56,7 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
                                              q.device, delta=beta is not None)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None)
     lo = launch.operand_dtype(q.dtype, exact)
-    dtypes = (launch.handoff_dtype(q.dtype, exact), lo, lo)        # w, states, Δ
+    dtypes = (launch.handoff_dtype(q.dtype, exact, precise_state), lo, lo)   # w, states, Δ
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
             q.new_empty(a_shape, **f32), q.new_empty(starts, **f32),
             q.new_empty(transitions, **f32),
@@ -70,7 +70,7 @@ def chunk_backward_op(
     v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None, a: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     exact: bool, seam_starts: torch.Tensor, transitions: torch.Tensor, kept_w: torch.Tensor,
-    kept_states: torch.Tensor, kept_v_new: torch.Tensor,
+    kept_states: torch.Tensor, kept_v_new: torch.Tensor, precise_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seams = passes.Seams(seam_starts, transitions) if seam_starts.numel() else None
     kept = None
@@ -80,13 +80,14 @@ def chunk_backward_op(
                            kept_v_new if delta else None)
     grads = launch.chunk_backward(do, dht, q, k, v, g, beta, a if beta is not None else None,
                                   scale=scale, initial_state=initial_state,
-                                  cu_seqlens=cu_seqlens, exact=exact, seams=seams, kept=kept)
+                                  cu_seqlens=cu_seqlens, exact=exact, seams=seams, kept=kept,
+                                  precise_state=precise_state)
     return tuple(x if x is not None else q.new_empty(_EMPTY) for x in grads)
 
 
 @chunk_backward_op.register_fake
 def _(do, dht, q, k, v, g, beta, a, scale, initial_state, cu_seqlens, exact, seam_starts,
-      transitions, kept_w, kept_states, kept_v_new):
+      transitions, kept_w, kept_states, kept_v_new, precise_state):
     def like(x):
         return torch.empty_like(x) if x is not None else q.new_empty(_EMPTY)
     return like(q), like(k), like(v), like(g), like(beta), like(initial_state)
@@ -96,12 +97,13 @@ class ChunkRecurrence(torch.autograd.Function):
     """o, final_state = chunked recurrence(q, k, v, g, beta, ...); see ``gdn.ops``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep,
+                precise_state):
         o, final_state, a, *for_backward = chunk_forward_op(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep)
+            q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_state)
         # for_backward: seam starts, transitions, and the kept w, states and Δ.
         ctx.save_for_backward(q, k, v, g, beta, a, initial_state, cu_seqlens, *for_backward)
-        ctx.scale, ctx.exact = scale, exact
+        ctx.scale, ctx.exact, ctx.precise_state = scale, exact, precise_state
         ctx.set_materialize_grads(False)
         return o, final_state
 
@@ -111,17 +113,19 @@ class ChunkRecurrence(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward_op(do.contiguous(), dht, q, k, v, g, beta, a, ctx.scale,
-                                  initial_state, cu_seqlens, ctx.exact, *for_backward)
+                                  initial_state, cu_seqlens, ctx.exact, *for_backward,
+                                  ctx.precise_state)
         present = (q, k, v, g, beta, initial_state)
         dq, dk, dv, dg, dbeta, dh0 = (d if x is not None else None
                                       for d, x in zip(grads, present, strict=True))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
 
 
 def triton_chunked_recurrence(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens,
-                              exact: bool, recompute: bool = True):
+                              exact: bool, recompute: bool = True, precise_state: bool = False):
     """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels. With
     ``recompute=False`` the forward keeps w, Δ and the chunk states for the backward
-    (``launch.Kept``) instead of the backward recomputing them."""
+    (``launch.Kept``) instead of the backward recomputing them; ``precise_state`` as in
+    ``gdn.ops``."""
     return ChunkRecurrence.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact,
-                                 not recompute)
+                                 not recompute, precise_state)

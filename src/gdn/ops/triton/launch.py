@@ -131,12 +131,13 @@ def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     return dtype
 
 
-def handoff_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
+def handoff_dtype(dtype: torch.dtype, exact: bool, precise_state: bool = False) -> torch.dtype:
     """Dtype of w and u, which wy_apply hands to the state passes: the operand dtype, or
-    float32 with GDN_TRITON_TILES=wu_f32=1 or state_split=1 (``tiles.handoff_f32``). Their
-    16-bit rounding is one of the three sources of the drift of the undamped delta rule in
-    bf16 (with wy_solve's TF32 products and the state passes' 16-bit ones; NOTES.md §20-21)."""
-    return torch.float32 if handoff_f32() else operand_dtype(dtype, exact)
+    float32 with ``precise_state`` (or GDN_TRITON_TILES=wu_f32=1 / state_split=1:
+    ``tiles.handoff_f32``). Their 16-bit rounding is one of the three sources of the drift of
+    the undamped delta rule in bf16 (with wy_solve's TF32 products and the state passes'
+    16-bit ones; NOTES.md §20-22)."""
+    return torch.float32 if handoff_f32(precise_state) else operand_dtype(dtype, exact)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -163,6 +164,9 @@ class _Plan:
     f32: dict    # float32 tensors: A, accumulators
     lo: dict     # tensors handed between kernels (operand_dtype)
     exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
+    # The op's precise_state (math.md §5.6, NOTES.md §22): wy_solve in tf32x3, w/u handed
+    # over in float32, the state passes' chained products on split 16-bit operands.
+    precise_state: bool = False
 
     @property
     def sixteen_bit(self) -> bool:
@@ -178,7 +182,7 @@ class _Plan:
         return self.table.seq, self.table.start, self.table.cu
 
 
-def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
+def _plan(q, v, g, cu_seqlens, exact: bool, precise_state: bool = False) -> _Plan:
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     prec = "ieee" if exact else "tf32"
@@ -190,17 +194,21 @@ def _plan(q, v, g, cu_seqlens, exact: bool) -> _Plan:
     return _Plan(B, T, H, HV, K, V, BV, state_bv, prec,
                  chunk_table(B, T, cu_seqlens, BT, q.device), flags,
                  dict(device=q.device, dtype=torch.float32),
-                 dict(device=q.device, dtype=inter), exact_launch(exact))
+                 dict(device=q.device, dtype=inter), exact_launch(exact),
+                 # Float32 operands (float32 inputs, exact) have nothing to split.
+                 precise_state and inter != torch.float32)
 
 
 def _solve_precision(p: _Plan) -> dict:
-    """GDN_TRITON_TILES=solve_x3=1: wy_solve's block products in tf32x3 instead of TF32, a
-    measurement knob for the undamped rule's bf16 drift (NOTES.md §21)."""
-    return dict(PREC="tf32x3") if TILES.get("solve_x3") and p.prec == "tf32" else {}
+    """wy_solve's block products in tf32x3 instead of TF32 with ``precise_state`` (or
+    GDN_TRITON_TILES=solve_x3=1): A's TF32 rounding is one of the undamped rule's three
+    sources of bf16 drift (NOTES.md §21)."""
+    x3 = p.precise_state or TILES.get("solve_x3")
+    return dict(PREC="tf32x3") if x3 and p.prec == "tf32" else {}
 
 
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
-    handoff = p.f32 if handoff_f32() else p.lo     # ``handoff_dtype``
+    handoff = p.f32 if handoff_f32(p.precise_state) else p.lo     # ``handoff_dtype``
     w = torch.empty(p.TT, p.HV, p.K, **handoff)
     u = torch.empty(p.TT, p.HV, p.V, **handoff)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
@@ -262,11 +270,11 @@ def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *,
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
-                  keep: bool = False):
+                  keep: bool = False, precise_state: bool = False):
     """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, the
     segmented pass's ``passes.Seams`` or None, and with ``keep`` the ``Kept`` tensors for the
     backward (else None)."""
-    p = _plan(q, v, g, cu_seqlens, exact)
+    p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
     a = w = None
@@ -303,12 +311,13 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
 
 
 def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state, cu_seqlens,
-                   exact: bool, seams=None, kept: Kept | None = None):
+                   exact: bool, seams=None, kept: Kept | None = None,
+                   precise_state: bool = False):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None; ``seams`` are the
     forward's (``chunk_forward``), or None to recompute them; ``kept`` the forward's w, states
-    and Δ, or None to recompute them."""
-    p = _plan(q, v, g, cu_seqlens, exact)
+    and Δ, or None to recompute them. ``precise_state`` as the forward's."""
+    p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
     G = HV // H
     table, flags, f32, lo, chunks = p.table, p.flags, p.f32, p.lo, p.chunks
@@ -326,8 +335,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                                                        segs, seams if segs is not None else None)
         del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
-    # state_split's reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
-    dv_local = torch.empty(TT, HV, V, **(f32 if state_split() and p.sixteen_bit else lo))
+    # The split reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
+    split = state_split(p.precise_state) and p.sixteen_bit
+    dv_local = torch.empty(TT, HV, V, **(f32 if split else lo))
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **(flags | loop_stages(p.sixteen_bit, "loop_stages")
                                         | p.exact_launch))

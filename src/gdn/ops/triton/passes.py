@@ -106,7 +106,7 @@ def _state_flags(p, direction: str) -> dict:
     flags = row_block_flags(p.flags) | STATE_DTYPE
     if TILES.get("state_x3") and flags["PREC"] == "tf32":
         flags["PREC"] = "tf32x3"
-    if state_split() and _sixteen_bit(flags):
+    if state_split(p.precise_state) and _sixteen_bit(flags):
         flags["SPLIT"] = True
     small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
     if direction == "forward":
@@ -237,9 +237,13 @@ def _output_pass_launch(flags: dict) -> dict:
     BV = 32 a TF32 product gave o 0.33 and the final state 1.0 relative error on the H100
     (at BV = 64 it had been right, §15; §18). GDN_TRITON_TILES=fused_stages / fused_f32 /
     fused_warps / fused_bv measure other launches, but a float32 product in more than one
-    stage is refused."""
+    stage is refused.
+
+    Split operands (``precise_state``) take one stage and so the float32 product: at
+    8x4096-h16 on an H100 the forward pass 1.646 → 1.504 ms (gated; DeltaNet 1.405 → 1.283),
+    outputs closer too (config 92: 4.1e-3 → 2.5e-3; NOTES.md §22)."""
     sixteen = _sixteen_bit(flags)
-    stages = TILES.get("fused_stages", 2 if sixteen else 1)
+    stages = TILES.get("fused_stages", 1 if flags.get("SPLIT") or not sixteen else 2)
     f32 = TILES.get("fused_f32", int(stages == 1)) or not sixteen
     if f32 and stages > 1:
         raise ValueError("GDN_TRITON_TILES: a float32 (QKᵀ ⊙ D) Δ product in more than one "
@@ -385,10 +389,12 @@ class ReverseLaunch:
 
 
 def reverse_launch(K: int, V: int, seq_heads: int, sms: int | None,
-                   sixteen_bit: bool = True) -> ReverseLaunch:
+                   sixteen_bit: bool = True, split: bool = False) -> ReverseLaunch:
     """The reverse pass's launch for ``seq_heads`` (sequence, v head) pairs walked plain, on
-    ``sms`` SMs (None: not a GPU). GDN_TRITON_TILES state_bwd_bv / state_bwd_warps /
-    state_bwd_stages override each choice."""
+    ``sms`` SMs (None: not a GPU). With split operands (``precise_state``) one stage: two
+    took 136.5 KiB, one program per SM, and at 8x4096-h16 on an H100 0.950 ms against 0.725
+    in one (gated; DeltaNet 0.711 / 0.699; NOTES.md §22). GDN_TRITON_TILES state_bwd_bv /
+    state_bwd_warps / state_bwd_stages override each choice."""
     v_tile = max(16, triton.next_power_of_2(V))
     if not sixteen_bit:
         BV = min(32, v_tile)
@@ -405,7 +411,7 @@ def reverse_launch(K: int, V: int, seq_heads: int, sms: int | None,
         BV, warps, stages, per_sm = min(64 if wide else 32, v_tile), 4, 2, 2
     return ReverseLaunch(TILES.get("state_bwd_bv") or BV,
                          STATE_WARPS["reverse"] or warps,
-                         STATE_STAGES["reverse"] or stages, per_sm)
+                         STATE_STAGES["reverse"] or (1 if split else stages), per_sm)
 
 
 def _sm_count(device) -> int | None:
@@ -498,8 +504,9 @@ def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, 
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
-    launch = reverse_launch(p.K, p.V, p.table.num_seqs * p.HV, _sm_count(q_.device),
-                            _sixteen_bit(row_block_flags(p.flags) | STATE_DTYPE))
+    sixteen = _sixteen_bit(row_block_flags(p.flags) | STATE_DTYPE)
+    launch = reverse_launch(p.K, p.V, p.table.num_seqs * p.HV, _sm_count(q_.device), sixteen,
+                            split=sixteen and state_split(p.precise_state))
     forward_segs, segs = segs, reverse_segments(p, segs, launch, q_.device)
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)

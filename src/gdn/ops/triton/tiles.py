@@ -39,18 +39,17 @@ def state_operands_f32() -> bool:
     return bool(TILES.get("state_f32") or TILES.get("state_x3"))
 
 
-def state_split() -> bool:
-    """GDN_TRITON_TILES=state_split=1: the state passes' chained products take their
-    float32 operands as two 16-bit parts each (state.py's SPLIT), fed by float32 hand-offs
-    (``handoff_f32``): the undamped rule's bf16 drift removed with 16-bit tiles (NOTES.md
-    §21). A measurement knob until its cost on the GPU is known."""
-    return bool(TILES.get("state_split"))
+def state_split(precise_state: bool = False) -> bool:
+    """Whether the state passes' chained products take their float32 operands as two 16-bit
+    parts each (state.py's SPLIT), fed by float32 hand-offs (``handoff_f32``): the op's
+    ``precise_state``, or GDN_TRITON_TILES=state_split=1 for every call (NOTES.md §21-22)."""
+    return precise_state or bool(TILES.get("state_split"))
 
 
-def handoff_f32() -> bool:
+def handoff_f32(precise_state: bool = False) -> bool:
     """Whether w and u (wy_apply → the state passes) are float32 rather than the operand
-    dtype: wu_f32=1, or state_split=1, whose split needs them whole."""
-    return bool(TILES.get("wu_f32")) or state_split()
+    dtype: wu_f32=1, or a split launch (``state_split``), whose split needs them whole."""
+    return bool(TILES.get("wu_f32")) or state_split(precise_state)
 
 
 def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:
