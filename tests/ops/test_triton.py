@@ -374,15 +374,44 @@ def test_state_pass_launch_above_k128_by_operand_width():
 
     for DT, bv, warps, stages in ((tl.bfloat16, 64, 8, 2), (tl.float32, 32, 4, 1)):
         state_bv = tile_sizes(256, 512, sixteen_bit=DT is not tl.float32)[2]
-        p = SimpleNamespace(K=256, state_bv=state_bv, exact_launch={},
+        p = SimpleNamespace(K=256, state_bv=state_bv, exact_launch={}, precise_state=False,
                             flags=dict(BK=256, DT=DT, num_warps=4, num_stages=1))
         flags = passes._state_flags(p, "forward")
         assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (bv, warps, stages)
     small = SimpleNamespace(K=128, state_bv=tile_sizes(128, 128)[2], exact_launch={},
+                            precise_state=False,
                             flags=dict(BK=128, DT=tl.bfloat16, num_warps=4, num_stages=1))
     flags = passes._state_flags(small, "forward")
     assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (64, 4, 2)
 
+
+def test_precise_state_launches_the_split_passes_in_one_stage():
+    """precise_state with 16-bit operands: SPLIT in both state passes, the forward pass
+    with the output in one stage with its float32 Δ product, the reverse pass in one stage
+    (each measured faster than two on an H100, NOTES.md §22); nothing split for float32."""
+    from types import SimpleNamespace
+
+    import triton.language as tl
+
+    from gdn.ops.triton import passes
+    from gdn.ops.triton.tiles import tile_sizes
+
+    def plan(DT, precise):
+        return SimpleNamespace(K=128, state_bv=tile_sizes(128, 128)[2], exact_launch={},
+                               precise_state=precise,
+                               flags=dict(K=128, BK=128, DT=DT, PREC="tf32", num_warps=4,
+                                          num_stages=1))
+
+    flags = passes._state_flags(plan(tl.bfloat16, True), "forward")
+    assert flags["SPLIT"]
+    fused = passes._output_pass_launch(flags)
+    assert fused["num_stages"] == 1 and fused["ODT"] is tl.float32
+    assert passes._state_flags(plan(tl.bfloat16, True), "reverse")["SPLIT"]
+    assert passes.reverse_launch(128, 128, 128, 132, True, split=True).num_stages == 1
+    plain = passes._state_flags(plan(tl.bfloat16, False), "forward")
+    assert "SPLIT" not in plain and passes._output_pass_launch(plain)["num_stages"] == 2
+    assert passes.reverse_launch(128, 128, 128, 132, True).num_stages == 2
+    assert "SPLIT" not in passes._state_flags(plan(tl.float32, True), "forward")
 
 def test_parallel_kernels_value_block_by_head_dim_and_operand_width(monkeypatch):
     """BV of the parallel kernels: 64 up to K = 128, and above it with 16-bit operands

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py when no GPU is visible)")
 
 
-def _undamped(T=320, H=1, HV=1, K=16, V=16, gated=False, seed=15):
-    x = random_inputs(T=T, H=H, HV=HV, K=K, V=V, gate=gated, initial_state=True, seed=seed)
+def _undamped(T=320, H=1, HV=1, K=16, V=16, gated=False, doc_lengths=None, seed=15):
+    x = random_inputs(T=T, H=H, HV=HV, K=K, V=V, gate=gated, initial_state=True,
+                      doc_lengths=doc_lengths, seed=seed)
     x.beta = torch.full_like(x.beta, 2.0)
     if gated:
         x.g = torch.zeros_like(x.g)                  # a gate that never forgets
@@ -71,6 +72,10 @@ SPLIT_CASES = {
     "deltanet_keep": (dict(HV=2, K=80, V=24), False, None),
     "gate_of_zero": (dict(HV=2, K=80, V=24, gated=True), True, None),
     "segmented": (dict(K=24, V=20), True, 2),
+    # K > 128: the forward pass stores the states for output_forward (launch.fused_output).
+    "k136_unfused": (dict(HV=2, K=136, V=20), True, None),
+    # Packed documents, one of a single token; the state restarts at each.
+    "varlen": (dict(HV=2, K=24, V=20, doc_lengths=[150, 1, 169]), True, None),
 }
 
 
