@@ -231,20 +231,21 @@ if [ "$what" = drift ]; then
     for f in "$out"/results/drift-*.log; do echo "== $f"; grep -v -i warn "$f" | tail -4; done
 fi
 if [ "$what" = split ]; then
-    # NOTES.md §21.5, §22: what state_split and exact mode cost and whether they hold the
-    # bf16 bounds, and the K = 256 reverse launch (§21.6). First the accuracy side by side,
+    # NOTES.md §21-22: what precise_state costs (GDN_TRITON_TILES=state_split=1 is the same
+    # launch for every call) and whether it holds the bf16 bounds on the sweep's undamped
+    # configs (GDN_DRIFT_INDICES), its gpu tests, and any K = 256 launch (GDN_K256_TILES;
+    # empty: skipped; exact mode's figures are in §22). First the accuracy side by side,
     # which also compiles every launch the timings need (stages.py --external: two calls,
     # no profile); then the timings one process at a time on a quiet GPU.
-    sweep=${GDN_TILE_SWEEP:-"state_split=1,solve_x3=1 state_split=1,solve_x3=1,fused_stages=1,state_bwd_stages=1"}
-    k256=${GDN_K256_TILES:-"state_bwd_bv=64,state_bwd_warps=8,state_bwd_stages=1"}
+    sweep=${GDN_TILE_SWEEP:-"state_split=1 state_split=1,apply_maxnreg=0"}
+    k256=${GDN_K256_TILES:-}
     i=0
-    for tiles in "" $sweep exact; do
-        backends=triton
-        [ "$tiles" = exact ] && backends=triton-exact && tiles=""
-        GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/drift.py --index 92 \
-            --backends $backends --out "$out/results/drift.jsonl" \
-            > "$out/results/drift-$i.log" 2>&1 &
-        i=$((i + 1))
+    for index in ${GDN_DRIFT_INDICES:-92 142 179 113 134}; do
+        for tiles in "" $sweep; do
+            GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/drift.py --index "$index" \
+                --out "$out/results/drift.jsonl" > "$out/results/drift-$i.log" 2>&1 &
+            i=$((i + 1))
+        done
     done
     timeout 400 python3 -m pytest -m gpu -v -p no:cacheprovider -k "undamped_rule" tests \
         > "$out/results/gpu_tests_split.log" 2>&1 &
@@ -253,10 +254,8 @@ if [ "$what" = split ]; then
             GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/stages.py \
                 --variant "$variant" --external > /dev/null 2>&1 &
         done
-        timeout 300 python3 benchmarks/stages.py --variant "$variant" --backend triton-exact \
-            --external > /dev/null 2>&1 &
     done
-    for tiles in "" $k256; do
+    for tiles in ${k256:+"" $k256}; do
         GDN_TRITON_TILES=$tiles timeout 300 python3 benchmarks/stages.py \
             --shape 8,4096,6,256,512 --external > /dev/null 2>&1 &
     done
@@ -269,10 +268,8 @@ if [ "$what" = split ]; then
             GDN_TRITON_TILES=$tiles run_stages --variant "$variant" \
                 --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines
         done
-        echo "== $variant exact=True"
-        run_stages --variant "$variant" --backend triton-exact --out "$out/stages" | stage_lines
     done
-    for tiles in "" $k256; do
+    for tiles in ${k256:+"" $k256}; do
         echo "== 8,4096,6,256,512 ${tiles:-default}"
         GDN_TRITON_TILES=$tiles run_stages --shape 8,4096,6,256,512 \
             --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines

@@ -108,7 +108,6 @@ def test_the_state_split_knob_is_precise_state_for_every_call(monkeypatch):
     x = _undamped(HV=2, K=80, V=24).to(torch.float16, True)
     chosen = forward_backward(chunk_gated_delta_rule, x, backend="triton", precise_state=True)
     monkeypatch.setitem(tiles.TILES, "state_split", 1)
-    monkeypatch.setitem(tiles.TILES, "solve_x3", 1)
     knob = forward_backward(chunk_gated_delta_rule, x, backend="triton")
     assert torch.equal(chosen[0], knob[0]) and torch.equal(chosen[1], knob[1])
     for name, grad in chosen[2].items():

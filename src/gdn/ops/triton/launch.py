@@ -195,15 +195,16 @@ def _plan(q, v, g, cu_seqlens, exact: bool, precise_state: bool = False) -> _Pla
                  chunk_table(B, T, cu_seqlens, BT, q.device), flags,
                  dict(device=q.device, dtype=torch.float32),
                  dict(device=q.device, dtype=inter), exact_launch(exact),
-                 # Float32 operands (float32 inputs, exact) have nothing to split.
-                 precise_state and inter != torch.float32)
+                 # GDN_TRITON_TILES=state_split=1: the same for every call. Float32 operands
+                 # (float32 inputs, exact) have nothing to split.
+                 state_split(precise_state) and inter != torch.float32)
 
 
 def _solve_precision(p: _Plan) -> dict:
     """wy_solve's block products in tf32x3 instead of TF32 with ``precise_state`` (or
     GDN_TRITON_TILES=solve_x3=1): A's TF32 rounding is one of the undamped rule's three
     sources of bf16 drift (NOTES.md §21)."""
-    x3 = p.precise_state or TILES.get("solve_x3")
+    x3 = p.precise_state or TILES.get("solve_x3")   # state_split=1 is in p.precise_state
     return dict(PREC="tf32x3") if x3 and p.prec == "tf32" else {}
 
 
