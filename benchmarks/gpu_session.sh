@@ -274,6 +274,10 @@ if [ "$what" = split ]; then
         GDN_TRITON_TILES=$tiles run_stages --shape 8,4096,6,256,512 \
             --tag "t-${tiles//[=,]/-}" --out "$out/stages" | stage_lines
     done
+    # End to end (do_bench, peak memory, errors) with the op's option, as README quotes.
+    timeout 240 python3 benchmarks/ops.py --shapes 8x4096-h16 \
+        --variants gated_delta_rule,deltanet --backends triton,triton-precise \
+        --tag precise --out "$out/results" 2>&1 | grep -E "^\| [0-9]|skip|[Ee]rror"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     cases=("$@")

@@ -245,6 +245,8 @@ BACKENDS = {b.name: b for b in [
     Backend("triton-keep", _gdn_op("triton", recompute=False), why_not=_needs_cuda),
     # exact=True: float32 operands, IEEE products and hand-offs, whatever the input dtype.
     Backend("triton-exact", _gdn_op("triton", exact=True), why_not=_needs_cuda),
+    # precise_state=True: the state recurrence at about float32 precision, 16-bit tiles kept.
+    Backend("triton-precise", _gdn_op("triton", precise_state=True), why_not=_needs_cuda),
     Backend("fla", _fla_call, why_not=_fla_why_not),
     Backend("sdpa", _sdpa_call, why_not=_sdpa_why_not, same_function=False),
 ]}

@@ -45,7 +45,8 @@ Columns:
 - **saved MiB** (CUDA only; older results files lack it, "—"): memory still allocated
   between the end of the forward and the backward, above the inputs: the output and what
   the backend saved for its backward (per layer of a model, the activation memory;
-  `triton-keep` is the Triton backend with `recompute=False`).
+  `triton-keep` is the Triton backend with `recompute=False`, `triton-precise` with
+  `precise_state=True`, `triton-exact` with `exact=True`).
 - **rel. err**: `output / worst gradient`, ‖x − x₆₄‖/‖x₆₄‖ against a float64 run on the same
   (rounded) inputs: the float64 token loop, or the float64 chunked path where marked †
   (the token loop too large to run).

@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backend", default="triton",
-                        choices=("triton", "triton-keep", "triton-exact", "fla"),
+                        choices=("triton", "triton-keep", "triton-exact", "triton-precise",
+                                 "fla"),
                         help="fla: the yardstick's kernels, stage by stage, for comparison")
     parser.add_argument("--fp32-operands", action="store_true",
                         help="float32 operands and intermediates for bf16 inputs")
