@@ -1,0 +1,113 @@
+"""The bytes each Triton kernel moves in one forward+backward, against its measured time: how
+far the kernel decomposition itself is from a time target (benchmarks/NOTES.md §22).
+
+    python3 benchmarks/byte_budget.py benchmarks/results/stages/<stages.py file>.json [...]
+
+For a stages.py result (the delta rule, gated or not, bf16, the default recomputing backward)
+it counts each kernel's reads and writes of the tensors handed between kernels, by the
+launchers' arguments (launch.py, passes.py), prints GB, measured ms, achieved TB/s and the
+time those bytes take at the bandwidth asked, and sums them: a floor of this decomposition,
+however fast each kernel gets. Small tensors (g, β, dg's parts) count too; re-reads that L2
+serves do not, nor the segmented passes' extra work (long rows, passes.plan_segments: their
+transitions, combine and second pass), so a segmented shape's figure is a lower bound. Saves
+JSON under benchmarks/results/budget/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+BT = 64                 # the chunk
+HBM3_PEAK_TBS = 3.35    # H100 SXM's HBM3 (NVIDIA's figure)
+
+
+def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool,
+                 element: int = 2) -> dict[str, float]:
+    """Bytes each kernel reads and writes in one forward+backward (all its calls), for 16-bit
+    inputs (``element`` bytes) and the default launches: the backward recomputes w, u, the
+    chunk states and Δ; up to K = 128 the forward's state pass computes the output (math.md
+    §3.9), above it output_forward does from the stored states."""
+    TT = B * T
+    qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
+    w = TT * HV * K * element                  # w, dw, dk's output part (per v head)
+    v = TT * HV * V * element                  # v, u, Δ, dO, o, dΔ, dv_local, dv
+    a = TT * HV * BT * 4                       # A, float32
+    gate = TT * HV * element if gated else 0   # g (read), dg (float32 written and read)
+    beta = TT * HV * element
+    states = -(-T // BT) * B * HV * K * V * element   # one [K, V] state per chunk and v head
+    dg_parts = (2 if K > 64 else 1) * TT * HV * 4 if gated else 0
+    fused = K <= 128
+    wy_apply = qk + v + gate + beta + a + w + v
+    forward_pass = qk + w + v + (qk + v if fused else states + v)   # + q, o or the states, Δ
+    return {
+        "wy_solve_kernel": qk + gate + beta + a,
+        "wy_apply_kernel": 2 * wy_apply,                               # forward, backward
+        "state_forward_kernel": forward_pass + (qk + w + v + states + v),   # + recompute
+        "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v,
+        "dv_local_kernel": qk + qk + gate + v + v,
+        "state_backward_kernel": qk + qk + w + gate + v + v + states + v,
+        "output_backward_kernel": (qk + qk + gate + v + v + v + 2 * states
+                                   + qk + w + w + dg_parts),
+        "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk + v
+                               + 2 * TT * HV * 4 * gated + TT * HV * 4),
+    }
+
+
+def budget(result: dict, bandwidth_tbs: float) -> dict:
+    B, T, H, K, V, *rest = (int(x) for x in result["case"].split("x"))
+    HV = rest[0] if rest else H
+    if result["dtype"] not in ("bfloat16", "float16") or result.get("forward_only"):
+        raise SystemExit(f"{result['case']}: byte_budget counts 16-bit forward+backward runs")
+    if result["variant"] not in ("gated_delta_rule", "deltanet"):
+        raise SystemExit(f"{result['variant']}: byte_budget counts the delta rule only")
+    counted = kernel_bytes(B, T, H, HV, K, V, gated=result["variant"] == "gated_delta_rule")
+    measured = result["ms_per_fwd_bwd"]
+    rows = []
+    for name, n_bytes in counted.items():
+        ms = sum(t for kernel, t in measured.items() if kernel.startswith(name))
+        if n_bytes == 0 and ms == 0:
+            continue
+        rows.append(dict(kernel=name, gb=n_bytes / 1e9, ms=ms,
+                         tbs=n_bytes / ms / 1e9 if ms else None,
+                         floor_ms=n_bytes / bandwidth_tbs / 1e9))
+    other = sum(measured.values()) - sum(r["ms"] for r in rows)
+    rows.append(dict(kernel="other (decays, sums, casts)", gb=0.0, ms=other, tbs=None,
+                     floor_ms=0.0))
+    total_bytes = sum(counted.values())
+    kernels_ms = sum(r["ms"] for r in rows)
+    return dict(case=result["case"], variant=result["variant"],
+                commit=result["header"]["commit"], device=result["header"]["device"],
+                bandwidth_tbs=bandwidth_tbs, rows=rows, gb=total_bytes / 1e9,
+                kernels_ms=kernels_ms, tbs=total_bytes / kernels_ms / 1e9,
+                floor_ms=total_bytes / bandwidth_tbs / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+", help="stages.py JSON files")
+    parser.add_argument("--bandwidth", type=float, default=HBM3_PEAK_TBS,
+                        help="TB/s for the floor column (default: H100 SXM's HBM3 peak)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "budget")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    for path in args.results:
+        b = budget(json.loads(path.read_text()), args.bandwidth)
+        print(f"{b['case']} {b['variant']} at {b['commit']} on {b['device']}: "
+              f"{b['gb']:.2f} GB, {b['kernels_ms']:.3f} ms of kernels, {b['tbs']:.2f} TB/s; "
+              f"floor at {args.bandwidth} TB/s {b['floor_ms']:.3f} ms")
+        print(f"  {'kernel':24} {'GB':>6} {'ms':>7} {'TB/s':>5} {'floor ms':>8}")
+        for r in b["rows"]:
+            tbs = f"{r['tbs']:5.2f}" if r["tbs"] else "    —"
+            print(f"  {r['kernel']:24} {r['gb']:6.3f} {r['ms']:7.3f} {tbs} {r['floor_ms']:8.3f}")
+        if not args.no_save:
+            args.out.mkdir(parents=True, exist_ok=True)
+            target = args.out / f"{path.stem}-budget.json"
+            target.write_text(json.dumps(b, indent=1) + "\n")
+            print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
