@@ -164,8 +164,9 @@ class _Plan:
     f32: dict    # float32 tensors: A, accumulators
     lo: dict     # tensors handed between kernels (operand_dtype)
     exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
-    # The op's precise_state (math.md §5.6, NOTES.md §22): wy_solve in tf32x3, w/u handed
-    # over in float32, the state passes' chained products on split 16-bit operands.
+    # The op's precise_state with 16-bit operands (math.md §5.6, NOTES.md §22): wy_solve in
+    # tf32x3, w/u handed over in float32, the state passes' chained products on split
+    # 16-bit operands.
     precise_state: bool = False
 
     @property
@@ -337,8 +338,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     # The split reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
-    split = state_split(p.precise_state) and p.sixteen_bit
-    dv_local = torch.empty(TT, HV, V, **(f32 if split else lo))
+    dv_local = torch.empty(TT, HV, V, **(f32 if p.precise_state else lo))
     output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
                                      **(flags | loop_stages(p.sixteen_bit, "loop_stages")
                                         | p.exact_launch))

@@ -31,7 +31,6 @@ from gdn.ops.triton.tiles import (
     TILES,
     row_block_flags,
     state_operands_f32,
-    state_split,
     tile_sizes,
 )
 
@@ -106,7 +105,7 @@ def _state_flags(p, direction: str) -> dict:
     flags = row_block_flags(p.flags) | STATE_DTYPE
     if TILES.get("state_x3") and flags["PREC"] == "tf32":
         flags["PREC"] = "tf32x3"
-    if state_split(p.precise_state) and _sixteen_bit(flags):
+    if p.precise_state and _sixteen_bit(flags):
         flags["SPLIT"] = True
     small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
     if direction == "forward":
@@ -506,7 +505,7 @@ def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, 
     dht_ = None if dht is None else dht.to(torch.float32).contiguous()
     sixteen = _sixteen_bit(row_block_flags(p.flags) | STATE_DTYPE)
     launch = reverse_launch(p.K, p.V, p.table.num_seqs * p.HV, _sm_count(q_.device), sixteen,
-                            split=sixteen and state_split(p.precise_state))
+                            split=sixteen and p.precise_state)
     forward_segs, segs = segs, reverse_segments(p, segs, launch, q_.device)
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
