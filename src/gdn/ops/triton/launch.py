@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import decays, output, passes, wy, wy_solve
+from gdn.ops.triton import decays, output, passes, wy, wy_forward, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import (
     TILES,
@@ -209,10 +209,43 @@ def _solve_precision(p: _Plan) -> dict:
     return dict(PREC="tf32x3") if x3 and p.prec == "tf32" else {}
 
 
+def _wu_buffers(p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [TT, HV, K] and u [TT, HV, V] in the hand-off dtype (``handoff_dtype``)."""
+    handoff = p.f32 if handoff_f32(p.precise_state) else p.lo
+    return torch.empty(p.TT, p.HV, p.K, **handoff), torch.empty(p.TT, p.HV, p.V, **handoff)
+
+
+def _solve_flags(p: _Plan) -> dict:
+    """wy_solve's flags: K in blocks of SOLVE_KB, one warp, its products' precision."""
+    return (row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
+            | p.exact_launch)
+
+
+# The forward's A, w and u in one kernel (wy_forward.py) instead of wy_solve then wy_apply:
+# GDN_TRITON_TILES=wy_fused=1 (NOTES.md §23).
+WY_FUSED = bool(TILES.get("wy_fused", 0))
+
+
+def _wy_forward(p: _Plan, k_, v_, g_, b_, a, *, poison: bool = False):
+    """A (into a) and w, u of every chunk in one launch of wy_forward_kernel (w and u NaN
+    before it with ``poison``, for a test that no element goes unwritten)."""
+    w, u = _wu_buffers(p)
+    if poison:
+        w.fill_(float("nan"))
+        u.fill_(float("nan"))
+    flags = _solve_flags(p)
+    launch = {key: TILES[knob] for key, knob in (("num_warps", "wyf_warps"),
+                                                   ("num_stages", "wyf_stages")) if knob in TILES}
+    cb = TILES.get("wyf_cb")
+    wy_forward.wy_forward_kernel[(p.table.num_chunks, p.HV)](
+        k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BC=wy_solve.BC,
+        SOLVE_PREC=flags.pop("PREC"), PREC=p.prec,
+        **(flags | dict(BV=cb or p.BV, CB=cb or flags["KB"]) | launch | p.exact_launch))
+    return w, u
+
+
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
-    handoff = p.f32 if handoff_f32(p.precise_state) else p.lo     # ``handoff_dtype``
-    w = torch.empty(p.TT, p.HV, p.K, **handoff)
-    u = torch.empty(p.TT, p.HV, p.V, **handoff)
+    w, u = _wu_buffers(p)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
         k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
         **(row_block_flags(p.flags) | APPLY_LAUNCH | loop_stages(p.sixteen_bit, "loop_stages")
@@ -283,11 +316,12 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     u = v_
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
-        wy_solve.wy_solve_kernel[grid](
-            k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
-            **(row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
-               | p.exact_launch))
-        w, u = _wy_apply(p, k_, v_, g_, b_, a)
+        if WY_FUSED:
+            w, u = _wy_forward(p, k_, v_, g_, b_, a)
+        else:
+            wy_solve.wy_solve_kernel[grid](k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
+                                           **_solve_flags(p))
+            w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)

@@ -7,7 +7,7 @@ over K in blocks of KB, times β_r and the decay e^{Γ_r − Γ_c}, and keeps th
 The decay's exponent is a sum of same-sign gate terms as everywhere (math.md §5.3): within a
 diagonal block ``segment_sums``; across blocks i > j the sum from c + 1 to the end of block j,
 the whole blocks between, and the sum from the start of block i to r, each a sum of g
-values, never a difference of prefix sums. Then ``invert_and_store``: each diagonal block by
+values, never a difference of prefix sums. Then ``invert``: each diagonal block by
 forward substitution, the blocks below it from X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (§2.3).
 
 This replaced two kernels (wy_l writing L, [TT, HV, BT] float32, 134 MB at 8x4096 with 16
@@ -52,11 +52,11 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def invert_and_store(a, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31, L32, L33,
-                     PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC): the
-    diagonal blocks by ``invert_unit_lower``, the blocks below them from
-    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3); stored as [BT, BT] rows at a."""
+def invert(L00, L10, L11, L20, L21, L22, L30, L31, L32, L33, PREC: tl.constexpr,
+           BC: tl.constexpr):
+    """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC), as A's ten
+    lower blocks: the diagonal ones by ``invert_unit_lower``, the blocks below them from
+    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3)."""
     A00 = invert_unit_lower(L00, BC)
     A11 = invert_unit_lower(L11, BC)
     A22 = invert_unit_lower(L22, BC)
@@ -67,7 +67,13 @@ def invert_and_store(a, t0, end, stride, L00, L10, L11, L20, L21, L22, L30, L31,
     A20 = -_mm(A22, _mm(L20, A00, PREC) + _mm(L21, A10, PREC), PREC)
     A31 = -_mm(A33, _mm(L31, A11, PREC) + _mm(L32, A21, PREC), PREC)
     A30 = -_mm(A33, _mm(L30, A00, PREC) + _mm(L31, A10, PREC) + _mm(L32, A20, PREC), PREC)
+    return A00, A10, A11, A20, A21, A22, A30, A31, A32, A33
 
+
+@triton.jit
+def store_blocks(a, t0, end, stride, A00, A10, A11, A20, A21, A22, A30, A31, A32, A33,
+                 BT: tl.constexpr, BC: tl.constexpr):
+    """A's ten lower blocks stored as [BT, BT] rows at a (a token's row of its chunk's A)."""
     store_rows(a, A00, t0, end, stride, 0, BT, BC, BC)
     store_rows(a, A10, t0 + BC, end, stride, 0, BT, BC, BC)
     store_rows(a, A11, t0 + BC, end, stride, BC, BT, BC, BC)
@@ -119,19 +125,11 @@ def _below(P, upto_r, between, after_c, b, HAS_GATE: tl.constexpr):
 
 
 @triton.jit
-def wy_solve_kernel(
-    k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
-    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
-    chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr,
-):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    p_k = k + (i_hv // (HV // H)) * K
+def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
+                 K: tl.constexpr, KB: tl.constexpr, HAS_GATE: tl.constexpr,
+                 PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr):
+    """A = (I + L)⁻¹ of the chunk at t0 as its ten lower [BC, BC] blocks (``invert``), from
+    k (``p_k`` at the q/k head), g and β."""
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     P00, P10, P11, P20, P21, P22, P30, P31, P32, P33 = (zero, zero, zero, zero, zero, zero,
                                                         zero, zero, zero, zero)
@@ -160,8 +158,7 @@ def wy_solve_kernel(
     g1, u1, a1, s1 = _block_gates(g, i_hv, t0, end, HV, 1, BC, HAS_GATE)
     g2, u2, a2, s2 = _block_gates(g, i_hv, t0, end, HV, 2, BC, HAS_GATE)
     g3, u3, a3, s3 = _block_gates(g, i_hv, t0, end, HV, 3, BC, HAS_GATE)
-    invert_and_store(
-        a + i_hv * BT, t0, end, HV * BT,
+    return invert(
         _diagonal(P00, g0, b0, HAS_GATE, BC),
         _below(P10, u1, 0.0, a0, b1, HAS_GATE),
         _diagonal(P11, g1, b1, HAS_GATE, BC),
@@ -172,4 +169,24 @@ def wy_solve_kernel(
         _below(P31, u3, s2, a1, b3, HAS_GATE),
         _below(P32, u3, 0.0, a2, b3, HAS_GATE),
         _diagonal(P33, g3, b3, HAS_GATE, BC),
-        PREC, BT, BC)
+        PREC, BC)
+
+
+@triton.jit
+def wy_solve_kernel(
+    k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
+    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
+    chunk_seq, chunk_start, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
+    if i_n < 0:
+        return
+    p_k = k + (i_hv // (HV // H)) * K
+    A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = solve_blocks(
+        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC)
+    store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
+                 A32, A33, BT, BC)
