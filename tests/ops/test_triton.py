@@ -413,6 +413,17 @@ def test_precise_state_launches_the_split_passes_in_one_stage():
     assert passes.reverse_launch(128, 128, 128, 132, True).num_stages == 2
     assert "SPLIT" not in passes._state_flags(plan(tl.float32, True), "forward")
 
+
+def test_precise_state_lifts_wy_applys_register_cap():
+    """wy_apply with float32 w and u spills under its register cap; a precise_state launch
+    goes without it (NOTES.md §23), the default keeps it where the backend has it."""
+    from types import SimpleNamespace
+
+    from gdn.ops.triton import launch
+
+    assert "maxnreg" not in launch.apply_launch(SimpleNamespace(precise_state=True))
+    assert launch.apply_launch(SimpleNamespace(precise_state=False)) == launch.APPLY_LAUNCH
+
 def test_parallel_kernels_value_block_by_head_dim_and_operand_width(monkeypatch):
     """BV of the parallel kernels: 64 up to K = 128, and above it with 16-bit operands
     (measured faster for every one of them at K = 256, NOTES.md §15); 32 above K = 128 with

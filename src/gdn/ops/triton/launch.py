@@ -94,6 +94,16 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
 _APPLY_MAXNREG = TILES.get("apply_maxnreg", 128) if torch.version.hip is None else 0
 APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
 
+
+def apply_launch(p) -> dict:
+    """wy_apply's launch options. A precise_state launch goes without the register cap: with
+    float32 w and u the cap spills 136 B (sm90_resources; 180 registers without it, still
+    two programs per SM), and lifting it took the gated rule's wy_apply 0.829 → 0.779 ms at
+    8x4096-h16 (DeltaNet 0.690 → 0.689; NOTES.md §23)."""
+    if p.precise_state:
+        return {key: value for key, value in APPLY_LAUNCH.items() if key != "maxnreg"}
+    return APPLY_LAUNCH
+
 def fused_output(K: int) -> bool:
     """Whether the forward state pass also computes the output (math.md §3.9) instead of
     storing every chunk-start state for ``output_forward``: up to K = 128, where its tiles
@@ -248,7 +258,7 @@ def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     w, u = _wu_buffers(p)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
         k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
-        **(row_block_flags(p.flags) | APPLY_LAUNCH | loop_stages(p.sixteen_bit, "loop_stages")
+        **(row_block_flags(p.flags) | apply_launch(p) | loop_stages(p.sixteen_bit, "loop_stages")
            | p.exact_launch))
     return w, u
 

@@ -4,10 +4,11 @@ registers (``wy_solve.solve_blocks``).
 
 wy_solve + wy_apply write A and read it back with k, v, β and g a second time; here k, v, β
 and g are read once from memory (the apply's second reads of k, and of A for u, hit the
-cache this program just filled), and A is written for the backward. The products keep wy_apply's precision:
-with 16-bit tiles each A_ij diag(s_j) goes in as two 16-bit parts (``common.split16``), the
-other operand straight from memory; row block i of w sums A_ij diag(s_j) X_j over j ≤ i in
-float32. benchmarks/NOTES.md §23 has the prediction and what it measured.
+cache this program just filled), and A is written for the backward. The products keep
+wy_apply's precision: with 16-bit tiles each A_ij diag(s_j) goes in as two 16-bit parts
+(``common.split16``), the other operand straight from memory; row block i of w sums
+A_ij diag(s_j) X_j over j ≤ i in float32. benchmarks/NOTES.md §23 has the prediction and
+what it measured.
 """
 
 import triton
