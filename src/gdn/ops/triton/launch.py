@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.ops.triton import decays, output, passes, wy, wy_forward, wy_solve
+from gdn.ops.triton import decays, output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import (
     TILES,
@@ -103,6 +103,7 @@ def apply_launch(p) -> dict:
     if p.precise_state:
         return {key: value for key, value in APPLY_LAUNCH.items() if key != "maxnreg"}
     return APPLY_LAUNCH
+
 
 def fused_output(K: int) -> bool:
     """Whether the forward state pass also computes the output (math.md §3.9) instead of
@@ -231,29 +232,6 @@ def _solve_flags(p: _Plan) -> dict:
             | p.exact_launch)
 
 
-# The forward's A, w and u in one kernel (wy_forward.py) instead of wy_solve then wy_apply:
-# GDN_TRITON_TILES=wy_fused=1 (NOTES.md §23).
-WY_FUSED = bool(TILES.get("wy_fused", 0))
-
-
-def _wy_forward(p: _Plan, k_, v_, g_, b_, a, *, poison: bool = False):
-    """A (into a) and w, u of every chunk in one launch of wy_forward_kernel (w and u NaN
-    before it with ``poison``, for a test that no element goes unwritten)."""
-    w, u = _wu_buffers(p)
-    if poison:
-        w.fill_(float("nan"))
-        u.fill_(float("nan"))
-    flags = _solve_flags(p)
-    launch = {key: TILES[knob] for key, knob in (("num_warps", "wyf_warps"),
-                                                   ("num_stages", "wyf_stages")) if knob in TILES}
-    cb = TILES.get("wyf_cb")
-    wy_forward.wy_forward_kernel[(p.table.num_chunks, p.HV)](
-        k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BC=wy_solve.BC,
-        SOLVE_PREC=flags.pop("PREC"), PREC=p.prec,
-        **(flags | dict(BV=cb or p.BV, CB=cb or flags["KB"]) | launch | p.exact_launch))
-    return w, u
-
-
 def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
     w, u = _wu_buffers(p)
     wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
@@ -326,12 +304,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     u = v_
     if beta is not None:
         a = torch.empty(p.TT, p.HV, BT, **p.f32)
-        if WY_FUSED:
-            w, u = _wy_forward(p, k_, v_, g_, b_, a)
-        else:
-            wy_solve.wy_solve_kernel[grid](k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
-                                           **_solve_flags(p))
-            w, u = _wy_apply(p, k_, v_, g_, b_, a)
+        wy_solve.wy_solve_kernel[grid](k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
+                                       **_solve_flags(p))
+        w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
