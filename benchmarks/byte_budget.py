@@ -26,28 +26,35 @@ HBM3_PEAK_TBS = 3.35    # H100 SXM's HBM3 (NVIDIA's figure)
 def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool,
                  element: int = 2) -> dict[str, float]:
     """Bytes each kernel reads and writes in one forward+backward (all its calls), for 16-bit
-    inputs (``element`` bytes) and the default launches: the backward recomputes w, u, the
-    chunk states and Δ; up to K = 128 the forward's state pass computes the output (math.md
-    §3.9), above it output_forward does from the stored states."""
+    inputs (``element`` bytes) and the default launches: the state passes form the writes
+    from A and v (math.md §3.10), reading A's hi part only; the backward recomputes the chunk
+    states and Δ; up to K = 128 the forward's state pass computes the output (math.md §3.9),
+    above it output_forward does from the stored states. (Before 2026-12-03 wy_apply formed
+    w and u, which the passes read: the budget files of that code count them.)"""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
-    w = TT * HV * K * element                  # w, dw, dk's output part (per v head)
-    v = TT * HV * V * element                  # v, u, Δ, dO, o, dΔ, dv_local, dv
-    a = TT * HV * BT * 4                       # A, float32
+    w = TT * HV * K * element                  # dw, dk's output part (per v head)
+    v = TT * HV * V * element                  # v, Δ, dO, o, dΔ, dv_local, dv
+    a = TT * HV * BT * 2 * element             # A as two 16-bit parts (hi, lo)
+    a_hi = a // 2                              # what the state passes read of it
     gate = TT * HV * element if gated else 0   # g (read), dg (float32 written and read)
     beta = TT * HV * element
+    row = TT * HV * 4                          # one float32 row of the decay table
+    # The table's rows a pass reads: e^Γ, e^{Γ_C − Γ} (and the forward pass with the output
+    # Γ's pair) if gated, β always.
+    forward_rows, reverse_rows = (4 if gated else 0) * row + row, (2 if gated else 0) * row + row
     states = -(-T // BT) * B * HV * K * V * element   # one [K, V] state per chunk and v head
     dg_parts = (2 if K > 64 else 1) * TT * HV * 4 if gated else 0
     fused = K <= 128
-    wy_apply = qk + v + gate + beta + a + w + v
-    forward_pass = qk + w + v + (qk + v if fused else states + v)   # + q, o or the states, Δ
+    forward_pass = qk + a_hi + v + forward_rows + (qk + v if fused else states + v)
+    recompute = qk + a_hi + v + reverse_rows + states + v
     return {
         "wy_solve_kernel": qk + gate + beta + a,
-        "wy_apply_kernel": 2 * wy_apply,                               # forward, backward
-        "state_forward_kernel": forward_pass + (qk + w + v + states + v),   # + recompute
+        "chunk_decays_kernel": 2 * (gate + beta + (5 if gated else 1) * row),  # two calls
+        "state_forward_kernel": forward_pass + recompute,
         "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v,
         "dv_local_kernel": qk + qk + gate + v + v,
-        "state_backward_kernel": qk + qk + w + gate + v + v + states + v,
+        "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + v + states + v,
         "output_backward_kernel": (qk + qk + gate + v + v + v + 2 * states
                                    + qk + w + w + dg_parts),
         "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk + v
@@ -73,7 +80,7 @@ def budget(result: dict, bandwidth_tbs: float) -> dict:
                          tbs=n_bytes / ms / 1e9 if ms else None,
                          floor_ms=n_bytes / bandwidth_tbs / 1e9))
     other = sum(measured.values()) - sum(r["ms"] for r in rows)
-    rows.append(dict(kernel="other (decays, sums, casts)", gb=0.0, ms=other, tbs=None,
+    rows.append(dict(kernel="other (sums, casts)", gb=0.0, ms=other, tbs=None,
                      floor_ms=0.0))
     total_bytes = sum(counted.values())
     kernels_ms = sum(r["ms"] for r in rows)

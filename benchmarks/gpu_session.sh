@@ -3,7 +3,7 @@
 # case, everything logged under $OUT so that a call cut off at its time limit still returns
 # what finished. Usage on the lent GPU (from the repo root, fla wheels carried in .whl/):
 #
-#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|drift|split|all] [case ...]
+#   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|drift|split|compare|all] [case ...]
 #
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
@@ -278,6 +278,45 @@ if [ "$what" = split ]; then
     timeout 240 python3 benchmarks/ops.py --shapes 8x4096-h16 \
         --variants gated_delta_rule,deltanet --backends triton,triton-precise \
         --tag precise --out "$out/results" 2>&1 | grep -E "^\| [0-9]|skip|[Ee]rror"
+fi
+if [ "$what" = compare ]; then
+    # This tree's kernels beside an earlier commit's in one call (NOTES.md §24): GDN_BASE is a
+    # folder with that commit's src/ (`git archive <commit> src | tar -x -C .base`, carried),
+    # GDN_BASE_COMMIT its name. First, side by side (which also compiles every launch the
+    # timings need): this tree against float64 at GDN_PROBES ("shape:variant", variant
+    # gated | deltanet | gla), and both trees' kernels for each GDN_COMPARE case run once;
+    # then the timings of each case, base and this tree, one process at a time.
+    base=${GDN_BASE:-.base}
+    base_path=${PYTHONPATH/src/$base/src}
+    probes=${GDN_PROBES:-"8,4096,16,128,128:gated 8,4096,16,128,128:deltanet 8,4096,16,128,128:gla 8,4096,6,256,512:gated 2,512,4,100,72:gated 1,65536,16,128,128:gated"}
+    cases=${GDN_COMPARE:-"8,4096,16,128,128:gated_delta_rule 8,4096,16,128,128:deltanet 8,4096,6,256,512:gated_delta_rule 1,65536,16,128,128:gated_delta_rule"}
+    i=0
+    for probe in $probes; do
+        timeout 200 python3 benchmarks/probe_launch.py "${probe%%:*}" bfloat16 "${probe##*:}" \
+            > "$out/results/probe-$i.log" 2>&1 &
+        i=$((i + 1))
+    done
+    for case in $cases; do
+        PYTHONPATH=$base_path timeout 200 python3 benchmarks/stages.py --shape "${case%%:*}" \
+            --variant "${case##*:}" --external > /dev/null 2>&1 &
+        timeout 200 python3 benchmarks/stages.py --shape "${case%%:*}" \
+            --variant "${case##*:}" --external > /dev/null 2>&1 &
+    done
+    wait
+    i=0
+    for probe in $probes; do
+        printf "%-30s " "$probe"; grep -v -i warn "$out/results/probe-$i.log" | tail -1
+        i=$((i + 1))
+    done
+    for case in $cases; do
+        echo "== $case ${GDN_BASE_COMMIT:-base}"
+        GDN_COMMIT=${GDN_BASE_COMMIT:-base} PYTHONPATH=$base_path run_stages \
+            --shape "${case%%:*}" --variant "${case##*:}" --tag base --out "$out/stages" \
+            | stage_lines
+        echo "== $case this tree"
+        run_stages --shape "${case%%:*}" --variant "${case##*:}" --out "$out/stages" \
+            | stage_lines
+    done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     cases=("$@")

@@ -6,9 +6,9 @@ several shapes, in one process (benchmarks/NOTES.md §17).
 
 A config is BV:warps:stages:inline (inline 1 = the decays from g, 0 = from the table). Each
 is set the way GDN_TRITON_TILES would set it, and the pass is timed plain (no segments) with
-do_bench on the op's own inputs (transposed_state_probe._inputs). stages.py times the whole
-op; this times one pass under many choices without a process and a compile of the op per
-choice.
+do_bench on the op's own inputs (``_inputs``: wy_solve's A and the decay table of random
+inputs; dO and dv_local random). stages.py times the whole op; this times one pass under
+many choices without a process and a compile of the op per choice.
 """
 
 from __future__ import annotations
@@ -21,22 +21,37 @@ from pathlib import Path
 import torch
 import triton
 
-from gdn.ops.triton import passes
-from transposed_state_probe import _inputs
+from gdn.ops.triton import launch, passes, wy_solve
+from gdn.testing import random_inputs
+
+
+def _inputs(shape, device, dtype):
+    """The reverse pass's inputs at (B, T, H, K, V), gated, with the delta term: the launch
+    plan, q, k, wy_solve's A, g, the decay table, and random dO and dv_local."""
+    B, T, H, K, V = shape
+    x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0, device=device).to(dtype)
+    p = launch._plan(x.q, x.v, x.g, None, exact=False)
+    q_, k_, v_, g_, b_ = (launch._flat(t) for t in (x.q, x.k, x.v, x.g, x.beta))
+    a = torch.empty(launch.a_shape(p.TT, p.HV, p.lo["dtype"]), **p.lo)
+    wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](k_, g_, b_, a, *p.chunks,
+                                                         BC=wy_solve.BC,
+                                                         **launch._solve_flags(p))
+    return (p, q_, k_, a, g_, launch._decays(p, g_, b_), torch.randn_like(v_),
+            torch.randn_like(v_))
 
 
 def time_reverse(shape, configs) -> dict:
-    p, q_, k_, w, u, g_, d_, do, dv_local = _inputs(shape, "cuda", torch.bfloat16)
+    p, q_, k_, a, g_, d_, do, dv_local = _inputs(shape, "cuda", torch.bfloat16)
     scale = shape[3] ** -0.5
     row = {}
     for config in configs:
         BV, warps, stages, inline = (int(x) for x in config.split(":"))
-        p.state_bv = dict(p.state_bv, reverse=BV)
+        passes.TILES["state_bwd_bv"] = BV
         passes.STATE_WARPS["reverse"], passes.STATE_STAGES["reverse"] = warps, stages
         passes.TILES["inline_gates"] = inline
 
         def call():
-            return passes.state_backward(p, q_, k_, w, d_, do, dv_local, None, want_dh0=True,
+            return passes.state_backward(p, q_, k_, a, d_, do, dv_local, None, want_dh0=True,
                                          scale=scale, segs=None, transitions=None, g_=g_)
         try:
             call()

@@ -121,7 +121,7 @@ def test_every_output_element_is_written():
         torch.empty = original
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     # recompute=False's tensors too, the varlen grid's spare chunk states included.
-    for t in (kept.w, kept.states, kept.v_new):
+    for t in (kept.states, kept.v_new):
         assert torch.isfinite(t).all()
 
 
@@ -144,9 +144,9 @@ def test_split_and_carry_equals_one_call():
 def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
     segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
-    ``keep`` w, the chunk states (a grid bound of them with varlen) and Δ, whose shapes the
-    fake must predict; with fp16 inputs and precise_state ("precise") w is float32, as the
-    fake must say too."""
+    ``keep`` the chunk states (a grid bound of them with varlen) and Δ, whose shapes the
+    fake must predict; with fp16 inputs and precise_state ("precise") both are float16, as
+    the fake must say too."""
     from gdn.ops.triton import function, passes
 
     if segmented:
@@ -165,10 +165,10 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     assert transitions.shape == ((2, 3, 2, 16, 16) if segmented else (0,))
     chunks = 6 if segmented else 70 // 64 + 2       # 2 rows of 3; the varlen grid bound
     tokens = 300 if segmented else 70
-    want = [(tokens, 2, 16), (chunks, 2, 16, 16), (tokens, 2, 16)] if keep else [(0,)] * 3
+    want = [(chunks, 2, 16, 16), (tokens, 2, 16)] if keep else [(0,)] * 2
     assert [tuple(t.shape) for t in kept] == want
     if precise:
-        assert [t.dtype for t in kept] == [torch.float32, torch.float16, torch.float16]
+        assert [t.dtype for t in kept] == [torch.float16, torch.float16]
     backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
                      a, 0.25, x.initial_state, x.cu_seqlens, not precise, seam_starts,
                      transitions, *kept, precise)
@@ -413,16 +413,6 @@ def test_precise_state_launches_the_split_passes_in_one_stage():
     assert passes.reverse_launch(128, 128, 128, 132, True).num_stages == 2
     assert "SPLIT" not in passes._state_flags(plan(tl.float32, True), "forward")
 
-
-def test_precise_state_lifts_wy_applys_register_cap():
-    """wy_apply with float32 w and u spills under its register cap; a precise_state launch
-    goes without it (NOTES.md §23), the default keeps it where the backend has it."""
-    from types import SimpleNamespace
-
-    from gdn.ops.triton import launch
-
-    assert "maxnreg" not in launch.apply_launch(SimpleNamespace(precise_state=True))
-    assert launch.apply_launch(SimpleNamespace(precise_state=False)) == launch.APPLY_LAUNCH
 
 def test_parallel_kernels_value_block_by_head_dim_and_operand_width(monkeypatch):
     """BV of the parallel kernels: 64 up to K = 128, and above it with 16-bit operands

@@ -33,15 +33,19 @@ def _decays_float64(g: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch
 
 
 def _decays_kernel(g: torch.Tensor, cu: list[int]) -> torch.Tensor:
-    """``chunk_decays_kernel`` into a NaN-poisoned table, so an unwritten element shows."""
-    from gdn.ops.triton.decays import ROWS, chunk_decays_kernel
+    """``chunk_decays_kernel`` into a NaN-poisoned table, so an unwritten element shows; its β
+    row (math.md §3.10) must be β itself, in float32."""
+    from gdn.ops.triton.decays import BETA_ROW, ROWS, chunk_decays_kernel
     from gdn.ops.triton.indexing import chunk_table
 
     TT, HV = g.shape
+    beta = (2 * torch.rand(TT, HV, generator=torch.Generator().manual_seed(TT))).to(
+        device=g.device, dtype=g.dtype)
     table = chunk_table(1, TT, torch.tensor(cu, device=g.device), BT, g.device)
     got = torch.full((HV, ROWS, TT), float("nan"), device=g.device)
-    chunk_decays_kernel[(table.num_chunks, HV)](g, got, table.seq, table.start, table.cu, TT,
-                                                HV=HV, BT=BT)
+    chunk_decays_kernel[(table.num_chunks, HV)](g, beta, got, table.seq, table.start,
+                                                table.cu, TT, HV=HV, BT=BT, HAS_BETA=True)
+    assert torch.equal(got[:, BETA_ROW], beta.float().T)
     return got
 
 

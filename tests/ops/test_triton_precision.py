@@ -43,23 +43,24 @@ def _errors(rounded, **kwargs):
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-def test_float32_handoff_and_state_operands_stop_the_undamped_drift(recompute, monkeypatch):
-    """With ``wu_f32`` (w and u handed over in float32) and ``state_f32`` (the passes'
-    operands float32, exact in the interpreter) the final state is as close to float64 as
-    the torch path's, and at least ten times closer than by default; with recompute=False
-    the kept w is float32 too. The knobs the GPU needed as well (state_x3, solve_x3: TF32
-    truncates, so the products take three) only have to launch and compute the same here."""
+def test_float32_state_operands_stop_the_undamped_drift(recompute, monkeypatch):
+    """With ``state_f32`` (the passes' operands float32, exact in the interpreter) the final
+    state is as close to float64 as the torch path's, and at least ten times closer than by
+    default: with the writes formed from A inside the passes (math.md §3.10) nothing else is
+    handed between kernels in 16 bits on the state's path. (Before, w and u were, and this
+    needed a float32 hand-off of them too, NOTES.md §20.) The knobs the GPU needed as well
+    (state_x3, solve_x3: TF32 truncates, so the products take three) only have to launch and
+    compute the same here."""
     import triton.language as tl
 
     from gdn.ops.triton import passes, tiles
 
     rounded = _undamped()
     default = _errors(rounded, recompute=recompute)[0]
-    monkeypatch.setitem(tiles.TILES, "wu_f32", 1)
     monkeypatch.setitem(tiles.TILES, "state_f32", 1)
     monkeypatch.setattr(passes, "STATE_DTYPE", dict(DT=tl.float32))
-    handed_f32 = _errors(rounded, recompute=recompute)[0]
-    assert handed_f32 < 1e-5 and handed_f32 * 10 < default, (handed_f32, default)
+    state_f32 = _errors(rounded, recompute=recompute)[0]
+    assert state_f32 < 1e-5 and state_f32 * 10 < default, (state_f32, default)
     monkeypatch.setitem(tiles.TILES, "state_x3", 1)
     monkeypatch.setitem(tiles.TILES, "solve_x3", 1)
     assert _errors(rounded, recompute=recompute)[0] < 1e-5
@@ -81,11 +82,12 @@ SPLIT_CASES = {
 
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
 def test_precise_state_stops_the_undamped_drift(case, monkeypatch):
-    """``precise_state=True``: the state passes keep their 16-bit tiles and take S, w and Δ
-    (dSᵀ, dOᵀ, dΔᵀ in the reverse pass) as two 16-bit parts each, with w, u and dv_local
-    handed over in float32 and wy_solve in tf32x3. The state comes back to the torch path's
-    accuracy (1e-5, against ~1e-3 by default) and every gradient gets closer, forward and
-    reverse, with and without recompute, in segments too."""
+    """``precise_state=True``: the state passes keep their 16-bit tiles and take S, the
+    writes' right-hand side X and Δ (dSᵀ, dOᵀ, dΔᵀ and dΔᵀ A in the reverse pass) as two
+    16-bit parts each, with dv_local handed over in float32 and wy_solve in tf32x3. The state
+    comes back to the torch path's accuracy (1e-5, against ~1e-3 by default) and every
+    gradient gets closer, forward and reverse, with and without recompute, in segments
+    too."""
     from gdn.ops.triton import passes
 
     kwargs, recompute, segment_chunks = SPLIT_CASES[case]

@@ -24,17 +24,24 @@ CASES = {
 
 
 def _a_kernel(x, exact: bool) -> torch.Tensor:
-    """A as wy_solve writes it: [TT, HV, 64], a token's row of its chunk's A."""
+    """A as wy_solve writes it, [TT, HV, 64] (a token's row of its chunk's A): float32 for
+    float32 operands, else hi + lo summed in float64 from its two 16-bit parts, hi being A
+    rounded to the operand dtype and lo the rest, at most half an ulp of hi (common.load_a)."""
     from gdn.ops.triton import launch, wy_solve
     from gdn.ops.triton.tiles import row_block_flags
 
     p = launch._plan(x.q, x.v, x.g, x.cu_seqlens, exact)
     k_, g_, b_ = (launch._flat(t) for t in (x.k, x.g, x.beta))
-    a = torch.full((p.TT, p.HV, launch.BT), float("nan"), device=x.k.device)
+    a = torch.full(launch.a_shape(p.TT, p.HV, p.lo["dtype"]), float("nan"), **p.lo)
     wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](
         k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
         **(row_block_flags(p.flags) | launch.INVERSE_LAUNCH | p.exact_launch))
-    return a
+    if a.shape[2] == 1:
+        return a[:, :, 0]
+    hi, lo = a[:, :, 0].double(), a[:, :, 1].double()
+    info = torch.finfo(a.dtype)
+    assert (lo.abs() <= info.eps / 2 * hi.abs() + info.tiny).all()
+    return hi + lo
 
 
 def _a_float64(x) -> torch.Tensor:

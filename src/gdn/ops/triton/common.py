@@ -87,6 +87,38 @@ def store_group_sum(x, partial, out, LAST: tl.constexpr, t0, end, stride, col0, 
 
 
 @triton.jit
+def _a_rows(a, part, i_hv, t0, end, HV: tl.constexpr, BT: tl.constexpr,
+            PARTS: tl.constexpr):
+    """Part ``part`` of one chunk's A, [BT, BT] in its stored dtype, from A stored as
+    [TT, HV, PARTS, BT] (row r of the chunk's A at token r). Its zeros above the diagonal are
+    read from memory (wy_solve stores them) rather than masked: a mask that varies along a
+    row keeps each element its own load, where rows masked whole load four at a time."""
+    o = tl.arange(0, BT)
+    o_t = t0 + o.to(tl.int64)
+    p = a + ((o_t[:, None] * HV + i_hv) * PARTS + part) * BT + o[None, :]
+    return tl.load(p, mask=(o_t < end)[:, None], other=0.0)
+
+
+@triton.jit
+def load_a(a, i_hv, t0, end, HV: tl.constexpr, BT: tl.constexpr):
+    """A of one chunk in float32. wy_solve stores it whole ([TT, HV, 1, BT]) when the
+    operands are float32, and as two 16-bit parts A = hi + lo ([TT, HV, 2, BT], ``split16``)
+    when they are 16-bit, so that the state passes read hi alone (math.md §3.10)."""
+    if a.dtype.element_ty == tl.float32:
+        A = _a_rows(a, 0, i_hv, t0, end, HV, BT, 1)
+    else:
+        A = (_a_rows(a, 0, i_hv, t0, end, HV, BT, 2).to(tl.float32)
+             + _a_rows(a, 1, i_hv, t0, end, HV, BT, 2).to(tl.float32))
+    return A
+
+
+@triton.jit
+def load_a_part(a, part, i_hv, t0, end, HV: tl.constexpr, BT: tl.constexpr):
+    """Part 0 (hi) or 1 (lo) of an A stored in 16-bit parts (``load_a``), in that dtype."""
+    return _a_rows(a, part, i_hv, t0, end, HV, BT, 2)
+
+
+@triton.jit
 def load_vec(ptr, t0, end, stride, BT: tl.constexpr):
     """[BT] float32 per-token scalars (gates, β), 0 past the end."""
     o_t = t0 + tl.arange(0, BT).to(tl.int64)

@@ -11,7 +11,10 @@ used (e^{Γ_r} and e^{Γ_C − Γ_r} bitwise the same; e^{Γ_C} is now the last 
 passes took the exp of a separate sum, one rounding apart), and lays them out per v head
 over the packed tokens: a step then reads two contiguous float32 rows, which the pipeliner
 prefetches one chunk ahead, and one scalar. Two more rows hold Γ_r as a compensated float32
-pair, for the in-chunk decay matrix of the forward pass that computes the output.
+pair, for the in-chunk decay matrix of the forward pass that computes the output. With the
+delta term a fifth row holds β as float32, which the passes apply to the chunk's writes
+themselves (math.md §3.10): β is one strided 2-byte element per token in its own tensor,
+which the pipeliner cannot prefetch either. Without a gate the table holds that row alone.
 """
 
 import torch
@@ -22,42 +25,54 @@ from gdn.ops.triton.common import chunk_bounds, compensated_cumsum, decay_to_end
 
 # Rows of the table per v head: e^{Γ_r}, e^{Γ_C − Γ_r}, and Γ_r itself as a float32 pair
 # hi + lo (a compensated prefix sum), from which the forward pass that computes the output
-# forms the in-chunk decays e^{Γ_r − Γ_j} (``decay_matrix``, math.md §3.9).
-ROWS = 4
+# forms the in-chunk decays e^{Γ_r − Γ_j} (``decay_matrix``, math.md §3.9); then β.
+ROWS = 5
+BETA_ROW = 4
 _ROWS = tl.constexpr(ROWS)   # the same, as kernels may read a global
+_BETA_ROW = tl.constexpr(BETA_ROW)
 
 
 @triton.jit
 def chunk_decays_kernel(
-    g,                     # [TT, HV] log gates
+    g, beta,               # [TT, HV] log gates, write strengths (either may be absent)
     decays,                # out: [HV, ROWS, TT] float32 (ROWS above)
     chunk_seq, chunk_start, cu, TT,
-    HV: tl.constexpr, BT: tl.constexpr,
+    HV: tl.constexpr, BT: tl.constexpr, HAS_GATE: tl.constexpr = True,
+    HAS_BETA: tl.constexpr = False,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
     if i_n < 0:
         return
-    chunk_end = tl.minimum(t0 + BT, end)
-    gg = load_vec(g + i_hv, t0, end, HV, BT)
-    e_gamma = tl.exp(tl.cumsum(gg, axis=0))
-    to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
-    hi, lo = compensated_cumsum(gg)
     o_t = t0 + tl.arange(0, BT).to(tl.int64)
     row = decays + i_hv.to(tl.int64) * _ROWS * TT
-    tl.store(row + o_t, e_gamma, mask=o_t < end)
-    tl.store(row + TT + o_t, to_end, mask=o_t < end)
-    tl.store(row + 2 * TT + o_t, hi, mask=o_t < end)
-    tl.store(row + 3 * TT + o_t, lo, mask=o_t < end)
+    if HAS_GATE:
+        chunk_end = tl.minimum(t0 + BT, end)
+        gg = load_vec(g + i_hv, t0, end, HV, BT)
+        e_gamma = tl.exp(tl.cumsum(gg, axis=0))
+        to_end = decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))
+        hi, lo = compensated_cumsum(gg)
+        tl.store(row + o_t, e_gamma, mask=o_t < end)
+        tl.store(row + TT + o_t, to_end, mask=o_t < end)
+        tl.store(row + 2 * TT + o_t, hi, mask=o_t < end)
+        tl.store(row + 3 * TT + o_t, lo, mask=o_t < end)
+    if HAS_BETA:
+        tl.store(row + _BETA_ROW * TT + o_t, load_vec(beta + i_hv, t0, end, HV, BT),
+                 mask=o_t < end)
 
 
-def chunk_decays(g_: torch.Tensor, table, BT: int) -> torch.Tensor:
+def chunk_decays(g_: torch.Tensor | None, table, BT: int,
+                 beta_: torch.Tensor | None = None) -> torch.Tensor | None:
     """[HV, ROWS, TT] float32 decays of every chunk of the chunk table for flattened gates
-    g_ [TT, HV]."""
-    TT, HV = g_.shape
-    decays = torch.empty(HV, ROWS, TT, device=g_.device, dtype=torch.float32)
-    chunk_decays_kernel[(table.num_chunks, HV)](g_, decays, table.seq, table.start, table.cu,
-                                                TT, HV=HV, BT=BT, num_warps=1)
+    g_ [TT, HV], and β's row from beta_ [TT, HV] if given; None if neither is."""
+    if g_ is None and beta_ is None:
+        return None
+    TT, HV = (g_ if g_ is not None else beta_).shape
+    decays = torch.empty(HV, ROWS, TT, device=table.seq.device, dtype=torch.float32)
+    chunk_decays_kernel[(table.num_chunks, HV)](g_, beta_, decays, table.seq, table.start,
+                                                table.cu, TT, HV=HV, BT=BT,
+                                                HAS_GATE=g_ is not None,
+                                                HAS_BETA=beta_ is not None, num_warps=1)
     return decays
 
 
@@ -94,3 +109,11 @@ def load_decay_matrix(decays, i_hv, TT, t0, end, BT: tl.constexpr):
     # they are masked with the upper triangle.
     keep = (o[:, None] >= o[None, :]) & (o_t < end)[:, None]
     return tl.exp(tl.where(keep, diff, float("-inf")))
+
+
+@triton.jit
+def load_chunk_beta(decays, i_hv, TT, t0, end, BT: tl.constexpr):
+    """One chunk's β ([BT], 0 past the end) from ``chunk_decays``'s table."""
+    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    row = decays + i_hv.to(tl.int64) * _ROWS * TT + _BETA_ROW * TT
+    return tl.load(row + o_t, mask=o_t < end, other=0.0)

@@ -10,7 +10,7 @@ here. Besides o and the final state, the forward op returns A and, for a segment
 pass (passes.py), the states at the segments' seams and their transitions: the backward
 recomputes the chunk states from them in one pass instead of three (a few MiB: [B·P, HV, K,
 V] and [B, P, HV, K, K] float32). With ``keep`` (``recompute=False`` in ``gdn.ops``) it also
-returns w, the chunk states and Δ (``launch.Kept``), and the backward recomputes nothing.
+returns the chunk states and Δ (``launch.Kept``), and the backward recomputes nothing.
 Letters as in launch.py.
 """
 
@@ -29,9 +29,9 @@ def chunk_forward_op(
     beta: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, exact: bool, keep: bool, precise_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+           torch.Tensor]:
     """o, final state, A, the segmented pass's seam states and transitions (for the backward;
-    passes.Seams), and with ``keep`` w, the chunk states and Δ (launch.Kept)."""
+    passes.Seams), and with ``keep`` the chunk states and Δ (launch.Kept)."""
     o, final_state, a, seams, kept = launch.chunk_forward(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
         exact=exact, keep=keep, precise_state=precise_state)
@@ -41,7 +41,6 @@ def chunk_forward_op(
         return x if x is not None else q.new_empty(_EMPTY, dtype=dtype)
     return (o, final_state, present(a),
             present(seams and seams.starts), present(seams and seams.transitions),
-            present(kept and kept.w, launch.handoff_dtype(q.dtype, exact, precise_state)),
             present(kept and kept.states, lo),
             present(kept and kept.v_new, lo))
 
@@ -51,17 +50,16 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
     B, T, HV, V = v.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
-    a_shape = (B * T, HV, launch.BT) if beta is not None else _EMPTY
+    lo = launch.operand_dtype(q.dtype, exact)    # A's parts, the kept states and Δ
+    a_shape = launch.a_shape(B * T, HV, lo) if beta is not None else _EMPTY
     starts, transitions = passes.seam_shapes(B, T, HV, q.shape[-1], V, launch.BT, cu_seqlens,
                                              q.device, delta=beta is not None)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None)
-    lo = launch.operand_dtype(q.dtype, exact)
-    dtypes = (launch.handoff_dtype(q.dtype, exact, precise_state), lo, lo)   # w, states, Δ
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
-            q.new_empty(a_shape, **f32), q.new_empty(starts, **f32),
+            q.new_empty(a_shape, dtype=lo if beta is not None else torch.float32),
+            q.new_empty(starts, **f32),
             q.new_empty(transitions, **f32),
-            *(q.new_empty(shape if keep else _EMPTY, dtype=dtype)
-              for shape, dtype in zip(kept, dtypes, strict=True)))
+            *(q.new_empty(shape if keep else _EMPTY, dtype=lo) for shape in kept))
 
 
 @torch.library.custom_op("gdn::chunk_backward", mutates_args=())
@@ -69,15 +67,14 @@ def chunk_backward_op(
     do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None, a: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    exact: bool, seam_starts: torch.Tensor, transitions: torch.Tensor, kept_w: torch.Tensor,
+    exact: bool, seam_starts: torch.Tensor, transitions: torch.Tensor,
     kept_states: torch.Tensor, kept_v_new: torch.Tensor, precise_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seams = passes.Seams(seam_starts, transitions) if seam_starts.numel() else None
     kept = None
     if kept_states.numel():
         delta = beta is not None
-        kept = launch.Kept(kept_w if delta else None, kept_states,
-                           kept_v_new if delta else None)
+        kept = launch.Kept(kept_states, kept_v_new if delta else None)
     grads = launch.chunk_backward(do, dht, q, k, v, g, beta, a if beta is not None else None,
                                   scale=scale, initial_state=initial_state,
                                   cu_seqlens=cu_seqlens, exact=exact, seams=seams, kept=kept,
@@ -87,7 +84,7 @@ def chunk_backward_op(
 
 @chunk_backward_op.register_fake
 def _(do, dht, q, k, v, g, beta, a, scale, initial_state, cu_seqlens, exact, seam_starts,
-      transitions, kept_w, kept_states, kept_v_new, precise_state):
+      transitions, kept_states, kept_v_new, precise_state):
     def like(x):
         return torch.empty_like(x) if x is not None else q.new_empty(_EMPTY)
     return like(q), like(k), like(v), like(g), like(beta), like(initial_state)
@@ -101,7 +98,7 @@ class ChunkRecurrence(torch.autograd.Function):
                 precise_state):
         o, final_state, a, *for_backward = chunk_forward_op(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_state)
-        # for_backward: seam starts, transitions, and the kept w, states and Δ.
+        # for_backward: seam starts, transitions, and the kept states and Δ.
         ctx.save_for_backward(q, k, v, g, beta, a, initial_state, cu_seqlens, *for_backward)
         ctx.scale, ctx.exact, ctx.precise_state = scale, exact, precise_state
         ctx.set_materialize_grads(False)
@@ -124,7 +121,7 @@ class ChunkRecurrence(torch.autograd.Function):
 def triton_chunked_recurrence(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens,
                               exact: bool, recompute: bool = True, precise_state: bool = False):
     """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels. With
-    ``recompute=False`` the forward keeps w, Δ and the chunk states for the backward
+    ``recompute=False`` the forward keeps Δ and the chunk states for the backward
     (``launch.Kept``) instead of the backward recomputing them; ``precise_state`` as in
     ``gdn.ops``."""
     return ChunkRecurrence.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact,

@@ -5,13 +5,14 @@ K/V head dims, N sequences, NC chunks (a grid bound, see ``indexing``), BT = 64 
 
 Inputs arrive validated by ``gdn.ops.validate`` and already L2-normalised if asked; here they
 are flattened to one packed row. A and the gradient accumulators are float32; the other
-tensors the kernels hand to one another (w, u, Δ, the chunk-start states and their
-gradients) are in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32
-otherwise. Every state kept in registers is float32. By default the backward keeps only A
-from the forward and recomputes w, u, Δ and the states (math.md §4.6), so the forward need
-not store the states at all: up to K = 128 its state pass computes the output itself
-(``fused_output``, §3.9). With ``keep`` the forward hands w, Δ and the states on (``Kept``)
-and the backward skips those two stages.
+tensors the kernels hand to one another (Δ, the chunk-start states and their gradients) are
+in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32 otherwise. Every state
+kept in registers is float32. The state passes form the writes from A and v themselves, so
+w and u never exist (math.md §3.10). By default the backward keeps only A from the forward
+and recomputes Δ and the states (math.md §4.6), so the forward need not store the states at
+all: up to K = 128 its state pass computes the output itself (``fused_output``, §3.9). With
+``keep`` the forward hands Δ and the states on (``Kept``) and the backward skips its forward
+state pass.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from gdn.ops.triton import decays, output, passes, wy, wy_solve
 from gdn.ops.triton.indexing import ChunkTable, chunk_count, chunk_table
 from gdn.ops.triton.tiles import (
     TILES,
-    handoff_f32,
     row_block_flags,
     state_operands_f32,
     state_split,
@@ -68,14 +68,13 @@ WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
 # 255 registers and no spill at K = 128, against 40 B of spill at the plan's 64 (NOTES.md §19;
 # not yet measured on the GPU).
 WY_BACKWARD_BV = TILES.get("wy_bv")
-# wy_apply and dv_local multiply a tile in registers (A's two bf16 parts, Pᵀ) by v or dO
-# tiles in a loop: pipelined too (``loop_stages``).
-APPLY_LAUNCH = dict(num_warps=TILES.get("apply_warps", 4))
+# dv_local multiplies a tile in registers (Pᵀ) by dO tiles in a loop: pipelined too
+# (``loop_stages``).
 
 
 def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     """Pipeline stages of the kernels whose loops multiply a tile held in registers (two at
-    least, §9): wy_backward (knob "wy_stages"), wy_apply and dv_local ("loop_stages"),
+    least, §9): wy_backward (knob "wy_stages"), dv_local ("loop_stages"),
     output_backward ("obwd_stages") and output_forward ("output_stages"). Three with 16-bit
     operands, measured on an H100 against two (NOTES.md §16), with the programs per SM
     unchanged: at 8x4096-h16 wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local
@@ -84,25 +83,6 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     with recompute=False: not measured there). float32 operands keep two: a third stage
     takes wy_backward to 128 KiB, one program per SM, and output_backward past 227 KiB."""
     return dict(num_stages=TILES.get(knob, 3 if sixteen_bit else 2))
-
-
-# wy_apply capped at 128 registers a thread (from 134; spills 8 bytes): four programs per
-# SM instead of three. Measured at 8x4096-h16 (NOTES.md §12): 0.591 → 0.540 ms for its two
-# calls. The same cap on dv_local (96) and the former wy_l (96) moved them by 1-2 %, within
-# noise, and was dropped. GDN_TRITON_TILES=apply_maxnreg=0 lifts it. maxnreg is an option of
-# Triton's NVIDIA backend only, so ROCm builds of PyTorch go without it.
-_APPLY_MAXNREG = TILES.get("apply_maxnreg", 128) if torch.version.hip is None else 0
-APPLY_LAUNCH |= dict(maxnreg=_APPLY_MAXNREG) if _APPLY_MAXNREG else {}
-
-
-def apply_launch(p) -> dict:
-    """wy_apply's launch options. A precise_state launch goes without the register cap: with
-    float32 w and u the cap spills 136 B (sm90_resources; 180 registers without it, still
-    two programs per SM), and lifting it took the gated rule's wy_apply 0.829 → 0.779 ms at
-    8x4096-h16 (DeltaNet 0.690 → 0.689; NOTES.md §23)."""
-    if p.precise_state:
-        return {key: value for key, value in APPLY_LAUNCH.items() if key != "maxnreg"}
-    return APPLY_LAUNCH
 
 
 def fused_output(K: int) -> bool:
@@ -131,7 +111,7 @@ def exact_launch(exact: bool) -> dict:
 
 def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     """Dtype of the tensor-core operands of the state and output stages, and of the tensors
-    they hand to one another (w, u, Δ, chunk states and their gradients).
+    they hand to one another (Δ, chunk states and their gradients).
 
     bf16/fp16 inputs: the input dtype, sums in float32 (GDN_TRITON_FP32_OPERANDS=1 forces
     float32, to measure what that costs: benchmarks/NOTES.md). float32 inputs, or exact:
@@ -140,15 +120,6 @@ def operand_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     if exact or dtype == torch.float32 or os.environ.get("GDN_TRITON_FP32_OPERANDS") == "1":
         return torch.float32
     return dtype
-
-
-def handoff_dtype(dtype: torch.dtype, exact: bool, precise_state: bool = False) -> torch.dtype:
-    """Dtype of w and u, which wy_apply hands to the state passes: the operand dtype, or
-    float32 with ``precise_state`` (or GDN_TRITON_TILES=wu_f32=1 / state_split=1:
-    ``tiles.handoff_f32``). Their 16-bit rounding is one of the three sources of the drift of
-    the undamped delta rule in bf16 (with wy_solve's TF32 products and the state passes'
-    16-bit ones; NOTES.md §20-22)."""
-    return torch.float32 if handoff_f32(precise_state) else operand_dtype(dtype, exact)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -176,8 +147,7 @@ class _Plan:
     lo: dict     # tensors handed between kernels (operand_dtype)
     exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
     # The op's precise_state with 16-bit operands (math.md §5.6, NOTES.md §22): wy_solve in
-    # tf32x3, w/u handed over in float32, the state passes' chained products on split
-    # 16-bit operands.
+    # tf32x3, the state passes' chained products on split 16-bit operands.
     precise_state: bool = False
 
     @property
@@ -220,25 +190,16 @@ def _solve_precision(p: _Plan) -> dict:
     return dict(PREC="tf32x3") if x3 and p.prec == "tf32" else {}
 
 
-def _wu_buffers(p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [TT, HV, K] and u [TT, HV, V] in the hand-off dtype (``handoff_dtype``)."""
-    handoff = p.f32 if handoff_f32(p.precise_state) else p.lo
-    return torch.empty(p.TT, p.HV, p.K, **handoff), torch.empty(p.TT, p.HV, p.V, **handoff)
+def a_shape(TT: int, HV: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """wy_solve's A: [TT, HV, 1, BT] float32 for float32 operands, else [TT, HV, 2, BT], its
+    hi and lo parts in the operand dtype (``common.load_a``)."""
+    return (TT, HV, 1 if dtype == torch.float32 else 2, BT)
 
 
 def _solve_flags(p: _Plan) -> dict:
     """wy_solve's flags: K in blocks of SOLVE_KB, one warp, its products' precision."""
     return (row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
             | p.exact_launch)
-
-
-def _wy_apply(p: _Plan, k_, v_, g_, b_, a):
-    w, u = _wu_buffers(p)
-    wy.wy_apply_kernel[(p.table.num_chunks, p.HV)](
-        k_, v_, g_, b_, a, w, u, *p.chunks, V=p.V, BV=p.BV,
-        **(row_block_flags(p.flags) | apply_launch(p) | loop_stages(p.sixteen_bit, "loop_stages")
-           | p.exact_launch))
-    return w, u
 
 
 def output_backward_flags(p: _Plan) -> dict:
@@ -265,31 +226,27 @@ def output_backward_flags(p: _Plan) -> dict:
             | p.exact_launch)
 
 
-def _decays(p: _Plan, g_):
-    """The state passes' chunk decays (decays.py), None without a gate."""
-    return None if g_ is None else decays.chunk_decays(g_, p.table, BT)
+def _decays(p: _Plan, g_, b_):
+    """The state passes' chunk decays and β (decays.py), None with neither."""
+    return decays.chunk_decays(g_, p.table, BT, b_)
 
 
 @dataclass
 class Kept:
     """What a forward with ``keep`` leaves for the backward instead of having it recompute
-    wy_apply and the forward state pass: w [TT, HV, K] (None without the delta term), the
-    chunk-start states [NC, HV, K, V] and Δ [TT, HV, V] (v itself without the delta term, so
-    None), all in the operand dtype. About (K + V)·2 bytes per token and v head and K·V·2 per
-    chunk and v head for bf16: 536 MB at 8x4096 with 16 heads of 128."""
+    the forward state pass: the chunk-start states [NC, HV, K, V] and Δ [TT, HV, V] (v itself
+    without the delta term, so None), in the operand dtype. About V·2 bytes per token and v
+    head and K·V·2 per chunk and v head for bf16: 402 MB at 8x4096 with 16 heads of 128."""
 
-    w: torch.Tensor | None
     states: torch.Tensor
     v_new: torch.Tensor | None
 
 
 def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *,
-                delta: bool) -> tuple[tuple, tuple, tuple]:
-    """Shapes of ``Kept``'s w, states and v_new ((0,) for an absent one)."""
+                delta: bool) -> tuple[tuple, tuple]:
+    """Shapes of ``Kept``'s states and v_new ((0,) for an absent one)."""
     NC = chunk_count(B, T, cu_seqlens, BT)
-    empty = (0,)
-    return ((B * T, HV, K) if delta else empty, (NC, HV, K, V),
-            (B * T, HV, V) if delta else empty)
+    return (NC, HV, K, V), (B * T, HV, V) if delta else (0,)
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
@@ -300,20 +257,18 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
-    a = w = None
-    u = v_
+    a = None
     if beta is not None:
-        a = torch.empty(p.TT, p.HV, BT, **p.f32)
+        a = torch.empty(a_shape(p.TT, p.HV, p.lo["dtype"]), **p.lo)
         wy_solve.wy_solve_kernel[grid](k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
                                        **_solve_flags(p))
-        w, u = _wy_apply(p, k_, v_, g_, b_, a)
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    d_ = _decays(p, g_)
+    d_ = _decays(p, g_, b_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
     fused = passes.Output(q_, o, scale, keep) if fused_output(p.K) else None
-    states, v_new, final, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
+    states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:
         output.output_forward_kernel[grid](
@@ -327,7 +282,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
             # The grid's spare chunks (indexing) are never written; zeroed so that the op's
             # outputs do not depend on what the allocator left there.
             states.masked_fill_((p.table.seq < 0)[:, None, None, None], 0.0)
-        kept = Kept(w, states, v_new if beta is not None else None)
+        kept = Kept(states, v_new if beta is not None else None)
     return o.view(p.B, p.T, p.HV, p.V), final, a, seams, kept
 
 
@@ -336,7 +291,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                    precise_state: bool = False):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None; ``seams`` are the
-    forward's (``chunk_forward``), or None to recompute them; ``kept`` the forward's w, states
+    forward's (``chunk_forward``), or None to recompute them; ``kept`` the forward's states
     and Δ, or None to recompute them. ``precise_state`` as the forward's."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
@@ -346,15 +301,13 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     TT, NC = p.TT, table.num_chunks
     delta = beta is not None
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    d_ = _decays(p, g_)
+    d_ = _decays(p, g_, b_)
     if kept is not None:
-        w, states = kept.w, kept.states
+        states = kept.states
         v_new = kept.v_new if delta else v_
     else:
-        w, u = _wy_apply(p, k_, v_, g_, b_, a) if delta else (None, v_)
-        states, v_new, _, seams = passes.state_forward(p, k_, w, u, g_, d_, initial_state,
+        states, v_new, _, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, seams if segs is not None else None)
-        del u   # the wy backward forms what it needs from k and v (wy._wy_gradients)
 
     # The split reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
     dv_local = torch.empty(TT, HV, V, **(f32 if p.precise_state else lo))
@@ -362,12 +315,12 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                                      **(flags | loop_stages(p.sixteen_bit, "loop_stages")
                                         | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
-        p, q_, k_, w, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
+        p, q_, k_, a, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
         segs=segs, transitions=None if seams is None else seams.transitions, g_=g_)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
     # the autograd context until the backward returns).
-    del dv_local, seams, w, kept, d_
+    del dv_local, seams, kept, d_
 
     # dq, and dk without the delta term, are final where output_backward writes them, in
     # their dtypes. With GVA a q/k head's gradients sum over its G v heads: G launches, one

@@ -192,7 +192,7 @@ class Output:
     keep: bool = False
 
 
-def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
+def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
                     V=None, store_chunks=True, u_zero=False, out: Output | None = None):
     V = p.V if V is None else V
     flags = _state_flags(p, "forward")
@@ -201,8 +201,8 @@ def _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, cu, offsets, 
         flags |= _output_pass_launch(flags) | p.exact_launch
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
-        k_, w, u, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
-        DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
+        k_, v_, a, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
+        DELTA=a is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and (out is None or out.keep), U_ZERO=u_zero,
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
@@ -286,46 +286,47 @@ class Seams:
     transitions: torch.Tensor    # [B, P, HV, K, K], or [B, P, HV, 1, 1] without delta
 
 
-def state_forward(p, k_, w, u, g_, decays, initial_state, segs: Segments | None,
+def state_forward(p, k_, v_, a, g_, decays, initial_state, segs: Segments | None,
                   seams: Seams | None = None, out: Output | None = None):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
-    when segmented, the ``Seams``. ``decays`` are g_'s chunk decays (decays.py), None without
-    a gate. Given the forward's seams, only the last pass runs (the final state is then
+    when segmented, the ``Seams``. ``a`` is wy_solve's A (None without the delta term, where
+    Δ = v); ``decays`` the chunk decays and β (decays.py), None with neither a gate nor the
+    delta term. Given the forward's seams, only the last pass runs (the final state is then
     None). Given ``out``, that pass writes the output into ``out.o``, and the states and Δ
     only with ``out.keep`` (else they are None)."""
-    delta = w is not None
+    delta = a is not None
     states = v_new = None
     if out is None or out.keep:
         states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
-        v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else u
+        v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else v_
     if seams is not None:
-        _forward_kernel(p, k_, w, u, decays, seams.starts, states, v_new, None, segs.cu,
+        _forward_kernel(p, k_, v_, a, decays, seams.starts, states, v_new, None, segs.cu,
                         segs.offsets, p.B * segs.P, out=out)
         return states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
-        _forward_kernel(p, k_, w, u, decays, h0, states, v_new, final, p.table.cu,
+        _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, p.table.cu,
                         p.table.offsets, p.table.num_seqs, out=out)
         return states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
-    _forward_kernel(p, k_, w, u, decays, None, states, v_new, own, segs.cu, segs.offsets,
+    _forward_kernel(p, k_, v_, a, decays, None, states, v_new, own, segs.cu, segs.offsets,
                     n_segs, store_chunks=False)
-    transitions = _transitions(p, k_, w, g_, decays, segs)
+    transitions = _transitions(p, k_, a, g_, decays, segs)
     start_states, S = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
-    _forward_kernel(p, k_, w, u, decays, start_states, states, v_new, None, segs.cu,
+    _forward_kernel(p, k_, v_, a, decays, start_states, states, v_new, None, segs.cu,
                     segs.offsets, n_segs, out=out)
     return states, v_new, final, Seams(start_states, transitions)
 
 
-def _transitions(p, k_, w, g_, decays, segs: Segments) -> torch.Tensor:
+def _transitions(p, k_, a, g_, decays, segs: Segments) -> torch.Tensor:
     """[B, P, HV, K, K] products of the segments' chunk transitions (math.md §3.8); without the
     delta term the product is e^{Σ g} I, returned as [B, P, HV, 1, 1] scalars."""
     n_segs = p.B * segs.P
-    if w is None:
+    if a is None:
         if g_ is None:
             return torch.ones(p.B, segs.P, p.HV, 1, 1, **p.f32)
         per_row = segs.P * segs.tokens
@@ -335,7 +336,7 @@ def _transitions(p, k_, w, g_, decays, segs: Segments) -> torch.Tensor:
         return sums.exp()[..., None, None]
     eye = torch.eye(p.K, **p.f32).expand(n_segs, p.HV, p.K, p.K).contiguous()
     M = torch.empty(n_segs, p.HV, p.K, p.K, **p.f32)
-    _forward_kernel(p, k_, w, None, decays, eye, None, None, M, segs.cu, segs.offsets, n_segs,
+    _forward_kernel(p, k_, None, a, decays, eye, None, None, M, segs.cu, segs.offsets, n_segs,
                     V=p.K, store_chunks=False, u_zero=True)
     return M.view(p.B, segs.P, p.HV, p.K, p.K)
 
@@ -481,7 +482,7 @@ def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
     return K <= 128 and sms is not None and programs > 1.5 * sms
 
 
-def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
+def _backward_kernel(p, q_, k_, a, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, launch: ReverseLaunch, *, store_chunks=True,
                      g_=None):
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, launch.BV))
@@ -489,16 +490,16 @@ def _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht, d_states, d_delta
     flags = (_state_flags(p, "reverse") | dict(BV=launch.BV, num_warps=launch.num_warps,
                                                num_stages=launch.num_stages) | p.exact_launch)
     state.state_backward_kernel[grid](
-        q_, k_, w, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
+        q_, k_, a, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
         p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
-        DELTA=w is not None, HAS_DHT=dht is not None,
+        DELTA=a is not None, HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, V_FASTEST=V_FASTEST, **flags)
 
 
-def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,
+def state_backward(p, q_, k_, a, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,
                    segs: Segments | None, transitions, g_=None):
     """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state;
-    ``decays`` as for ``state_forward``."""
+    ``a`` and ``decays`` as for ``state_forward``."""
     d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
@@ -510,17 +511,17 @@ def state_backward(p, q_, k_, w, decays, do_, dv_local, dht, *, want_dh0: bool, 
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
-        _backward_kernel(p, q_, k_, w, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
+        _backward_kernel(p, q_, k_, a, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
                          p.table.cu, p.table.offsets, p.table.num_seqs, scale, launch, g_=g_)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
-    _backward_kernel(p, q_, k_, w, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
+    _backward_kernel(p, q_, k_, a, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
                      segs.offsets, n_segs, scale, launch, store_chunks=False, g_=g_)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
-    _backward_kernel(p, q_, k_, w, decays, do_, dv_local, end_grads, d_states, d_delta, None,
+    _backward_kernel(p, q_, k_, a, decays, do_, dv_local, end_grads, d_states, d_delta, None,
                      segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
     return d_states, d_delta, dh0

@@ -30,6 +30,8 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     decay_to_end,
+    load_a,
+    load_a_part,
     load_cols,
     load_cols_stored,
     load_matrix,
@@ -43,7 +45,7 @@ from gdn.ops.triton.common import (
     store_matrix_t,
     store_rows,
 )
-from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
+from gdn.ops.triton.decays import load_chunk_beta, load_chunk_decays, load_decay_matrix
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _program_slice(cu, offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constex
     the index of its first chunk, the first value column, and the offset of its [K, V]
     state in an [N, HV, K, V] tensor. V_FASTEST: one grid axis with the V blocks of a
     (sequence, head) launched next to each other, so that they run together and share the
-    q, k and w tiles they all read through L2 (``passes.V_FASTEST``); else (sequence, head)
+    q, k and A tiles they all read through L2 (``passes.V_FASTEST``); else (sequence, head)
     on axis 0 and the V block on axis 1."""
     if V_FASTEST:
         n_v: tl.constexpr = (V + BV - 1) // BV
@@ -141,43 +143,102 @@ def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexp
 
 
 @triton.jit
-def _split_dot(a, b, acc, DT: tl.constexpr):
-    """acc + a b for float32 a and b as three 16-bit products of their ``split16`` parts
-    (the lo·lo term is below float32's rounding of the sum): about 16 bits of mantissa."""
-    a_hi, a_lo = split16(a.to(tl.float32), DT)
-    b_hi, b_lo = split16(b.to(tl.float32), DT)
-    acc = tl.dot(a_hi, b_hi, acc)
-    acc = tl.dot(a_lo, b_hi, acc)
-    return tl.dot(a_hi, b_lo, acc)
-
-
-@triton.jit
-def _rows_times_block(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
-                      PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+def _keys_times_block(Kt, S, acc, DT: tl.constexpr, PREC: tl.constexpr,
                       SPLIT: tl.constexpr):
-    """acc + X[:, row0:row0+KB] S for a [BT, K] tile X of a packed row (w or k); SPLIT: X
-    (float32 w) and S each as two 16-bit parts (``_split_dot``)."""
-    b_x = load_rows_stored(x, t0, end, stride, row0, K, BT, KB)
-    return _split_dot(b_x, S, acc, DT) if SPLIT else mma(b_x, S, acc, DT, PREC)
+    """acc + K_b S_b for the [KB, BT] transposed tile Kt = K_bᵀ already loaded (its
+    transpose is the left operand, read from shared memory as it is); SPLIT: S as two 16-bit
+    parts (k, from memory, is exact in 16 bits)."""
+    if SPLIT:
+        hi, lo = split16(S, DT)
+        acc = tl.dot(tl.trans(Kt), lo, tl.dot(tl.trans(Kt), hi, acc))
+    else:
+        acc = mma(tl.trans(Kt), S, acc, DT, PREC)
+    return acc
 
 
 @triton.jit
-def _rows_times_blocks(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr, DT: tl.constexpr,
+def _keys_times_blocks(Kt1, Kt2, Kt3, Kt4, S1, S2, S3, S4, K: tl.constexpr, DT: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
                        BV: tl.constexpr, SPLIT: tl.constexpr):
-    """X S = Σ_b X[:, block b] S_b for a [BT, K] tile X of a packed row and the state's blocks:
-    [BT, BV] float32."""
-    acc = _rows_times_block(x, S1, tl.zeros([BT, BV], dtype=tl.float32), 0, t0, end, stride,
-                            K, DT, PREC, BT, KB, SPLIT)
+    """K S = Σ_b K_b S_b from the transposed k tiles of ``_load_col_blocks`` and the state's
+    blocks: [BT, BV] float32."""
+    acc = _keys_times_block(Kt1, S1, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC, SPLIT)
     if K > KB:
-        acc = _rows_times_block(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB, SPLIT)
+        acc = _keys_times_block(Kt2, S2, acc, DT, PREC, SPLIT)
     if K > 2 * KB:
-        acc = _rows_times_block(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB,
-                                SPLIT)
+        acc = _keys_times_block(Kt3, S3, acc, DT, PREC, SPLIT)
     if K > 3 * KB:
-        acc = _rows_times_block(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB,
-                                SPLIT)
+        acc = _keys_times_block(Kt4, S4, acc, DT, PREC, SPLIT)
     return acc
+
+
+@triton.jit
+def _chunk_a(a, i_hv, t0, end, HV: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+             SPLIT: tl.constexpr):
+    """One chunk's A for the passes' products: float32 A whole for float32 operands; else its
+    16-bit hi part as stored (``common.load_a``), and with SPLIT its lo part too (A to about
+    16 bits of mantissa). hi alone rounds A once, as the hand-off of w and u in 16 bits
+    rounded their products (math.md §3.10)."""
+    if tl.float32 == DT:
+        hi = load_a(a, i_hv, t0, end, HV, BT)
+        lo = hi
+    else:
+        hi = load_a_part(a, 0, i_hv, t0, end, HV, BT)
+        lo = hi
+        if SPLIT:
+            lo = load_a_part(a, 1, i_hv, t0, end, HV, BT)
+    return hi, lo
+
+
+@triton.jit
+def _a_times(a_hi, a_lo, x, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """A x for a chunk's A from ``_chunk_a`` and a float32 [BT, BV] x in registers; SPLIT: A
+    and x in two 16-bit parts each. One return, after the branches: Triton compiles the
+    statements after a return inside a constexpr branch as well, and a 16-bit product there
+    failed to compile for float32 operands (NOTES.md §17)."""
+    if tl.float32 == DT:
+        ax = tl.dot(a_hi, x, input_precision=PREC)
+    elif SPLIT:
+        x_hi, x_lo = split16(x, DT)
+        ax = tl.dot(a_hi, x_lo, tl.dot(a_lo, x_hi, tl.dot(a_hi, x_hi)))
+    else:
+        ax = tl.dot(a_hi, x.to(DT))
+    return ax
+
+
+@triton.jit
+def _times_a(x, a_hi, a_lo, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """x A for a float32 [BV, BT] x in registers (the left operand, as the reverse pass
+    wants its register sides) and a chunk's A from ``_chunk_a``."""
+    if tl.float32 == DT:
+        xa = tl.dot(x, a_hi, input_precision=PREC)
+    elif SPLIT:
+        x_hi, x_lo = split16(x, DT)
+        xa = tl.dot(x_lo, a_hi, tl.dot(x_hi, a_lo, tl.dot(x_hi, a_hi)))
+    else:
+        xa = tl.dot(x.to(DT), a_hi)
+    return xa
+
+
+@triton.jit
+def _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv, t0, end, col0,
+            HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_GATE: tl.constexpr,
+            U_ZERO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+            KB: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr):
+    """A chunk's writes Δ = A diag(β) (V − diag(e^Γ) K S) for BV columns, from the chunk-start
+    state in registers and the chunk's transposed k tiles (math.md §3.10): u − w S without
+    w and u, which the pass would otherwise read from memory. V − e^Γ K S is formed in float32
+    before anything is rounded to 16 bits. U_ZERO: V taken as 0 (the transitions of math.md
+    §3.8; v may then be None)."""
+    ks = _keys_times_blocks(Kt1, Kt2, Kt3, Kt4, S1, S2, S3, S4, K, DT, PREC, BT, KB, BV, SPLIT)
+    if HAS_GATE:
+        ks = ks * e_gamma[:, None]
+    if U_ZERO:  # noqa: SIM108 (v is None then: a conditional expression would load it)
+        x = -ks
+    else:
+        x = load_rows(v + i_hv * V, t0, end, HV * V, col0, V, BT, BV) - ks
+    a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT)
+    return _a_times(a_hi, a_lo, x * b_beta[:, None], DT, PREC, SPLIT)
 
 
 @triton.jit
@@ -194,39 +255,11 @@ def _update_tile(b_xt, S, e_last, rhs, rhs_lo, HAS_GATE: tl.constexpr, DT: tl.co
 
 
 @triton.jit
-def _update_block(x, S, e_last, rhs, rhs_lo, row0, t0, end, stride, K,
-                  HAS_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  BT: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr):
-    """e^{Γ_C} S + X[:, row0:row0+KB]ᵀ rhs, with X read transposed from memory."""
-    b_xt = load_cols_stored(x, t0, end, stride, row0, K, BT, KB)          # [KB, BT]
-    return _update_tile(b_xt, S, e_last, rhs, rhs_lo, HAS_GATE, DT, PREC, SPLIT)
-
-
-@triton.jit
-def _update_blocks(x, S1, S2, S3, S4, e_last, rhs, rhs_lo, t0, end, stride, K: tl.constexpr,
-                   HAS_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                   BT: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr):
-    """Every block of S ← e^{Γ_C} S + Xᵀ rhs (``_update_block``)."""
-    S1 = _update_block(x, S1, e_last, rhs, rhs_lo, 0, t0, end, stride, K, HAS_GATE, DT, PREC,
-                       BT, KB, SPLIT)
-    if K > KB:
-        S2 = _update_block(x, S2, e_last, rhs, rhs_lo, KB, t0, end, stride, K, HAS_GATE, DT,
-                           PREC, BT, KB, SPLIT)
-    if K > 2 * KB:
-        S3 = _update_block(x, S3, e_last, rhs, rhs_lo, 2 * KB, t0, end, stride, K, HAS_GATE,
-                           DT, PREC, BT, KB, SPLIT)
-    if K > 3 * KB:
-        S4 = _update_block(x, S4, e_last, rhs, rhs_lo, 3 * KB, t0, end, stride, K, HAS_GATE,
-                           DT, PREC, BT, KB, SPLIT)
-    return S1, S2, S3, S4
-
-
-@triton.jit
 def _load_col_blocks(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr,
                      KB: tl.constexpr):
     """The [KB, BT] transposed row blocks of a [BT, K] tile of a packed row (k), read from
-    memory once for the two products that take them (``_output_tile``, ``_update_tile``).
-    Blocks K does not have are copies of the first, never used."""
+    memory once per step for every product that takes them (``_writes``, ``_output_tile``,
+    ``_update_tile``). Blocks K does not have are copies of the first, never used."""
     X1 = load_cols_stored(x, t0, end, stride, 0, K, BT, KB)
     X2 = X1
     X3 = X1
@@ -285,7 +318,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
 
 @triton.jit
 def state_forward_kernel(
-    k, w, u,               # [TT, H, K], [TT, HV, K], [TT, HV, V] (u is v without delta)
+    k, v, a,               # [TT, H, K], [TT, HV, V], [TT, HV, BT] float32 A (DELTA only)
     decays, h0,            # [HV, ROWS, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
@@ -298,13 +331,14 @@ def state_forward_kernel(
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
     SPLIT: tl.constexpr = False,
 ):
-    """(3.2) for one [K, BV] slice of one sequence's state. STORE_CHUNKS=False keeps only the
+    """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
+    in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
     with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them. SPLIT
-    (16-bit DT, float32 w and u): the products that carry the state from chunk to chunk
-    (w S, Kᵀ Δ) take S, w and Δ as two 16-bit parts each (NOTES.md §21)."""
+    (16-bit DT): the products that carry the state from chunk to chunk (K S, A X, Kᵀ Δ) take
+    S, X and Δ as two 16-bit parts each (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
@@ -322,19 +356,18 @@ def state_forward_kernel(
         if STORE_CHUNKS and not OUTPUT:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
-        if U_ZERO:
-            delta = tl.zeros([BT, BV], dtype=tl.float32)
-        else:
-            delta = load_rows(u + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
+        # k's tiles serve K S, QKᵀ and the update: read once.
+        Kt1, Kt2, Kt3, Kt4 = _load_col_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
         if DELTA:
-            ws = _rows_times_blocks(w + i_hv * K, S1, S2, S3, S4, t0, end, HV * K, K, DT, PREC,
-                                    BT, KB, BV, SPLIT)
-            delta -= ws
+            b_beta = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
+            delta = _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv,
+                            t0, end, col0, HV, K, V, HAS_GATE, U_ZERO, DT, PREC, BT, KB, BV,
+                            SPLIT)
             if STORE_CHUNKS and not OUTPUT:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
+        else:
+            delta = load_rows(v + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if OUTPUT:
-            # k's tiles serve QKᵀ here and the update below: read once.
-            Kt1, Kt2, Kt3, Kt4 = _load_col_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
             b_o = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
                                e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
                                HAS_GATE, DT, ODT, PREC, BT, KB, BV)
@@ -350,32 +383,47 @@ def state_forward_kernel(
         else:
             d_hi = delta.to(DT)
             d_lo = d_hi
-        if OUTPUT:
-            S1 = _update_tile(Kt1, S1, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
-            if K > KB:
-                S2 = _update_tile(Kt2, S2, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
-            if K > 2 * KB:
-                S3 = _update_tile(Kt3, S3, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
-            if K > 3 * KB:
-                S4 = _update_tile(Kt4, S4, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
-            if STORE_CHUNKS and i + 1 < n_chunks:
-                p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
-                _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
-        else:
-            S1, S2, S3, S4 = _update_blocks(k + i_h * K, S1, S2, S3, S4, e_last, d_hi, d_lo,
-                                            t0, end, H * K, K, HAS_GATE, DT, PREC, BT, KB,
-                                            SPLIT)
+        S1 = _update_tile(Kt1, S1, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
+        if K > KB:
+            S2 = _update_tile(Kt2, S2, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
+        if K > 2 * KB:
+            S3 = _update_tile(Kt3, S3, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
+        if K > 3 * KB:
+            S4 = _update_tile(Kt4, S4, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
+        if STORE_CHUNKS and OUTPUT and i + 1 < n_chunks:
+            p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
+            _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
     if STORE_HT:
         _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
 
 @triton.jit
-def _block_times_cols_t(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
-                        PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+def _load_row_blocks(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr,
+                     KB: tl.constexpr):
+    """The [BT, KB] row blocks of a [BT, K] tile of a packed row (k), read from memory once
+    per step of the reverse pass for both products that take them (``_blocks_times_cols_t``
+    transposed, ``_update_block_t`` as they are). Blocks K does not have are copies of the
+    first, never used."""
+    X1 = load_rows_stored(x, t0, end, stride, 0, K, BT, KB)
+    X2 = X1
+    X3 = X1
+    X4 = X1
+    if K > KB:
+        X2 = load_rows_stored(x, t0, end, stride, KB, K, BT, KB)
+    if K > 2 * KB:
+        X3 = load_rows_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
+    if K > 3 * KB:
+        X4 = load_rows_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
+    return X1, X2, X3, X4
+
+
+@triton.jit
+def _block_times_cols_t(b_x, S, acc, DT: tl.constexpr, PREC: tl.constexpr,
                         SPLIT: tl.constexpr):
-    """acc + S_bᵀ X[:, row0:row0+KB]ᵀ for a float32 block S_bᵀ [BV, KB] in registers; SPLIT:
-    S_bᵀ as two 16-bit parts (X, k from memory, is exact in 16 bits)."""
-    b_xt = tl.trans(load_rows_stored(x, t0, end, stride, row0, K, BT, KB))
+    """acc + S_bᵀ X_bᵀ for a float32 block S_bᵀ [BV, KB] in registers and a [BT, KB] tile X_b
+    already loaded (k); SPLIT: S_bᵀ as two 16-bit parts (X, from memory, is exact in 16
+    bits)."""
+    b_xt = tl.trans(b_x)
     if SPLIT:
         hi, lo = split16(S, DT)
         acc = mma(lo, b_xt, mma(hi, b_xt, acc, DT, PREC), DT, PREC)
@@ -385,54 +433,47 @@ def _block_times_cols_t(x, S, acc, row0, t0, end, stride, K, DT: tl.constexpr,
 
 
 @triton.jit
-def _blocks_times_cols_t(x, S1, S2, S3, S4, t0, end, stride, K: tl.constexpr,
-                         DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                         KB: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr):
-    """(X S)ᵀ = Σ_b S_bᵀ X[:, block b]ᵀ for a [BT, K] tile X of a packed row (k) and the
-    transposed blocks S_bᵀ: [BV, BT] float32, the state the left operand."""
-    acc = _block_times_cols_t(x, S1, tl.zeros([BV, BT], dtype=tl.float32), 0, t0, end,
-                              stride, K, DT, PREC, BT, KB, SPLIT)
+def _blocks_times_cols_t(X1, X2, X3, X4, S1, S2, S3, S4, K: tl.constexpr, DT: tl.constexpr,
+                         PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                         BV: tl.constexpr, SPLIT: tl.constexpr):
+    """(X S)ᵀ = Σ_b S_bᵀ X_bᵀ for the [BT, KB] row blocks of a tile X (k, from
+    ``_load_row_blocks``) and the transposed blocks S_bᵀ: [BV, BT] float32, the state the
+    left operand."""
+    acc = _block_times_cols_t(X1, S1, tl.zeros([BV, BT], dtype=tl.float32), DT, PREC, SPLIT)
     if K > KB:
-        acc = _block_times_cols_t(x, S2, acc, KB, t0, end, stride, K, DT, PREC, BT, KB,
-                                  SPLIT)
+        acc = _block_times_cols_t(X2, S2, acc, DT, PREC, SPLIT)
     if K > 2 * KB:
-        acc = _block_times_cols_t(x, S3, acc, 2 * KB, t0, end, stride, K, DT, PREC, BT, KB,
-                                  SPLIT)
+        acc = _block_times_cols_t(X3, S3, acc, DT, PREC, SPLIT)
     if K > 3 * KB:
-        acc = _block_times_cols_t(x, S4, acc, 3 * KB, t0, end, stride, K, DT, PREC, BT, KB,
-                                  SPLIT)
+        acc = _block_times_cols_t(X4, S4, acc, DT, PREC, SPLIT)
     return acc
 
 
 @triton.jit
-def _update_block_t(q, w, S, e_last, do_t, do_lo, d_d_t, d_d_lo, row0, t0, end, q_stride,
-                    w_stride, K, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
-                    DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+def _update_block_t(q, b_k, S, e_last, do_t, do_lo, y, y_lo, row0, t0, end, stride, K,
+                    HAS_GATE: tl.constexpr, DELTA: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
                     SPLIT: tl.constexpr):
-    """Sᵀ ← e^{Γ_C} Sᵀ + dO_tᵀ Q[:, block] − dΔᵀ W[:, block] for one transposed block: the
-    [BV, BT] sides in registers on the left, the q and w tiles from memory on the right.
-    SPLIT: the register sides come as two 16-bit parts (do_t + do_lo, d_d_t + d_d_lo) and
-    the float32 w tile is split too."""
+    """Sᵀ ← e^{Γ_C} Sᵀ + dO_tᵀ Q[:, block] + Y K[:, block] for one transposed block, with
+    Y = −dΔᵀ A diag(β e^Γ), so that Y K = −dΔᵀ w (math.md §4.2): the [BV, BT] sides in
+    registers on the left, the q tile from memory and the k tile b_k already loaded on the
+    right. SPLIT: the register sides come as two 16-bit parts (do_t + do_lo, y + y_lo)."""
     if HAS_GATE:
         S = S * e_last
-    b_q = load_rows_stored(q, t0, end, q_stride, row0, K, BT, KB)
+    b_q = load_rows_stored(q, t0, end, stride, row0, K, BT, KB)
     S = mma(do_t, b_q, S, DT, PREC)
     if SPLIT:
         S = mma(do_lo, b_q, S, DT, PREC)
     if DELTA:
-        b_w = load_rows_stored(w, t0, end, w_stride, row0, K, BT, KB)
+        S = mma(y, b_k, S, DT, PREC)
         if SPLIT:
-            w_hi, w_lo = split16(b_w.to(tl.float32), DT)
-            S = tl.dot(d_d_lo, w_hi, tl.dot(d_d_t, w_hi, S))
-            S = tl.dot(d_d_t, w_lo, S)
-        else:
-            S = mma(d_d_t, b_w, S, DT, PREC)
+            S = mma(y_lo, b_k, S, DT, PREC)
     return S
 
 
 @triton.jit
 def state_backward_kernel(
-    q, k, w, decays, g,    # [TT, H, K], [TT, H, K], [TT, HV, K], [HV, ROWS, TT] f32, [TT, HV]
+    q, k, a, decays, g,    # [TT, H, K] ×2, [TT, HV, BT] f32 A, [HV, ROWS, TT] f32, [TT, HV]
     do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
@@ -445,34 +486,35 @@ def state_backward_kernel(
     V_FASTEST: tl.constexpr = False, SPLIT: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
-    transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ.
+    transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ,
+    with dΔᵀ W = (dΔᵀ A) diag(β e^Γ) K formed from A and k (math.md §3.10).
     Every product of the step then has its register side (dSᵀ, dOᵀ, dΔᵀ) on the left, which
     an H100's wgmma reads from registers, and its tile from memory on the right; with dS on
     the right, as the forward pass holds S, each step wrote dS to shared memory and waited on
-    it before its first product (benchmarks/transposed_state_probe.py: at 8x4096-h16 0.607 →
-    0.440 ms, at 2x16384-h16 0.724 → 0.631, NOTES.md §17). SPLIT (16-bit DT, float32 w and
-    dv_local): dSᵀ, dOᵀ and dΔᵀ enter their products as two 16-bit parts each, w too, as the
+    it before its first product (a probe of NOTES.md §17: at 8x4096-h16 0.607 → 0.440 ms, at
+    2x16384-h16 0.724 → 0.631). SPLIT (16-bit DT, float32
+    dv_local): dSᵀ, dOᵀ, dΔᵀ and dΔᵀ A enter their products as two 16-bit parts each, as the
     forward pass's SPLIT (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
-    w_head = w                                   # None without the delta term
-    if DELTA:
-        w_head = w + i_hv * K
     dS1, dS2, dS3, dS4 = _load_blocks(dht, p_state, HAS_DHT, K, col0, V, KB, BV, True)
     n_chunks = tl.cdiv(end - bos, BT)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         t0 = bos + i * BT
+        e_gamma = 1.0
         e_last = 1.0
         if HAS_GATE and not INLINE_GATES:
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS:
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)
-        # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ.
-        kds = _blocks_times_cols_t(k + i_h * K, dS1, dS2, dS3, dS4, t0, end, H * K, K, DT,
-                                   PREC, BT, KB, BV, SPLIT)
+        # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ;
+        # k's tiles serve it and the update: read once.
+        Kr1, Kr2, Kr3, Kr4 = _load_row_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
+        kds = _blocks_times_cols_t(Kr1, Kr2, Kr3, Kr4, dS1, dS2, dS3, dS4, K, DT, PREC, BT, KB,
+                                   BV, SPLIT)
         d_d = load_cols(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         b_do = load_cols(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
         if HAS_GATE:
@@ -486,26 +528,31 @@ def state_backward_kernel(
             store_cols(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
         if SPLIT:
             b_do, do_lo = split16(b_do, DT)
-            neg_d_d, neg_d_d_lo = split16(-d_d, DT)
         else:
             b_do = b_do.to(DT)
             do_lo = b_do
-            neg_d_d = (-d_d).to(DT)
-            neg_d_d_lo = neg_d_d
-        dS1 = _update_block_t(q + i_h * K, w_head, dS1, e_last, b_do, do_lo, neg_d_d,
-                              neg_d_d_lo, 0, t0, end, H * K, HV * K, K, HAS_GATE, DELTA, DT,
-                              PREC, BT, KB, SPLIT)
+        y = b_do
+        y_lo = b_do
+        if DELTA:
+            # Y = −dΔᵀ A diag(β e^Γ), so that Y K = −dΔᵀ w (math.md §3.10).
+            a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT)
+            y = _times_a(-d_d, a_hi, a_lo, DT, PREC, SPLIT)
+            y = y * (load_chunk_beta(decays, i_hv, TT, t0, end, BT) * e_gamma)[None, :]
+            if SPLIT:
+                y, y_lo = split16(y, DT)
+            else:
+                y = y.to(DT)
+                y_lo = y
+        dS1 = _update_block_t(q + i_h * K, Kr1, dS1, e_last, b_do, do_lo, y, y_lo, 0, t0, end,
+                              H * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB, SPLIT)
         if K > KB:
-            dS2 = _update_block_t(q + i_h * K, w_head, dS2, e_last, b_do, do_lo, neg_d_d,
-                                  neg_d_d_lo, KB, t0, end, H * K, HV * K, K, HAS_GATE, DELTA,
-                                  DT, PREC, BT, KB, SPLIT)
+            dS2 = _update_block_t(q + i_h * K, Kr2, dS2, e_last, b_do, do_lo, y, y_lo, KB, t0,
+                                  end, H * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB, SPLIT)
         if K > 2 * KB:
-            dS3 = _update_block_t(q + i_h * K, w_head, dS3, e_last, b_do, do_lo, neg_d_d,
-                                  neg_d_d_lo, 2 * KB, t0, end, H * K, HV * K, K, HAS_GATE,
-                                  DELTA, DT, PREC, BT, KB, SPLIT)
+            dS3 = _update_block_t(q + i_h * K, Kr3, dS3, e_last, b_do, do_lo, y, y_lo, 2 * KB,
+                                  t0, end, H * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB, SPLIT)
         if K > 3 * KB:
-            dS4 = _update_block_t(q + i_h * K, w_head, dS4, e_last, b_do, do_lo, neg_d_d,
-                                  neg_d_d_lo, 3 * KB, t0, end, H * K, HV * K, K, HAS_GATE,
-                                  DELTA, DT, PREC, BT, KB, SPLIT)
+            dS4 = _update_block_t(q + i_h * K, Kr4, dS4, e_last, b_do, do_lo, y, y_lo, 3 * KB,
+                                  t0, end, H * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB, SPLIT)
     if STORE_DH0:
         _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)

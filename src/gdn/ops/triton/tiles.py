@@ -14,10 +14,9 @@ def _tile_overrides(text: str) -> dict[str, int]:
     known = ("bv", "state_bv", "state_warps", "state_stages", "state_bwd_bv",
              "state_bwd_warps", "state_bwd_stages", "state_f32", "output_f32", "wy_f32",
              "output_stages", "wy_stages", "wy_bv", "obwd_kb", "obwd_bv", "obwd_warps",
-             "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps", "apply_warps",
-             "apply_maxnreg", "exact_warps", "inline_gates", "fused_output", "fused_warps",
-             "fused_stages", "fused_f32", "fused_bv", "v_fastest", "wu_f32", "state_x3",
-             "solve_x3", "state_split")
+             "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps",
+             "exact_warps", "inline_gates", "fused_output", "fused_warps", "fused_stages",
+             "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -41,15 +40,9 @@ def state_operands_f32() -> bool:
 
 def state_split(precise_state: bool = False) -> bool:
     """Whether the state passes' chained products take their float32 operands as two 16-bit
-    parts each (state.py's SPLIT), fed by float32 hand-offs (``handoff_f32``): the op's
-    ``precise_state``, or GDN_TRITON_TILES=state_split=1 for every call (NOTES.md §21-22)."""
+    parts each (state.py's SPLIT): the op's ``precise_state``, or GDN_TRITON_TILES=
+    state_split=1 for every call (NOTES.md §21-22)."""
     return precise_state or bool(TILES.get("state_split"))
-
-
-def handoff_f32(precise_state: bool = False) -> bool:
-    """Whether w and u (wy_apply → the state passes) are float32 rather than the operand
-    dtype: wu_f32=1, or a split launch (``state_split``), whose split needs them whole."""
-    return bool(TILES.get("wu_f32")) or state_split(precise_state)
 
 
 def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict[str, int]]:
@@ -62,11 +55,12 @@ def tile_sizes(K: int, V: int, sixteen_bit: bool = True) -> tuple[int, int, dict
     shared memory of an H100 with room for more than one program.
     """
     # 16-bit tiles are never narrower than 64 columns: on an H100 with Triton 3.6 the
-    # pipelined parallel kernels (wy_apply, wy_backward) read outside their shared memory
-    # with 32-column bf16 tiles (V = 32, or K = 32: an illegal address in 5 of the first 50
-    # configs of the GPU accuracy sweep, compute-sanitizer: "Invalid __shared__ read" in
-    # wy_apply, "Out-of-range shared or local address" in wy_backward; NOTES.md §20). Columns
-    # past K or V are masked, so a head of 32 costs a 64-wide tile's work.
+    # pipelined parallel kernels (wy_backward, and wy_apply before the state passes formed
+    # the writes themselves) read outside their shared memory with 32-column bf16 tiles
+    # (V = 32, or K = 32: an illegal address in 5 of the first 50 configs of the GPU accuracy
+    # sweep, compute-sanitizer: "Invalid __shared__ read" in wy_apply, "Out-of-range shared
+    # or local address" in wy_backward; NOTES.md §20). Columns past K or V are masked, so a
+    # head of 32 costs a 64-wide tile's work.
     narrowest = 64 if sixteen_bit else 16
     BK = max(narrowest, triton.next_power_of_2(K))
     # 64 up to K = 128 (measured with bf16 tiles: wy_backward 0.92 → 0.82 ms, output_forward

@@ -1,17 +1,12 @@
-"""Stage 2, wy: A = (I + L)⁻¹, then w = A diag(β e^Γ) K and u = A diag(β) V (math.md §2.2).
+"""Stage 2, wy, backward: math.md §4.3, which finishes dk, dv, dβ and dg.
 
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk.
 
-A = (I + L)⁻¹ comes from ``wy_solve`` (its own file: L is formed and inverted in one
-one-warp program, never stored). A is stored ([TT, HV, BT], row r of the chunk's A at token
-r) because the apply kernel and the backward both use it.
-``wy_apply`` turns A into w and u with two tensor-core products per chunk.
-``wy_backward`` is math.md §4.3 and finishes dk, dv, dβ and dg.
-
-A is float32, and inverted in float32 (TF32 products, or IEEE in exact mode): it feeds every
-later stage. The products with k and v take them in their stored dtype; in ``wy_apply`` A is
-carried as two 16-bit parts for 16-bit inputs (``common.split16``). The backward takes
-most of its operands in DT (see its docstring).
+The forward half of the stage is A = (I + L)⁻¹ alone (``wy_solve``, its own file: L is
+formed and inverted in one one-warp program, never stored). A is stored ([TT, HV, BT], row r
+of the chunk's A at token r), float32, and the state passes apply it to the chunk's writes
+themselves (math.md §3.10), so w and u are never formed. The backward takes most of its
+operands in DT (see its docstring).
 """
 
 import triton
@@ -21,76 +16,15 @@ from gdn.ops.triton.common import (
     add_group_sum,
     causal_decay,
     chunk_bounds,
+    load_a,
     load_rows,
     load_rows_stored,
     load_vec,
     mma,
-    split16,
     store_group_sum,
     store_rows,
     store_vec,
 )
-
-
-@triton.jit
-def load_a(a, i_hv, t0, end, HV: tl.constexpr, BT: tl.constexpr):
-    """A [BT, BT] of one chunk. Its zeros above the diagonal are read from memory (the inverse
-    stores them) rather than masked: a mask that varies along a row keeps each element its
-    own load, where rows masked whole load four at a time."""
-    o = tl.arange(0, BT)
-    o_t = t0 + o.to(tl.int64)
-    p = a + (o_t[:, None] * HV + i_hv) * BT + o[None, :]
-    return tl.load(p, mask=(o_t < end)[:, None], other=0.0)
-
-
-@triton.jit
-def wy_apply_kernel(
-    k, v, g, beta, a,      # [TT, H, K], [TT, HV, V], [TT, HV], [TT, HV], [TT, HV, BT]
-    w, u,                  # out: [TT, HV, K], [TT, HV, V]
-    chunk_seq, chunk_start, cu,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
-):
-    """w and u of one chunk, K in blocks of KB and V in blocks of BV: one [BT, KB or BV]
-    float32 result live at a time (a whole [BT, K] one took 206 registers, two programs per
-    SM; NOTES.md §10)."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    i_h = i_hv // (HV // H)
-    A = load_a(a, i_hv, t0, end, HV, BT)
-    b = load_vec(beta + i_hv, t0, end, HV, BT)
-    kb = b
-    if HAS_GATE:
-        kb = b * tl.exp(tl.cumsum(load_vec(g + i_hv, t0, end, HV, BT), axis=0))
-    # The diagonal scalings go on A's columns, so k and v go from memory straight into the
-    # products: w = (A diag(β e^Γ)) K, u = (A diag(β)) V.
-    hi, lo = split16(A * kb[None, :], DT)
-    for j in range(0, tl.cdiv(K, KB)):
-        b_k = load_rows_stored(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
-        store_rows(w + i_hv * K, _split_dot(hi, lo, b_k, DT, PREC), t0, end, HV * K, j * KB,
-                   K, BT, KB)
-    hi, lo = split16(A * b[None, :], DT)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(u + i_hv * V, _split_dot(hi, lo, b_v, DT, PREC), t0, end, HV * V, i_v * BV,
-                   V, BT, BV)
-
-
-@triton.jit
-def _split_dot(hi, lo, x, DT: tl.constexpr, PREC: tl.constexpr):
-    """A x from ``split16``'s parts."""
-    # One return, after an if/else: Triton's compiler also compiles the statements after a
-    # return inside a constexpr branch, so a 16-bit product written after it failed for
-    # float32 operands with 16-bit tiles (GDN_TRITON_FP32_OPERANDS=1), which the interpreter
-    # never ran. x is in its stored dtype, 16-bit there.
-    if tl.float32 == DT:
-        ax = tl.dot(hi, x.to(DT), input_precision=PREC)
-    else:
-        ax = tl.dot(hi, x, tl.dot(lo, x))
-    return ax
 
 
 @triton.jit

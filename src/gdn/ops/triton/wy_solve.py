@@ -1,6 +1,7 @@
 """Stage 2a, wy_solve: A = (I + L)⁻¹ per chunk straight from k, g and β (math.md §2.2-2.3),
 L = strictly-lower(diag(β)(KKᵀ ⊙ D)), on one warp (its 16 × 16 tiles and row reductions stay
-within a warp). A is float32 and inverted in float32 (TF32 products, IEEE in exact mode).
+within a warp). A is inverted in float32 (TF32 products, IEEE in exact mode) and stored in
+float32 for float32 operands, else as two 16-bit parts hi + lo (``common.load_a``).
 
 The program forms L's ten lower 16 × 16 blocks itself: k_i k_jᵀ for row blocks i ≥ j, summed
 over K in blocks of KB, times β_r and the decay e^{Γ_r − Γ_c}, and keeps them in registers.
@@ -24,6 +25,7 @@ from gdn.ops.triton.common import (
     load_vec,
     mma,
     segment_sums,
+    split16,
     store_rows,
 )
 
@@ -84,8 +86,8 @@ def store_blocks(a, t0, end, stride, A00, A10, A11, A20, A21, A22, A30, A31, A32
     store_rows(a, A31, t0 + 3 * BC, end, stride, BC, BT, BC, BC)
     store_rows(a, A32, t0 + 3 * BC, end, stride, 2 * BC, BT, BC, BC)
     store_rows(a, A33, t0 + 3 * BC, end, stride, 3 * BC, BT, BC, BC)
-    # Zeros above the diagonal too: load_a reads them (whole rows load vectorised), and A is
-    # an output of the custom op, which must not differ from call to call.
+    # Zeros above the diagonal too: common.load_a reads them (whole rows load vectorised),
+    # and A is an output of the custom op, which must not differ from call to call.
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for i in tl.static_range(0, 3):
         for j in tl.static_range(i + 1, 4):
@@ -173,9 +175,16 @@ def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
 
 
 @triton.jit
+def _rest(x, DT: tl.constexpr):
+    """What rounding x to DT leaves: the lo part of ``split16``."""
+    return split16(x, DT)[1]
+
+
+@triton.jit
 def wy_solve_kernel(
     k, g, beta,            # [TT, H, K], [TT, HV], [TT, HV]
-    a,                     # out: [TT, HV, BT] float32, A = (I + L)⁻¹ (lower, unit diagonal)
+    a,                     # out: A = (I + L)⁻¹ (lower, unit diagonal): [TT, HV, 1, BT]
+                           # float32, or [TT, HV, 2, BT] hi + lo in a 16-bit dtype
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
@@ -188,5 +197,17 @@ def wy_solve_kernel(
     p_k = k + (i_hv // (HV // H)) * K
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = solve_blocks(
         p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC)
-    store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
-                 A32, A33, BT, BC)
+    if a.dtype.element_ty == tl.float32:
+        store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
+                     A32, A33, BT, BC)
+    else:
+        # hi: A rounded by the store; lo: what that rounding left, rounded too.
+        store_blocks(a + 2 * i_hv * BT, t0, end, 2 * HV * BT, A00, A10, A11, A20, A21, A22,
+                     A30, A31, A32, A33, BT, BC)
+        lo = a + (2 * i_hv + 1) * BT
+        store_blocks(lo, t0, end, 2 * HV * BT, _rest(A00, lo.dtype.element_ty),
+                     _rest(A10, lo.dtype.element_ty), _rest(A11, lo.dtype.element_ty),
+                     _rest(A20, lo.dtype.element_ty), _rest(A21, lo.dtype.element_ty),
+                     _rest(A22, lo.dtype.element_ty), _rest(A30, lo.dtype.element_ty),
+                     _rest(A31, lo.dtype.element_ty), _rest(A32, lo.dtype.element_ty),
+                     _rest(A33, lo.dtype.element_ty), BT, BC)
