@@ -62,7 +62,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     # -v: each test's result is in the log as it finishes, even if the call is cut off.
     # GDN_TEST_K selects tests (pytest -k): a whole cold run takes ~1,100 s, more than one
     # call (NOTES.md §11), e.g. GDN_TEST_K="within_bounds" then GDN_TEST_K="not within_bounds".
-    python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 -k "${GDN_TEST_K:-}" tests \
+    # GDN_TEST_WORKERS=n runs them in n processes (pytest-xdist, on the GPU machine): the
+    # compiles, most of the time, then share the machine's cores (NOTES.md §24).
+    python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 -k "${GDN_TEST_K:-}" \
+        ${GDN_TEST_WORKERS:+-n "$GDN_TEST_WORKERS"} tests \
         2>&1 | tee "$out/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
 fi
 if [ "$what" = l2norm ]; then
