@@ -7,7 +7,7 @@ import) beside the torch path and fla 0.6.0 (GVA expanded for it), and saves one
 per run to --out.
 
     PYTHONPATH=src python3 benchmarks/drift.py --index 92 --backends triton torch fla
-    GDN_TRITON_TILES=wu_f32=1,state_x3=1 PYTHONPATH=src python3 benchmarks/drift.py \\
+    GDN_TRITON_TILES=state_x3=1,solve_x3=1 PYTHONPATH=src python3 benchmarks/drift.py \\
         --shape 65536,4,4,128,128 --variant deltanet --beta uniform
 """
 import argparse

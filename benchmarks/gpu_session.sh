@@ -240,7 +240,7 @@ if [ "$what" = split ]; then
     # empty: skipped; exact mode's figures are in §22). First the accuracy side by side,
     # which also compiles every launch the timings need (stages.py --external: two calls,
     # no profile); then the timings one process at a time on a quiet GPU.
-    sweep=${GDN_TILE_SWEEP:-"state_split=1 state_split=1,apply_maxnreg=0"}
+    sweep=${GDN_TILE_SWEEP:-"state_split=1"}
     k256=${GDN_K256_TILES:-}
     i=0
     for index in ${GDN_DRIFT_INDICES:-92 142 179 113 134}; do

@@ -160,7 +160,7 @@ def _keys_times_block(Kt, S, acc, DT: tl.constexpr, PREC: tl.constexpr,
 def _keys_times_blocks(Kt1, Kt2, Kt3, Kt4, S1, S2, S3, S4, K: tl.constexpr, DT: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
                        BV: tl.constexpr, SPLIT: tl.constexpr):
-    """K S = Σ_b K_b S_b from the transposed k tiles of ``_load_col_blocks`` and the state's
+    """K S = Σ_b K_b S_b from the transposed k tiles of ``_key_tiles`` and the state's
     blocks: [BT, BV] float32."""
     acc = _keys_times_block(Kt1, S1, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC, SPLIT)
     if K > KB:
@@ -255,21 +255,35 @@ def _update_tile(b_xt, S, e_last, rhs, rhs_lo, HAS_GATE: tl.constexpr, DT: tl.co
 
 
 @triton.jit
-def _load_col_blocks(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr,
-                     KB: tl.constexpr):
-    """The [KB, BT] transposed row blocks of a [BT, K] tile of a packed row (k), read from
-    memory once per step for every product that takes them (``_writes``, ``_output_tile``,
-    ``_update_tile``). Blocks K does not have are copies of the first, never used."""
-    X1 = load_cols_stored(x, t0, end, stride, 0, K, BT, KB)
+def _key_tile(x, t0, end, stride, row0, K, BT: tl.constexpr, KB: tl.constexpr,
+              TRANSPOSED: tl.constexpr):
+    """Columns row0 … row0+KB−1 of a [BT, K] tile of a packed row (k): [BT, KB], or its
+    transpose [KB, BT] read transposed from memory."""
+    if TRANSPOSED:
+        tile = load_cols_stored(x, t0, end, stride, row0, K, BT, KB)
+    else:
+        tile = load_rows_stored(x, t0, end, stride, row0, K, BT, KB)
+    return tile
+
+
+@triton.jit
+def _key_tiles(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """The row blocks of k's [BT, K] tile, [BT, KB] each (the reverse pass:
+    ``_blocks_times_cols_t`` and ``_update_block_t``), or their transposes [KB, BT]
+    (TRANSPOSED, the forward pass: ``_writes``, ``_output_tile``, ``_update_tile``), read
+    from memory once per step for every product of the step that takes them. Blocks K does
+    not have are copies of the first, never used."""
+    X1 = _key_tile(x, t0, end, stride, 0, K, BT, KB, TRANSPOSED)
     X2 = X1
     X3 = X1
     X4 = X1
     if K > KB:
-        X2 = load_cols_stored(x, t0, end, stride, KB, K, BT, KB)
+        X2 = _key_tile(x, t0, end, stride, KB, K, BT, KB, TRANSPOSED)
     if K > 2 * KB:
-        X3 = load_cols_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
+        X3 = _key_tile(x, t0, end, stride, 2 * KB, K, BT, KB, TRANSPOSED)
     if K > 3 * KB:
-        X4 = load_cols_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
+        X4 = _key_tile(x, t0, end, stride, 3 * KB, K, BT, KB, TRANSPOSED)
     return X1, X2, X3, X4
 
 
@@ -357,7 +371,7 @@ def state_forward_kernel(
             p_chunk = ((first + i) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
         # k's tiles serve K S, QKᵀ and the update: read once.
-        Kt1, Kt2, Kt3, Kt4 = _load_col_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
+        Kt1, Kt2, Kt3, Kt4 = _key_tiles(k + i_h * K, t0, end, H * K, K, BT, KB, True)
         if DELTA:
             b_beta = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
             delta = _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv,
@@ -398,26 +412,6 @@ def state_forward_kernel(
 
 
 @triton.jit
-def _load_row_blocks(x, t0, end, stride, K: tl.constexpr, BT: tl.constexpr,
-                     KB: tl.constexpr):
-    """The [BT, KB] row blocks of a [BT, K] tile of a packed row (k), read from memory once
-    per step of the reverse pass for both products that take them (``_blocks_times_cols_t``
-    transposed, ``_update_block_t`` as they are). Blocks K does not have are copies of the
-    first, never used."""
-    X1 = load_rows_stored(x, t0, end, stride, 0, K, BT, KB)
-    X2 = X1
-    X3 = X1
-    X4 = X1
-    if K > KB:
-        X2 = load_rows_stored(x, t0, end, stride, KB, K, BT, KB)
-    if K > 2 * KB:
-        X3 = load_rows_stored(x, t0, end, stride, 2 * KB, K, BT, KB)
-    if K > 3 * KB:
-        X4 = load_rows_stored(x, t0, end, stride, 3 * KB, K, BT, KB)
-    return X1, X2, X3, X4
-
-
-@triton.jit
 def _block_times_cols_t(b_x, S, acc, DT: tl.constexpr, PREC: tl.constexpr,
                         SPLIT: tl.constexpr):
     """acc + S_bᵀ X_bᵀ for a float32 block S_bᵀ [BV, KB] in registers and a [BT, KB] tile X_b
@@ -437,7 +431,7 @@ def _blocks_times_cols_t(X1, X2, X3, X4, S1, S2, S3, S4, K: tl.constexpr, DT: tl
                          PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
                          BV: tl.constexpr, SPLIT: tl.constexpr):
     """(X S)ᵀ = Σ_b S_bᵀ X_bᵀ for the [BT, KB] row blocks of a tile X (k, from
-    ``_load_row_blocks``) and the transposed blocks S_bᵀ: [BV, BT] float32, the state the
+    ``_key_tiles``) and the transposed blocks S_bᵀ: [BV, BT] float32, the state the
     left operand."""
     acc = _block_times_cols_t(X1, S1, tl.zeros([BV, BT], dtype=tl.float32), DT, PREC, SPLIT)
     if K > KB:
@@ -512,7 +506,7 @@ def state_backward_kernel(
             _store_blocks(d_states + p_chunk, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)
         # (K̃ dS_{n+1})ᵀ = (K dS_{n+1})ᵀ diag(e^{Γ_C − Γ_r}), one product per block of dSᵀ;
         # k's tiles serve it and the update: read once.
-        Kr1, Kr2, Kr3, Kr4 = _load_row_blocks(k + i_h * K, t0, end, H * K, K, BT, KB)
+        Kr1, Kr2, Kr3, Kr4 = _key_tiles(k + i_h * K, t0, end, H * K, K, BT, KB, False)
         kds = _blocks_times_cols_t(Kr1, Kr2, Kr3, Kr4, dS1, dS2, dS3, dS4, K, DT, PREC, BT, KB,
                                    BV, SPLIT)
         d_d = load_cols(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
