@@ -4,7 +4,8 @@ Letters: B batch, T time, TT = B·T packed tokens, H q/k heads, HV v heads (G = 
 K/V head dims, N sequences, NC chunks (a grid bound, see ``indexing``), BT = 64 the chunk.
 
 Inputs arrive validated by ``gdn.ops.validate`` and already L2-normalised if asked; here they
-are flattened to one packed row. A and the gradient accumulators are float32; the other
+are flattened to one packed row. The gradient accumulators are float32, and so is A for
+float32 operands (for 16-bit ones it is two 16-bit parts, ``a_shape``); the other
 tensors the kernels hand to one another (Δ, the chunk-start states and their gradients) are
 in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32 otherwise. Every state
 kept in registers is float32. The state passes form the writes from A and v themselves, so
@@ -143,7 +144,7 @@ class _Plan:
     prec: str
     table: ChunkTable
     flags: dict
-    f32: dict    # float32 tensors: A, accumulators
+    f32: dict    # float32 tensors: accumulators, states in float32
     lo: dict     # tensors handed between kernels (operand_dtype)
     exact_launch: dict   # launch options merged last in exact mode (``exact_launch``)
     # The op's precise_state with 16-bit operands (math.md §5.6, NOTES.md §22): wy_solve in
