@@ -57,10 +57,11 @@ def _encode(value):
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
 
 
-def record_launches(shape: tuple, dtype: torch.dtype, keep: bool = False) -> list[dict]:
+def record_launches(shape: tuple, dtype: torch.dtype, keep: bool = False,
+                    variant: str = "gated") -> list[dict]:
     """Run one forward+backward in the interpreter and record every kernel launch: module,
     name, arguments and launch options (this process has TRITON_INTERPRET=1); with ``keep``
-    the op runs with recompute=False."""
+    the op runs with recompute=False; ``variant`` "deltanet" runs it without the gate."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from gdn.ops import chunk_gated_delta_rule
@@ -83,7 +84,8 @@ def record_launches(shape: tuple, dtype: torch.dtype, keep: bool = False) -> lis
     InterpretedFunction.run = recording
     try:
         # With the in-op L2 norm, as the Gated DeltaNet layer calls it: its kernels too.
-        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, backend="triton",
+        g = None if variant == "deltanet" else x.g
+        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, g, x.beta, backend="triton",
                                       use_qk_l2norm_in_kernel=True, recompute=not keep)
         o.float().square().sum().backward()
     finally:
@@ -176,6 +178,7 @@ def main() -> None:
                                                                 "float32"))
     parser.add_argument("--only", default="", help="kernels whose name contains this")
     parser.add_argument("--keep", action="store_true", help="the op with recompute=False")
+    parser.add_argument("--variant", default="gated", choices=("gated", "deltanet"))
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR, PTX and SASS "
                         "to this folder")
     parser.add_argument("--options", default="", help="compile options to try, e.g. "
@@ -189,17 +192,19 @@ def main() -> None:
     # pointers and DT are compiled as bfloat16.
     run_dtype = "float16" if args.dtype == "bfloat16" else args.dtype
     if _RECORDING:
-        print(json.dumps(record_launches(shape, getattr(torch, run_dtype), args.keep)))
+        print(json.dumps(record_launches(shape, getattr(torch, run_dtype), args.keep,
+                                          args.variant)))
         return
     # The launches are recorded with the Triton of the environment (the interpreter of an
     # older one may fail on this numpy); PYTHONPATH may put another Triton (e.g. the GPU
     # machine's 3.6) first for the compile.
     env = os.environ | {"GDN_SM90_RECORD": "1", "PYTHONPATH": ""}
     recorded = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--dtype",
-                               run_dtype, *(["--keep"] if args.keep else [])], env=env,
+                               run_dtype, "--variant", args.variant,
+                               *(["--keep"] if args.keep else [])], env=env,
                               capture_output=True, text=True, check=True)
     launches = json.loads(recorded.stdout.strip().splitlines()[-1])
-    print(f"sm_90 resources, (B, T, H, HV, K, V) = {shape}, {args.dtype}, "
+    print(f"sm_90 resources, (B, T, H, HV, K, V) = {shape}, {args.dtype}, {args.variant}, "
           f"Triton {triton.__version__}")
     print(f"{'kernel':26} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
           f"{'smem KiB':>9} {'wgmma':>6} {'cp.async':>8} {'scalar ld':>9}")

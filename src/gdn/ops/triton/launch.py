@@ -273,7 +273,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                                        segs, out=fused)
     if fused is None:
         output.output_forward_kernel[grid](
-            q_, k_, v_new, g_, states, o, *p.chunks, scale, V=p.V, BV=p.BV,
+            q_, k_, v_new, d_, states, o, *p.chunks, scale, p.TT, V=p.V, BV=p.BV,
             **(p.flags | OUTPUT_LAUNCH
                | loop_stages(p.sixteen_bit and not OUTPUT_LAUNCH, "output_stages")
                | p.exact_launch))
@@ -312,7 +312,7 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
 
     # The split reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
     dv_local = torch.empty(TT, HV, V, **(f32 if p.precise_state else lo))
-    output.dv_local_kernel[(NC, HV)](q_, k_, g_, do_, dv_local, *chunks, scale, V=V, BV=BV,
+    output.dv_local_kernel[(NC, HV)](q_, k_, d_, do_, dv_local, *chunks, scale, TT, V=V, BV=BV,
                                      **(flags | loop_stages(p.sixteen_bit, "loop_stages")
                                         | p.exact_launch))
     d_states, d_delta, dh0 = passes.state_backward(
@@ -320,8 +320,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         segs=segs, transitions=None if seams is None else seams.transitions, g_=g_)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
-    # the autograd context until the backward returns).
-    del dv_local, seams, kept, d_
+    # the autograd context until the backward returns). The decay table lives on for the
+    # output and wy backward (20 bytes per token and v head).
+    del dv_local, seams, kept
 
     # dq, and dk without the delta term, are final where output_backward writes them, in
     # their dtypes. With GVA a q/k head's gradients sum over its G v heads: G launches, one
@@ -341,8 +342,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     for i_g in range(G):
         output.output_backward_kernel[(NC * n_kb, H)](
-            q_, k_, g_, v_new, do_, d_delta, states, d_states, dq, dk, dw, group_sum,
-            dk_group_sum, dg_parts, *chunks, scale, TT * HV, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
+            q_, k_, d_, v_new, do_, d_delta, states, d_states, dq, dk, dw, group_sum,
+            dk_group_sum, dg_parts, *chunks, scale, TT * HV, TT, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
             DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1, **o_flags)
     dg = None if g is None else dg_parts[0] if n_kb == 1 else dg_parts.sum(0)
     del states, d_states, v_new
@@ -357,8 +358,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
                     | loop_stages(p.sixteen_bit and "DT" not in WY_BACKWARD_LAUNCH, "wy_stages")
                     | p.exact_launch)
         for i_g in range(G):
-            wy.wy_backward_kernel[(NC, H)](k_, v_, g_, b_, a, dw, d_delta, dk_partial, dk,
-                                           group_sum, dg, dv, dbeta, *chunks, i_g, V=V,
+            wy.wy_backward_kernel[(NC, H)](k_, v_, d_, a, dw, d_delta, dk_partial, dk,
+                                           group_sum, dg, dv, dbeta, *chunks, TT, i_g, V=V,
                                            BV=WY_BACKWARD_BV or BV, FIRST=i_g == 0,
                                            LAST=i_g == G - 1, **wy_flags)
     if not delta:

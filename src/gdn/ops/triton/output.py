@@ -12,37 +12,37 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     add_group_sum,
-    causal_decay,
     chunk_bounds,
-    decay_to_end,
     load_matrix_stored,
     load_rows_stored,
-    load_vec,
     mm,
     mma,
     store_group_sum,
     store_rows,
     store_vec,
 )
+from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
 
 
 @triton.jit
-def _decayed_scores(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE: tl.constexpr,
+def _decayed_scores(b_q, b_k, decays, i_hv, TT, t0, end, HAS_GATE: tl.constexpr,
                     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
-    """QKᵀ ⊙ D of one chunk (D causal with its diagonal, the gate decays if any)."""
+    """QKᵀ ⊙ D of one chunk (D causal with its diagonal, the gate decays if any, from the
+    decay table: ``decays.load_decay_matrix``)."""
     o = tl.arange(0, BT)
     qk = mm(b_q, tl.trans(b_k), DT, PREC)
     if HAS_GATE:
-        return qk * causal_decay(load_vec(g + i_hv, t0, end, HV, BT), BT)
+        return qk * load_decay_matrix(decays, i_hv, TT, t0, end, BT)
     return tl.where(o[:, None] >= o[None, :], qk, 0.0)
 
 
 @triton.jit
 def output_forward_kernel(
-    q, k, v_new, g,        # [TT, H, K], [TT, H, K], [TT, HV, V] the writes Δ, [TT, HV]
+    q, k, v_new, decays,   # [TT, H, K], [TT, H, K], [TT, HV, V] the writes Δ, the decay
+                           # table (decays.py) or None without a gate
     states,                # [NC, HV, K, V] state at each chunk's start
     o,                     # out: [TT, HV, V]
-    chunk_seq, chunk_start, cu, scale,
+    chunk_seq, chunk_start, cu, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr,
@@ -61,9 +61,8 @@ def output_forward_kernel(
     qk = mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
     o_t = tl.arange(0, BT)
     if HAS_GATE:
-        gg = load_vec(g + i_hv, t0, end, HV, BT)
-        P = (qk * causal_decay(gg, BT)).to(DT)
-        e_gamma = tl.exp(tl.cumsum(gg, axis=0))
+        P = (qk * load_decay_matrix(decays, i_hv, TT, t0, end, BT)).to(DT)
+        e_gamma, _, _ = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
     else:
         P = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0).to(DT)
         e_gamma = tl.full([BT], 1.0, tl.float32)
@@ -78,9 +77,9 @@ def output_forward_kernel(
 
 @triton.jit
 def dv_local_kernel(
-    q, k, g, do,           # [TT, H, K], [TT, H, K], [TT, HV], [TT, HV, V]
+    q, k, decays, do,      # [TT, H, K], [TT, H, K], the decay table or None, [TT, HV, V]
     dv_local,              # out: [TT, HV, V] scale·Pᵀ dO, the in-chunk part of dΔ (§4.1)
-    chunk_seq, chunk_start, cu, scale,
+    chunk_seq, chunk_start, cu, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr,
@@ -92,7 +91,7 @@ def dv_local_kernel(
     i_h = i_hv // (HV // H)
     b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
     b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    P_t = tl.trans(_decayed_scores(b_q, b_k, g, i_hv, t0, end, HV, HAS_GATE, PREC, DT,
+    P_t = tl.trans(_decayed_scores(b_q, b_k, decays, i_hv, TT, t0, end, HAS_GATE, PREC, DT,
                                    BT)) * scale
     for i_v in range(0, tl.cdiv(V, BV)):
         b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
@@ -118,14 +117,14 @@ def _dm_t_times(dM, b_q, acc, DT: tl.constexpr, PREC: tl.constexpr, DM_RIGHT: tl
 
 @triton.jit(do_not_specialize=["i_g"])
 def output_backward_kernel(
-    q, k, g,               # [TT, H, K], [TT, H, K], [TT, HV]
+    q, k, decays,          # [TT, H, K], [TT, H, K], the decay table or None (decays.py)
     v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
     dq, dk, dw,            # out: dq [TT, H, K]; dk [TT, HV, K] with DELTA (the wy backward
                            # finishes it), else [TT, H, K]; dw [TT, HV, K]
     dq_sum, dk_sum,        # GVA: [TT, H, K] float32 running sums over the group's v heads
     dg_parts,              # out: [cdiv(K, KB), TT, HV] float32, dg's part from each K block
-    chunk_seq, chunk_start, cu, scale, dg_part_stride, i_g,
+    chunk_seq, chunk_start, cu, scale, dg_part_stride, TT, i_g,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
@@ -159,7 +158,7 @@ def output_backward_kernel(
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
-    S_dS = 0.0                                       # ⟨S, dS′⟩ over this block's rows
+    S_dS = tl.zeros([KB], dtype=tl.float32)          # ⟨S, dS′⟩ by row of this block
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         dS = load_matrix_stored(d_states + p_state, col0, K, i_v * BV, V, V, KB, BV)
@@ -172,7 +171,7 @@ def output_backward_kernel(
             d_d = load_rows_stored(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
             d_w = mma(d_d, tl.trans(S), d_w, DT, PREC)
         if HAS_GATE:
-            S_dS += tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
+            S_dS += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
 
     # Each result is stored as soon as it is complete, so fewer [BT, KB] tiles are live at
     # once (registers: NOTES.md §9).
@@ -182,9 +181,12 @@ def output_backward_kernel(
     b_k = load_rows_stored(k + i_h * K, t0, end, H * K, col0, K, BT, KB)
     o = tl.arange(0, BT)
     if HAS_GATE:
-        gg = load_vec(g + i_hv, t0, end, HV, BT)
-        d_q = d_q * (scale * tl.exp(tl.cumsum(gg, axis=0)))[:, None]
-        dM = dO_Dt * causal_decay(gg, BT) * scale
+        # The gate's factors from the decay table, contiguous float32 rows: formed from g
+        # here they took two strided loads and three scans, one of them down the columns of a
+        # [BT, BT] tile, after the loop where nothing hides them (NOTES.md §25).
+        e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
+        d_q = d_q * (scale * e_gamma)[:, None]
+        dM = dO_Dt * load_decay_matrix(decays, i_hv, TT, t0, end, BT) * scale
         # dg's part from these columns (d_q ⊙ q, QKᵀ and the write term over KB columns).
         d_gamma = tl.sum(d_q * b_q.to(tl.float32), axis=1)
     else:
@@ -195,12 +197,11 @@ def output_backward_kernel(
     store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                     KB)
     if HAS_GATE:
-        chunk_end = tl.minimum(t0 + BT, end)
-        d_k = d_k * decay_to_end(load_vec(g + i_hv, t0 + 1, chunk_end, HV, BT))[:, None]
+        d_k = d_k * to_end[:, None]
         E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
         write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r
         d_gamma += tl.sum(E, axis=1) - tl.sum(E, axis=0) - write_term
-        d_last = tl.exp(tl.sum(gg, axis=0)) * S_dS + tl.sum(write_term, axis=0)  # dΓ_C
+        d_last = e_last * tl.sum(S_dS, axis=0) + tl.sum(write_term, axis=0)  # dΓ_C
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last  # dΓ_C reaches every g_j
         store_vec(dg_parts + i_kb.to(tl.int64) * dg_part_stride + i_hv, d_g, t0, end, HV, BT)
     if DELTA:   # the wy backward adds its part, for this v head

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from gdn.ops.triton.common import (
     add_group_sum,
-    causal_decay,
     chunk_bounds,
     load_a,
     load_rows,
@@ -25,6 +24,7 @@ from gdn.ops.triton.common import (
     store_rows,
     store_vec,
 )
+from gdn.ops.triton.decays import load_chunk_beta, load_chunk_decays, load_decay_matrix
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
+def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
                   PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
@@ -50,8 +50,13 @@ def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
     not read (2 × 134 MB less at 8x4096-h16; wy_backward 0.82 → 0.78 ms, NOTES.md §10)."""
     o = tl.arange(0, BT)
     A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
-    b = load_vec(beta + i_hv, t0, end, HV, BT)
-    e_gamma = tl.exp(tl.cumsum(gg, axis=0)) if HAS_GATE else tl.full([BT], 1.0, tl.float32)
+    # β and the gate's factors from the decay table (decays.py): contiguous float32 rows,
+    # where β and g are strided elements and the decays took scans (NOTES.md §25).
+    b = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
+    if HAS_GATE:
+        e_gamma, _, _ = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
+    else:
+        e_gamma = tl.full([BT], 1.0, tl.float32)
     p_k = k + i_h * K
     dX_X = tl.zeros([BT, BT], dtype=tl.float32)     # Σ over w and u of dB Xᵀ
     kk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -78,7 +83,7 @@ def _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h, t0, end,
     # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
     dX_X = tl.dot(dX_X, tl.trans(load_a(a, i_hv, t0, end, HV, BT)), input_precision=PREC)
     if HAS_GATE:  # noqa: SIM108 (formed here, not above the loops: fewer live registers)
-        D = causal_decay(gg, BT)
+        D = load_decay_matrix(decays, i_hv, TT, t0, end, BT)
     else:
         D = tl.where(o[:, None] >= o[None, :], 1.0, 0.0)
     dL_D = tl.where(o[:, None] > o[None, :], -dX_X, 0.0) * D
@@ -118,13 +123,14 @@ def _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, 
 
 @triton.jit(do_not_specialize=["i_g"])
 def wy_backward_kernel(
-    k, v, g, beta, a,         # inputs and the forward's A
+    k, v, decays, a,          # inputs, the decay table (decays.py: β, and the gate's
+                              # factors) and the forward's A
     dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
     dk_partial, dk, dk_sum,   # in [TT, HV, K] in DT: the output stage's part; out: dk
                               # [TT, H, K]; GVA: [TT, H, K] float32 running sum
     dg,                       # in/out [TT, HV] float32
     dv, dbeta,                # out: [TT, HV, V], [TT, HV]
-    chunk_seq, chunk_start, cu, i_g,
+    chunk_seq, chunk_start, cu, TT, i_g,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True, LAST: tl.constexpr = True,
@@ -138,9 +144,9 @@ def wy_backward_kernel(
     if i_n < 0:
         return
     i_hv = i_h * (HV // H) + i_g
-    gg = load_vec(g + i_hv, t0, end, HV, BT) if HAS_GATE else 0.0
-    A_t, b, e_gamma, H_ = _wy_gradients(k, v, beta, a, dw, du, dg, dv, dbeta, gg, i_hv, i_h,
-                                        t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
+    A_t, b, e_gamma, H_ = _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h,
+                                        TT, t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT,
+                                        BT)
     H_sym = H_ + tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
         _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
