@@ -115,6 +115,22 @@ def _dm_t_times(dM, b_q, acc, DT: tl.constexpr, PREC: tl.constexpr, DM_RIGHT: tl
     return acc
 
 
+@triton.jit
+def _state_inner_product(p_s, p_ds, col0, K: tl.constexpr, V: tl.constexpr,
+                         KB: tl.constexpr, BV: tl.constexpr):
+    """⟨S, dS′⟩ over rows col0 … col0+KB−1 of a chunk's state and its gradient, in a loop of
+    its own: in the loop of products, a tile that feeds both a product and registers gets a
+    single shared buffer from Triton 3.6's pipeliner, which the next iteration's copy
+    overwrote while the asynchronous product still read it (dw differed from run to run at
+    8x4096-h16, NOTES.md §25). Here the tiles come back from L2, the loop's own reads."""
+    by_row = tl.zeros([KB], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        S = load_matrix_stored(p_s, col0, K, i_v * BV, V, V, KB, BV)
+        dS = load_matrix_stored(p_ds, col0, K, i_v * BV, V, V, KB, BV)
+        by_row += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
+    return tl.sum(by_row, axis=0)
+
+
 @triton.jit(do_not_specialize=["i_g"])
 def output_backward_kernel(
     q, k, decays,          # [TT, H, K], [TT, H, K], the decay table or None (decays.py)
@@ -158,7 +174,6 @@ def output_backward_kernel(
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
-    S_dS = tl.zeros([KB], dtype=tl.float32)          # ⟨S, dS′⟩ by row of this block
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         dS = load_matrix_stored(d_states + p_state, col0, K, i_v * BV, V, V, KB, BV)
@@ -170,8 +185,6 @@ def output_backward_kernel(
         if DELTA:
             d_d = load_rows_stored(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
             d_w = mma(d_d, tl.trans(S), d_w, DT, PREC)
-        if HAS_GATE:
-            S_dS += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
 
     # Each result is stored as soon as it is complete, so fewer [BT, KB] tiles are live at
     # once (registers: NOTES.md §9).
@@ -197,11 +210,12 @@ def output_backward_kernel(
     store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                     KB)
     if HAS_GATE:
+        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV)
         d_k = d_k * to_end[:, None]
         E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
         write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r
         d_gamma += tl.sum(E, axis=1) - tl.sum(E, axis=0) - write_term
-        d_last = e_last * tl.sum(S_dS, axis=0) + tl.sum(write_term, axis=0)  # dΓ_C
+        d_last = e_last * S_dS + tl.sum(write_term, axis=0)  # dΓ_C
         d_g = tl.cumsum(d_gamma, axis=0, reverse=True) + d_last  # dΓ_C reaches every g_j
         store_vec(dg_parts + i_kb.to(tl.int64) * dg_part_stride + i_hv, d_g, t0, end, HV, BT)
     if DELTA:   # the wy backward adds its part, for this v head

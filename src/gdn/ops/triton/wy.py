@@ -64,21 +64,26 @@ def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end
     for j in range(0, tl.cdiv(K, KB)):
         dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
         b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        # dB X_wᵀ, X_w = diag(β e^Γ) K (times Aᵀ below)
-        x_w = (b_k.to(tl.float32) * (b * e_gamma)[:, None]).to(DT)
-        dX_X = mma(dB_w.to(DT), tl.trans(x_w), dX_X, DT, PREC)
+        # dB X_wᵀ = (dB_w Kᵀ) diag(β e^Γ), X_w = diag(β e^Γ) K: k goes from memory into the
+        # product and the columns are scaled after it (e^Γ after this loop, β after the next),
+        # where scaling k first took a tile formed in registers as the transposed operand
+        # (NOTES.md §25: gradients differed from run to run).
+        dX_X = mma(dB_w.to(DT), tl.trans(b_k), dX_X, DT, PREC)
         kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
         k_dbw += tl.sum(dB_w * b_k.to(tl.float32), axis=1)
     d_beta = k_dbw * e_gamma                         # e^{Γ_r} k_rᵀ dB_w,r
     d_gamma = b * d_beta
+    if HAS_GATE:
+        dX_X = dX_X * e_gamma[None, :]
     for i_v in range(0, tl.cdiv(V, BV)):             # the u half, V in blocks
         d_u = load_rows_stored(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         dB_u = mma(A_t, d_u, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
         store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
-        b_v = load_rows(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_beta += tl.sum(dB_u * b_v, axis=1)
-        # dB X_uᵀ, X_u = diag(β) V
-        dX_X = mma(dB_u.to(DT), tl.trans((b_v * b[:, None]).to(DT)), dX_X, DT, PREC)
+        b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        d_beta += tl.sum(dB_u * b_v.to(tl.float32), axis=1)
+        # dB X_uᵀ = (dB_u Vᵀ) diag(β), X_u = diag(β) V, the same way
+        dX_X = mma(dB_u.to(DT), tl.trans(b_v), dX_X, DT, PREC)
+    dX_X = dX_X * b[None, :]
     # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
     # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
     dX_X = tl.dot(dX_X, tl.trans(load_a(a, i_hv, t0, end, HV, BT)), input_precision=PREC)
