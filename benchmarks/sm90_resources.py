@@ -11,7 +11,9 @@ Pointer arguments are marked 16-byte aligned, as the launcher does for PyTorch's
 
 It answers, at no device time, the questions that decide a kernel's speed before it runs:
 does it spill (STACK > 0), how much shared memory do its pipeline stages take, how many
-wgmma / cp.async it issues. The local Triton may be newer than the GPU machine's (3.6):
+wgmma / cp.async it issues; and one that decides whether it is right: does an asynchronous
+wgmma read a pipelined buffer that the next copy may overwrite (``pipeliner_hazards``).
+The local Triton may be newer than the GPU machine's (3.6):
 treat the figures as close, not exact (benchmarks/NOTES.md §8).
 """
 
@@ -61,10 +63,11 @@ def record_launches(shape: tuple, dtype: torch.dtype, keep: bool = False,
                     variant: str = "gated") -> list[dict]:
     """Run one forward+backward in the interpreter and record every kernel launch: module,
     name, arguments and launch options (this process has TRITON_INTERPRET=1); with ``keep``
-    the op runs with recompute=False; ``variant`` "deltanet" runs it without the gate."""
+    the op runs with recompute=False; ``variant`` "deltanet" runs it without the gate, "gla"
+    without the delta term (chunk_gated_linear_attention)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from gdn.ops import chunk_gated_delta_rule
+    from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
     from gdn.testing import random_inputs
 
     B, T, H, HV, K, V = shape
@@ -84,9 +87,12 @@ def record_launches(shape: tuple, dtype: torch.dtype, keep: bool = False,
     InterpretedFunction.run = recording
     try:
         # With the in-op L2 norm, as the Gated DeltaNet layer calls it: its kernels too.
-        g = None if variant == "deltanet" else x.g
-        o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, g, x.beta, backend="triton",
-                                      use_qk_l2norm_in_kernel=True, recompute=not keep)
+        kw = dict(backend="triton", use_qk_l2norm_in_kernel=True, recompute=not keep)
+        if variant == "gla":
+            o, _ = chunk_gated_linear_attention(x.q, x.k, x.v, x.g, **kw)
+        else:
+            g = None if variant == "deltanet" else x.g
+            o, _ = chunk_gated_delta_rule(x.q, x.k, x.v, g, x.beta, **kw)
         o.float().square().sum().backward()
     finally:
         InterpretedFunction.run = original
@@ -123,6 +129,46 @@ def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
         else:
             sig[param.name] = "fp32"
     return sig, constexprs, attrs
+
+
+def pipeliner_hazards(ttgir: str, num_stages: int) -> list[str]:
+    """Shared buffers of a pipelined loop that an asynchronous wgmma may still read when a
+    copy overwrites them. Triton 3.6's pipeliner gives a loaded tile that feeds both
+    registers (local_load) and a product one slot fewer than the loop has stages, yet may
+    leave the product in flight (the next wgmma wait allows pending groups), and the copy
+    for a later iteration then writes the slot the product reads: gradients that differ from
+    run to run (benchmarks/NOTES.md §25). A buffer counts when it has fewer slots than
+    stages and a wgmma reads it asynchronously, after which a copy into it or the loop's
+    back edge comes before a wait that retires every product (pendings = 0).
+    Returns the buffers' names; none is the state every kernel should be in."""
+    lines = ttgir.splitlines()
+    slots = dict(re.findall(r"(%\w+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir))
+    hazards = []
+    for buffer, n in slots.items():
+        if int(n) >= num_stages:
+            continue
+        views = re.findall(r"(%\w+) = ttg\.memdesc_index " + re.escape(buffer) + r"\[", ttgir)
+        for view in list(views):
+            views += re.findall(r"(%\w+) = ttg\.memdesc_trans " + re.escape(view) + r"\b",
+                                ttgir)
+        reads = re.compile(r"warp_group_dot (?:[^\n]*[ ,])?(" + "|".join(map(re.escape, views))
+                           + r")\b[^\n]*isAsync = true") if views else None
+        copies = re.compile(r"async_copy_global_to_local %\w+, (" + "|".join(
+            map(re.escape, views)) + r")\b") if views else None
+        for i, line in enumerate(lines):
+            if reads is None or not reads.search(line):
+                continue
+            # Unsafe if a copy into the buffer, or the loop's back edge (the next iteration
+            # may copy first), comes before a wait that retires every product.
+            for later in lines[i + 1:]:
+                if "warp_group_dot_wait" in later and "pendings = 0 " in later:
+                    break
+                if copies.search(later) or "scf.yield" in later:
+                    hazards.append(buffer.lstrip("%"))
+                    break
+            if hazards and hazards[-1] == buffer.lstrip("%"):
+                break
+    return hazards
 
 
 def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None,
@@ -167,7 +213,8 @@ def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None,
                                          r"ld\.global\.b32)", kernel.asm["ptx"]))
     return dict(regs=int(regs), stack=int(stack), shared=kernel.metadata.shared,
                 wgmma=ptx["wgmma.mma_async"], cp_async=ptx["cp.async.cg"],
-                scalar_loads=ptx["ld.global.b16"] + ptx["ld.global.b32"], **opts)
+                scalar_loads=ptx["ld.global.b16"] + ptx["ld.global.b32"],
+                hazards=pipeliner_hazards(kernel.asm["ttgir"], opts["num_stages"]), **opts)
 
 
 def main() -> None:
@@ -178,7 +225,7 @@ def main() -> None:
                                                                 "float32"))
     parser.add_argument("--only", default="", help="kernels whose name contains this")
     parser.add_argument("--keep", action="store_true", help="the op with recompute=False")
-    parser.add_argument("--variant", default="gated", choices=("gated", "deltanet"))
+    parser.add_argument("--variant", default="gated", choices=("gated", "deltanet", "gla"))
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR, PTX and SASS "
                         "to this folder")
     parser.add_argument("--options", default="", help="compile options to try, e.g. "
@@ -207,7 +254,7 @@ def main() -> None:
     print(f"sm_90 resources, (B, T, H, HV, K, V) = {shape}, {args.dtype}, {args.variant}, "
           f"Triton {triton.__version__}")
     print(f"{'kernel':26} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} "
-          f"{'smem KiB':>9} {'wgmma':>6} {'cp.async':>8} {'scalar ld':>9}")
+          f"{'smem KiB':>9} {'wgmma':>6} {'cp.async':>8} {'scalar ld':>9}  race hazards")
     seen = set()
     for launch in launches:
         key = json.dumps([launch["name"], {k: v for k, v in launch["args"].items()
@@ -222,7 +269,7 @@ def main() -> None:
         too_big = "  cannot launch: > 227 KiB" if r["shared"] > _SM90_SHARED_PER_BLOCK else ""
         print(f"{launch['name']:26} {r['num_warps']:5} {r['num_stages']:6} {r['regs']:5} "
               f"{r['stack']:8} {r['shared'] / 1024:9.1f} {r['wgmma']:6} {r['cp_async']:8} "
-              f"{r['scalar_loads']:9}{too_big}")
+              f"{r['scalar_loads']:9}  {','.join(r['hazards']) or '-'}{too_big}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     chunk_size: int = 64
     backend: str = "auto"
-    # Triton backend: False keeps w, Δ and the chunk states from each recurrent layer's
+    # Triton backend: False keeps Δ and the chunk states from each recurrent layer's
     # forward for its backward instead of recomputing them (gdn.ops, math.md §4.6).
     recompute: bool = True
     # Triton backend with bf16/fp16: the recurrent (G, D) layers' state kept at about

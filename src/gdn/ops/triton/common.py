@@ -181,13 +181,6 @@ def segment_sums(g, BT: tl.constexpr):
 
 
 @triton.jit
-def causal_decay(g, BT: tl.constexpr):
-    """D_rj = e^{Γ_r − Γ_j} for j ≤ r, else 0 (math.md §3.1); exponents are ≤ 0 (§5.1)."""
-    o = tl.arange(0, BT)
-    return tl.where(o[:, None] >= o[None, :], tl.exp(segment_sums(g, BT)), 0.0)
-
-
-@triton.jit
 def _two_sum(a_hi, a_lo, b_hi, b_lo):
     """(a_hi + a_lo) + (b_hi + b_lo) as an unevaluated pair: s = fl(a_hi + b_hi) and
     everything the rounding of s dropped (Knuth's TwoSum), plus the two low parts."""

@@ -93,7 +93,7 @@ def load_decay_matrix(decays, i_hv, TT, t0, end, BT: tl.constexpr):
     """One chunk's D_rj = e^{Γ_r − Γ_j} for j ≤ r, else 0 (math.md §3.1), from the table's
     Γ pairs: (hi_r − hi_j) + (lo_r − lo_j). The first difference is exact while the two
     prefix sums are within a factor of two (Sterbenz) and otherwise rounds with error
-    ≤ ε·|Γ_r − Γ_j|, so, as with the column sums of ``common.causal_decay``, a strong gate
+    ≤ ε·|Γ_r − Γ_j|, so, as with the column sums of ``common.segment_sums``, a strong gate
     early in the chunk does not swamp the later small ones (math.md §5.3). The pair is read
     twice, once per axis, which costs two 256-byte loads where forming D from g costs scans
     and layout changes inside a sequential step (NOTES.md §15)."""

@@ -36,6 +36,13 @@ def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
+def _diagonal(x, BT: tl.constexpr):
+    """The diagonal of a [BT, BT] tile."""
+    o = tl.arange(0, BT)
+    return tl.sum(tl.where(o[:, None] == o[None, :], x, 0.0), axis=1)
+
+
+@triton.jit
 def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -60,29 +67,28 @@ def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end
     p_k = k + i_h * K
     dX_X = tl.zeros([BT, BT], dtype=tl.float32)     # Σ over w and u of dB Xᵀ
     kk = tl.zeros([BT, BT], dtype=tl.float32)
-    k_dbw = tl.zeros([BT], dtype=tl.float32)        # k_rᵀ dB_w,r
+    # The k and v tiles go from memory into the products and nowhere else: a tile that also
+    # feeds registers gets one shared buffer fewer from Triton 3.6's pipeliner, which the
+    # copy two iterations ahead overwrote while the asynchronous product still read it (dg
+    # and dβ differed from run to run, NOTES.md §25). So the columns of dB Xᵀ are scaled
+    # after the products (X_w = diag(β e^Γ) K, X_u = diag(β) V: e^Γ after this loop, β after
+    # the next), and the sums k_rᵀ dB_w,r and v_rᵀ dB_u,r that dβ needs are read off the
+    # diagonal of the same accumulator rather than formed from the tiles in registers.
     for j in range(0, tl.cdiv(K, KB)):
         dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
         b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        # dB X_wᵀ = (dB_w Kᵀ) diag(β e^Γ), X_w = diag(β e^Γ) K: k goes from memory into the
-        # product and the columns are scaled after it (e^Γ after this loop, β after the next),
-        # where scaling k first took a tile formed in registers as the transposed operand
-        # (NOTES.md §25: gradients differed from run to run).
-        dX_X = mma(dB_w.to(DT), tl.trans(b_k), dX_X, DT, PREC)
+        dX_X = mma(dB_w.to(DT), tl.trans(b_k), dX_X, DT, PREC)     # dB_w Kᵀ
         kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
-        k_dbw += tl.sum(dB_w * b_k.to(tl.float32), axis=1)
-    d_beta = k_dbw * e_gamma                         # e^{Γ_r} k_rᵀ dB_w,r
-    d_gamma = b * d_beta
     if HAS_GATE:
         dX_X = dX_X * e_gamma[None, :]
+    d_gamma = b * _diagonal(dX_X, BT)                # β_r e^{Γ_r} k_rᵀ dB_w,r
     for i_v in range(0, tl.cdiv(V, BV)):             # the u half, V in blocks
         d_u = load_rows_stored(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         dB_u = mma(A_t, d_u, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
         store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
         b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        d_beta += tl.sum(dB_u * b_v.to(tl.float32), axis=1)
-        # dB X_uᵀ = (dB_u Vᵀ) diag(β), X_u = diag(β) V, the same way
-        dX_X = mma(dB_u.to(DT), tl.trans(b_v), dX_X, DT, PREC)
+        dX_X = mma(dB_u.to(DT), tl.trans(b_v), dX_X, DT, PREC)     # + dB_u Vᵀ
+    d_beta = _diagonal(dX_X, BT)                     # e^{Γ_r} k_rᵀ dB_w,r + v_rᵀ dB_u,r
     dX_X = dX_X * b[None, :]
     # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
     # (TF32): neither the sum nor A is rounded to 16 bits for this last product.
