@@ -40,6 +40,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeliner_hazards import pipeliner_hazards  # noqa: E402
 
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                     torch.int64: "i64", torch.int32: "i32"}
@@ -129,46 +132,6 @@ def _signature(jit, args: dict, as_bf16: bool) -> tuple[dict, dict, dict]:
         else:
             sig[param.name] = "fp32"
     return sig, constexprs, attrs
-
-
-def pipeliner_hazards(ttgir: str, num_stages: int) -> list[str]:
-    """Shared buffers of a pipelined loop that an asynchronous wgmma may still read when a
-    copy overwrites them. Triton 3.6's pipeliner gives a loaded tile that feeds both
-    registers (local_load) and a product one slot fewer than the loop has stages, yet may
-    leave the product in flight (the next wgmma wait allows pending groups), and the copy
-    for a later iteration then writes the slot the product reads: gradients that differ from
-    run to run (benchmarks/NOTES.md §25). A buffer counts when it has fewer slots than
-    stages and a wgmma reads it asynchronously, after which a copy into it or the loop's
-    back edge comes before a wait that retires every product (pendings = 0).
-    Returns the buffers' names; none is the state every kernel should be in."""
-    lines = ttgir.splitlines()
-    slots = dict(re.findall(r"(%\w+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir))
-    hazards = []
-    for buffer, n in slots.items():
-        if int(n) >= num_stages:
-            continue
-        views = re.findall(r"(%\w+) = ttg\.memdesc_index " + re.escape(buffer) + r"\[", ttgir)
-        for view in list(views):
-            views += re.findall(r"(%\w+) = ttg\.memdesc_trans " + re.escape(view) + r"\b",
-                                ttgir)
-        reads = re.compile(r"warp_group_dot (?:[^\n]*[ ,])?(" + "|".join(map(re.escape, views))
-                           + r")\b[^\n]*isAsync = true") if views else None
-        copies = re.compile(r"async_copy_global_to_local %\w+, (" + "|".join(
-            map(re.escape, views)) + r")\b") if views else None
-        for i, line in enumerate(lines):
-            if reads is None or not reads.search(line):
-                continue
-            # Unsafe if a copy into the buffer, or the loop's back edge (the next iteration
-            # may copy first), comes before a wait that retires every product.
-            for later in lines[i + 1:]:
-                if "warp_group_dot_wait" in later and "pendings = 0 " in later:
-                    break
-                if copies.search(later) or "scf.yield" in later:
-                    hazards.append(buffer.lstrip("%"))
-                    break
-            if hazards and hazards[-1] == buffer.lstrip("%"):
-                break
-    return hazards
 
 
 def compile_sm90(launch: dict, as_bf16: bool, extra: dict | None = None,
