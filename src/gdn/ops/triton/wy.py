@@ -6,8 +6,7 @@ The forward half of the stage is A = (I + L)⁻¹ alone (``wy_solve``, its own f
 formed and inverted in one one-warp program, never stored). A is stored (row r of the
 chunk's A at token r: float32, or two 16-bit parts for 16-bit operands, ``common.load_a``),
 and the state passes apply it to the chunk's writes themselves (math.md §3.10), so w and u
-are never formed. The backward takes most of its
-operands in DT (see its docstring).
+are never formed. The backward takes most of its operands in DT (see its docstring).
 """
 
 import triton
