@@ -116,18 +116,31 @@ def _dm_t_times(dM, b_q, acc, DT: tl.constexpr, PREC: tl.constexpr, DM_RIGHT: tl
 
 
 @triton.jit
+def _tile_inner_product(p_s, p_ds, col0, i_v, K: tl.constexpr, V: tl.constexpr,
+                        KB: tl.constexpr, BV: tl.constexpr):
+    """Row sums of S ⊙ dS′ over one [KB, BV] block."""
+    S = load_matrix_stored(p_s, col0, K, i_v * BV, V, V, KB, BV)
+    dS = load_matrix_stored(p_ds, col0, K, i_v * BV, V, V, KB, BV)
+    return tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
+
+
+@triton.jit
 def _state_inner_product(p_s, p_ds, col0, K: tl.constexpr, V: tl.constexpr,
-                         KB: tl.constexpr, BV: tl.constexpr):
+                         KB: tl.constexpr, BV: tl.constexpr, UNROLL: tl.constexpr):
     """⟨S, dS′⟩ over rows col0 … col0+KB−1 of a chunk's state and its gradient, in a loop of
     its own: in the loop of products, a tile that feeds both a product and registers gets a
     single shared buffer from Triton 3.6's pipeliner, which the next iteration's copy
     overwrote while the asynchronous product still read it (dw differed from run to run at
-    8x4096-h16, NOTES.md §25). Here the tiles come back from L2, the loop's own reads."""
+    8x4096-h16, NOTES.md §25). UNROLL, up to two V blocks: the loop unrolled, so that all
+    its loads can be in flight at once (a rolled loop waits for each block's in turn)."""
+    n_v: tl.constexpr = (V + BV - 1) // BV
     by_row = tl.zeros([KB], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        S = load_matrix_stored(p_s, col0, K, i_v * BV, V, V, KB, BV)
-        dS = load_matrix_stored(p_ds, col0, K, i_v * BV, V, V, KB, BV)
-        by_row += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
+    if UNROLL and n_v <= 2:
+        for i_v in tl.static_range(0, n_v):
+            by_row += _tile_inner_product(p_s, p_ds, col0, i_v, K, V, KB, BV)
+    else:
+        for i_v in range(0, n_v):
+            by_row += _tile_inner_product(p_s, p_ds, col0, i_v, K, V, KB, BV)
     return tl.sum(by_row, axis=0)
 
 
@@ -145,6 +158,7 @@ def output_backward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
     LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
+    SDS_UNROLL: tl.constexpr = False, SDS_FIRST: tl.constexpr = False,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
@@ -170,6 +184,11 @@ def output_backward_kernel(
     i_hv = i_h * (HV // H) + i_g
     col0 = i_kb * KB
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
+    if HAS_GATE and SDS_FIRST:
+        # Before the products, where no accumulator is live yet; the loop below then reads
+        # the same tiles from L2 (``launch.output_backward_flags``).
+        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV,
+                                    SDS_UNROLL)
     d_q = tl.zeros([BT, KB], dtype=tl.float32)      # dO Sᵀ
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
@@ -210,7 +229,9 @@ def output_backward_kernel(
     store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                     KB)
     if HAS_GATE:
-        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV)
+        if not SDS_FIRST:
+            S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB,
+                                        BV, SDS_UNROLL)
         d_k = d_k * to_end[:, None]
         E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
         write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r

@@ -16,7 +16,8 @@ def _tile_overrides(text: str) -> dict[str, int]:
              "output_stages", "wy_stages", "wy_bv", "obwd_kb", "obwd_bv", "obwd_warps",
              "obwd_stages", "loop_stages", "solve_stages", "solve_kb", "wy_warps",
              "exact_warps", "inline_gates", "fused_output", "fused_warps", "fused_stages",
-             "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split")
+             "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split",
+             "obwd_sds")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
