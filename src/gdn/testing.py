@@ -140,3 +140,21 @@ def forward_backward(op, inputs: RecurrenceInputs, *, seed: int = 1, **kwargs):
     wrt = inputs.tensors()
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
     return o.detach(), final_state.detach(), dict(zip(wrt, grads, strict=True))
+
+
+def dg_by_scaling(inputs: RecurrenceInputs, dq: torch.Tensor, dv: torch.Tensor,
+                  final_state: torch.Tensor, d_final_state: torch.Tensor) -> torch.Tensor:
+    """dg [B, T, HV] from the op's dq, dv by the scaling identity of math.md §4.7: the
+    reverse sum over each sequence of q·dq − v·dv, plus ⟨S_T, dS_T⟩. Needs HV = H (with GVA
+    the identity takes each v head's own part of dq, which the op does not return)."""
+    if inputs.q.shape[2] != inputs.v.shape[2]:
+        raise ValueError("dg_by_scaling needs as many q/k heads as v heads")
+    term = (inputs.q * dq).sum(-1) - (inputs.v * dv).sum(-1)
+    tail = (final_state * d_final_state).sum((-2, -1))              # [N, HV]
+    if inputs.cu_seqlens is None:
+        return term.flip(1).cumsum(1).flip(1) + tail[:, None, :]
+    bounds = inputs.cu_seqlens.tolist()
+    dg = torch.empty_like(term)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        dg[:, a:b] = term[:, a:b].flip(1).cumsum(1).flip(1) + tail[n]
+    return dg
