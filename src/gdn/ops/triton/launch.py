@@ -221,9 +221,9 @@ def output_backward_flags(p: _Plan) -> dict:
     loop (SDS_UNROLL), obwd_sds=2 also sums it before the loop of products (SDS_FIRST)."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
+    sds = TILES.get("obwd_sds", 0)
     return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
-            | dict(num_warps=warps, DM_RIGHT=warps < 8, SDS_UNROLL=TILES.get("obwd_sds", 0) >= 1,
-                   SDS_FIRST=TILES.get("obwd_sds", 0) >= 2)
+            | dict(num_warps=warps, DM_RIGHT=warps < 8, SDS_UNROLL=sds >= 1, SDS_FIRST=sds >= 2)
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)
