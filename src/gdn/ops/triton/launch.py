@@ -217,13 +217,14 @@ def output_backward_flags(p: _Plan) -> dict:
     on four warps was slower (1.225 against 1.129). Earlier, with BV = 32 (§9): KB = 128 on
     8 warps 1.12 ms, KB = 64 on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
     GDN_TRITON_TILES obwd_kb / obwd_warps / obwd_stages / obwd_bv override; fewer than eight
-    warps always take DM_RIGHT. For the gated ⟨S, dS′⟩ (NOTES.md §26), obwd_sds=1 unrolls its
-    loop (SDS_UNROLL), obwd_sds=2 also sums it before the loop of products (SDS_FIRST)."""
+    warps always take DM_RIGHT. For the gated ⟨S, dS′⟩, obwd_sds=1 unrolls its loop
+    (SDS_UNROLL): 0.847 → 0.819 ms on an H100 at 8x4096-h16, not yet probed on the GPU; summing
+    it before the loop of products instead was slower, 0.868 (NOTES.md §26-27)."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
-    sds = TILES.get("obwd_sds", 0)
     return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
-            | dict(num_warps=warps, DM_RIGHT=warps < 8, SDS_UNROLL=sds >= 1, SDS_FIRST=sds >= 2)
+            | dict(num_warps=warps, DM_RIGHT=warps < 8,
+                   SDS_UNROLL=bool(TILES.get("obwd_sds", 0)))
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)

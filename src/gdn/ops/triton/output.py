@@ -158,7 +158,7 @@ def output_backward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
     LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
-    SDS_UNROLL: tl.constexpr = False, SDS_FIRST: tl.constexpr = False,
+    SDS_UNROLL: tl.constexpr = False,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
@@ -184,11 +184,6 @@ def output_backward_kernel(
     i_hv = i_h * (HV // H) + i_g
     col0 = i_kb * KB
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
-    if HAS_GATE and SDS_FIRST:
-        # Before the products, where no accumulator is live yet; the loop below then reads
-        # the same tiles from L2 (``launch.output_backward_flags``).
-        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV,
-                                    SDS_UNROLL)
     d_q = tl.zeros([BT, KB], dtype=tl.float32)      # dO Sᵀ
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
@@ -229,9 +224,8 @@ def output_backward_kernel(
     store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                     KB)
     if HAS_GATE:
-        if not SDS_FIRST:
-            S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB,
-                                        BV, SDS_UNROLL)
+        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV,
+                                    SDS_UNROLL)
         d_k = d_k * to_end[:, None]
         E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
         write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r
