@@ -328,9 +328,23 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
                8x4096-h16-gla 2x16384-h16 8x4096-h32 8x4096-h16-gva32)
     fi
     # GDN_BACKENDS, e.g. "triton,triton-keep" to time recompute=False without fla's autotune.
+    # GDN_SPLIT_BACKENDS=1: each backend in a process of its own, each with GDN_BENCH_TIMEOUT
+    # (default 300 s), so that one slow cold start (fla's autotune of chunk_gla ran past 300 s
+    # with ours in one process, NOTES.md §27) does not cost the other's figures. The results
+    # files then differ by a "-<backend>" suffix.
+    backends=${GDN_BACKENDS:-triton,fla,sdpa}
     for case in "${cases[@]}"; do
-        timeout 300 python3 benchmarks/ops.py --shapes "$case" \
-            --backends "${GDN_BACKENDS:-triton,fla,sdpa}" --tag "$case" --out "$out/results" \
-            2>&1 | grep -E "^\| [0-9]|skip|[Ee]rror"
+        if [ "${GDN_SPLIT_BACKENDS:-0}" = 1 ]; then
+            runs=${backends//,/ }
+        else
+            runs=$backends
+        fi
+        for run in $runs; do
+            tag=$case
+            [ "$run" != "$backends" ] && tag="$case-$run"
+            timeout "${GDN_BENCH_TIMEOUT:-300}" python3 benchmarks/ops.py --shapes "$case" \
+                --backends "$run" --tag "$tag" --out "$out/results" \
+                2>&1 | grep -E "^\| [0-9]|skip|[Ee]rror"
+        done
     done
 fi
