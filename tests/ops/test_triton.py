@@ -108,6 +108,20 @@ def test_state_inner_product_unrolled(case, monkeypatch):
     _check(random_inputs(**kwargs, delta=delta, seed=11), delta, torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["gated", "gva_varlen", "gla", "k_in_four_blocks"])
+def test_state_inner_product_as_a_trace(case, monkeypatch):
+    """GDN_TRITON_TILES=obwd_trace=1: output_backward's gated ⟨S, dS′⟩ as the trace of S dS′ᵀ
+    in the loop of products (16-bit operands only, so float16 here), against the reference
+    (NOTES.md §27.8). gva_varlen's V = 100 ends in a ragged V block, k_in_four_blocks' K =
+    200 in a ragged K block: masked rows and columns add zeros to the trace."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setitem(launch.TILES, "obwd_trace", 1)
+    kwargs, delta = CASES[case]
+    x = random_inputs(**kwargs, delta=delta, seed=12).to(torch.float16).to(torch.float64)
+    _check(x, delta, torch.float16, 2e-3)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

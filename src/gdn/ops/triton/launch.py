@@ -219,12 +219,16 @@ def output_backward_flags(p: _Plan) -> dict:
     GDN_TRITON_TILES obwd_kb / obwd_warps / obwd_stages / obwd_bv override; fewer than eight
     warps always take DM_RIGHT. For the gated ⟨S, dS′⟩, obwd_sds=1 unrolls its loop
     (SDS_UNROLL): 0.847 → 0.819 ms on an H100 at 8x4096-h16, not yet probed on the GPU; summing
-    it before the loop of products instead was slower, 0.868 (NOTES.md §26-27)."""
+    it before the loop of products instead was slower, 0.868 (NOTES.md §26-27). obwd_trace=1
+    (16-bit operands) takes it as the trace of S dS′ᵀ, one more product in the loop of
+    products on tiles that feed only products, instead of a second read of S and dS′
+    (NOTES.md §27.8)."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
     return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
             | dict(num_warps=warps, DM_RIGHT=warps < 8,
-                   SDS_UNROLL=bool(TILES.get("obwd_sds", 0)))
+                   SDS_UNROLL=bool(TILES.get("obwd_sds", 0)),
+                   SDS_TRACE=bool(TILES.get("obwd_trace", 0)) and p.sixteen_bit)
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)

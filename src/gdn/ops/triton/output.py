@@ -158,7 +158,7 @@ def output_backward_kernel(
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
     LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
-    SDS_UNROLL: tl.constexpr = False,
+    SDS_UNROLL: tl.constexpr = False, SDS_TRACE: tl.constexpr = False,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
@@ -188,11 +188,15 @@ def output_backward_kernel(
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
+    if HAS_GATE and SDS_TRACE:
+        S_dSt = tl.zeros([KB, KB], dtype=tl.float32)  # S dS′ᵀ: ⟨S, dS′⟩ is its trace
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         dS = load_matrix_stored(d_states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         delta = load_rows_stored(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+        if HAS_GATE and SDS_TRACE:
+            S_dSt = mma(S, tl.trans(dS), S_dSt, DT, PREC)
         d_q = mma(b_do, tl.trans(S), d_q, DT, PREC)
         dO_Dt = mma(b_do, tl.trans(delta), dO_Dt, DT, PREC)
         d_k = mma(delta, tl.trans(dS), d_k, DT, PREC)
@@ -224,8 +228,12 @@ def output_backward_kernel(
     store_group_sum(d_q, dq_sum + i_h * K, dq + i_h * K, LAST, t0, end, H * K, col0, K, BT,
                     KB)
     if HAS_GATE:
-        S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB, BV,
-                                    SDS_UNROLL)
+        if SDS_TRACE:
+            r = tl.arange(0, KB)
+            S_dS = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], S_dSt, 0.0), axis=1), axis=0)
+        else:
+            S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB,
+                                        BV, SDS_UNROLL)
         d_k = d_k * to_end[:, None]
         E = dM * mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
         write_term = tl.sum(d_k * b_k.to(tl.float32), axis=1)     # k̃_rᵀ dS′ δ_r
