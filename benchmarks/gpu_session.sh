@@ -142,20 +142,28 @@ if [ "$what" = ncu ]; then
     # (default 6,4096,16,128,128), GDN_NCU_KERNEL a regex (default state_backward),
     # GDN_NCU_SKIP launches of it to skip (default 1: the second call's, for a kernel launched
     # once a call; 2 for the forward pass, which the backward recomputes). NOTES.md §14.
+    # GDN_NCU_VARIANTS: stages.py variants, each with every tile choice (e.g.
+    # "gated_delta_rule deltanet": what the gate costs a kernel, NOTES.md §27.8). The DRAM and
+    # L2 byte counts say whether a kernel reads its inputs once from HBM or again.
     shape=${GDN_SHAPE:-6,4096,16,128,128}
     kernel=${GDN_NCU_KERNEL:-state_backward}
     mkdir -p "$out/ncu"
-    for tiles in "" ${GDN_TILE_SWEEP:-}; do
-        report="$out/ncu/${shape//,/x}-$kernel-${tiles:-default}.txt"
-        report=${report//=/-}
-        echo "== $shape $kernel, tiles: ${tiles:-default}"
-        GDN_TRITON_TILES=$tiles timeout 300 /usr/local/cuda/bin/ncu \
-            --kernel-name "regex:$kernel" --launch-skip "${GDN_NCU_SKIP:-1}" --launch-count 1 \
-            --section SpeedOfLight --section Occupancy --section WarpStateStats \
-            --section LaunchStats --section MemoryWorkloadAnalysis --section SchedulerStats \
-            python3 benchmarks/stages.py --shape "$shape" --external > "$report" 2>&1
-        grep -E "^\s+(Duration|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Dynamic Shared|Block Limit (Registers|Shared)|DRAM Throughput|No Eligible)" \
-            "$report" || tail -3 "$report"
+    for variant in ${GDN_NCU_VARIANTS:-gated_delta_rule}; do
+        for tiles in "" ${GDN_TILE_SWEEP:-}; do
+            report="$out/ncu/${shape//,/x}-$variant-$kernel-${tiles:-default}.txt"
+            report=${report//=/-}
+            echo "== $shape $variant $kernel, tiles: ${tiles:-default}"
+            GDN_TRITON_TILES=$tiles timeout 300 /usr/local/cuda/bin/ncu \
+                --kernel-name "regex:$kernel" --launch-skip "${GDN_NCU_SKIP:-1}" \
+                --launch-count 1 --section SpeedOfLight --section Occupancy \
+                --section WarpStateStats --section LaunchStats \
+                --section MemoryWorkloadAnalysis --section SchedulerStats \
+                --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum \
+                python3 benchmarks/stages.py --shape "$shape" --variant "$variant" \
+                --external > "$report" 2>&1
+            grep -E "^\s+(Duration|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Dynamic Shared|Block Limit (Registers|Shared)|DRAM Throughput|No Eligible|dram__bytes|lts__t_bytes)" \
+                "$report" || tail -3 "$report"
+        done
     done
 fi
 if [ "$what" = state ]; then
