@@ -109,14 +109,16 @@ def test_state_inner_product_unrolled(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["gated", "gva_varlen", "gla", "k_in_four_blocks"])
-def test_state_inner_product_as_a_trace(case, monkeypatch):
-    """GDN_TRITON_TILES=obwd_trace=1: output_backward's gated ⟨S, dS′⟩ as the trace of S dS′ᵀ
-    in the loop of products (16-bit operands only, so float16 here), against the reference
-    (NOTES.md §27.8). gva_varlen's V = 100 ends in a ragged V block, k_in_four_blocks' K =
-    200 in a ragged K block: masked rows and columns add zeros to the trace."""
+def test_state_inner_product_as_a_loop_with_16_bit_operands(case, monkeypatch):
+    """GDN_TRITON_TILES=obwd_trace=0: output_backward's gated ⟨S, dS′⟩ in a loop after the
+    products, which read S and dS′ again, instead of the default trace of S dS′ᵀ (16-bit
+    operands; float32 ones always take the loop), against the reference (NOTES.md §27.9,
+    §28.1). The float16 tests above cover the trace: gva_varlen's V = 100 ends in a ragged V
+    block, k_in_four_blocks' K = 200 in a ragged K block, whose masked rows and columns add
+    zeros to the trace; a 1 % error put into the trace failed all four cases."""
     from gdn.ops.triton import launch
 
-    monkeypatch.setitem(launch.TILES, "obwd_trace", 1)
+    monkeypatch.setitem(launch.TILES, "obwd_trace", 0)
     kwargs, delta = CASES[case]
     x = random_inputs(**kwargs, delta=delta, seed=12).to(torch.float16).to(torch.float64)
     _check(x, delta, torch.float16, 2e-3)

@@ -217,18 +217,18 @@ def output_backward_flags(p: _Plan) -> dict:
     on four warps was slower (1.225 against 1.129). Earlier, with BV = 32 (§9): KB = 128 on
     8 warps 1.12 ms, KB = 64 on 4 warps 1.19, on 8 warps 1.71; then BV = 64: 0.95.
     GDN_TRITON_TILES obwd_kb / obwd_warps / obwd_stages / obwd_bv override; fewer than eight
-    warps always take DM_RIGHT. For the gated ⟨S, dS′⟩, obwd_sds=1 unrolls its loop
-    (SDS_UNROLL): 0.847 → 0.819 ms on an H100 at 8x4096-h16, not yet probed on the GPU; summing
-    it before the loop of products instead was slower, 0.868 (NOTES.md §26-27). obwd_trace=1
-    (16-bit operands) takes it as the trace of S dS′ᵀ, one more product in the loop of
-    products on tiles that feed only products, instead of a second read of S and dS′
-    (NOTES.md §27.8)."""
+    warps always take DM_RIGHT. The gated ⟨S, dS′⟩ with 16-bit operands is the trace of
+    S dS′ᵀ (SDS_TRACE), one more product in the loop of products on tiles that feed only
+    products: on an H100 0.852 → 0.775 ms at 8x4096-h16 and 1.604 → 1.037 at K = 256 against
+    a separate loop after it that reads S and dS′ again (NOTES.md §27.9, §28.1; obwd_trace=0
+    restores that loop). Float32 operands keep the loop; obwd_sds=1 unrolls it (0.852 →
+    0.824 with bf16 operands, NOTES.md §26-28)."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
     return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
             | dict(num_warps=warps, DM_RIGHT=warps < 8,
                    SDS_UNROLL=bool(TILES.get("obwd_sds", 0)),
-                   SDS_TRACE=bool(TILES.get("obwd_trace", 0)) and p.sixteen_bit)
+                   SDS_TRACE=bool(TILES.get("obwd_trace", 1)) and p.sixteen_bit)
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)
