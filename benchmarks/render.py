@@ -2,9 +2,10 @@
 
     python benchmarks/render.py            # ops.py calls this after each run
 
-One table per results file, newest first, under a header naming the device, torch, Triton,
-the git commit and the date. The files are the record; the page is derived and never edited
-by hand.
+One table per run, newest first, under a header naming the device, torch, Triton, the git
+commit and the date: the files of one device, commit, day and software (a run split into
+one file per case or backend, gpu_session.sh's GDN_SPLIT_BACKENDS) share a table. The
+files are the record; the page is derived and never edited by hand.
 """
 
 from __future__ import annotations
@@ -111,22 +112,34 @@ def table(rows: list[dict], cuda: bool = False) -> list[str]:
     return lines
 
 
-def section(result: dict, name: str) -> list[str]:
-    h = result["header"]
+def _run_key(header: dict) -> tuple:
+    """What makes files one run: device, commit, day and software."""
+    return tuple(str(header.get(field)) for field in
+                 ("device", "commit", "torch", "triton", "python", "threads")) \
+        + (header["date"][:10],)
+
+
+def section(results: list[dict], names: list[str]) -> list[str]:
+    """One run's table: the rows of its files in the order they ran."""
+    h = results[0]["header"]
     title = f"## {h['device']} — {h['date'][:10]}, commit {h['commit']}"
     facts = [f"torch {h['torch']}", f"Triton {h['triton'] or 'not installed'}",
              f"Python {h['python']}", f"{h['threads']} thread{'s' * (h['threads'] != 1)}"]
     if h["device_type"] == "cpu":
         facts.append(f"{h['cpu_count']} CPUs")
-    if h.get("load_avg") is not None:
+    # A load average describes one process's run: shown only for a table of one file.
+    if len(results) == 1 and h.get("load_avg") is not None:
         load = f"load average (1, 5, 15 min) {_loads(h['load_avg'])} at start"
         if h.get("load_avg_end") is not None:
             load += f", {_loads(h['load_avg_end'])} at end"
         facts.append(load)
-    rows = table(result["rows"], cuda=h["device_type"] == "cuda")
-    # A note added to a results file after its run (what was found about that commit later).
-    note = [f"Note: {h['note']}", ""] if h.get("note") else []
-    return [title, "", " · ".join(facts) + f" · `{name}`", "", *note, *rows, ""]
+    rows = table([row for result in results for row in result["rows"]],
+                 cuda=h["device_type"] == "cuda")
+    # Notes added to a results file after its run (what was found about that commit later).
+    notes = dict.fromkeys(r["header"]["note"] for r in results if r["header"].get("note"))
+    note = [line for text in notes for line in (f"Note: {text}", "")]
+    files = ", ".join(f"`{name}`" for name in names)
+    return [title, "", " · ".join(facts) + f" · {files}", "", *note, *rows, ""]
 
 
 TRAIN_LEGEND = """\
@@ -176,13 +189,17 @@ def train_sections(train_dir: Path) -> list[str]:
 
 def render(results_dir: Path = RESULTS_DIR, doc_path: Path = DOC_PATH) -> Path:
     """Rewrite ``doc_path`` from every ``*.json`` in ``results_dir``; returns the path."""
-    results = []
+    runs: dict[tuple, list] = {}
     for path in sorted(results_dir.glob("*.json")):
-        results.append((json.loads(path.read_text()), path.name))
-    results.sort(key=lambda item: item[0]["header"]["date"], reverse=True)
+        result = json.loads(path.read_text())
+        runs.setdefault(_run_key(result["header"]), []).append((result, path.name))
+    for files in runs.values():
+        files.sort(key=lambda item: item[0]["header"]["date"])
+    results = sorted(runs.values(), key=lambda files: files[-1][0]["header"]["date"],
+                     reverse=True)
     lines = ["# Benchmarks", "", LEGEND]
-    for result, name in results:
-        lines += section(result, name)
+    for files in results:
+        lines += section([result for result, _ in files], [name for _, name in files])
     if not results:
         lines.append("No results yet: run `python benchmarks/ops.py`.\n")
     training = train_sections(results_dir / "train")
