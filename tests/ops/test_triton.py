@@ -124,30 +124,6 @@ def test_state_inner_product_as_a_loop_with_16_bit_operands(case, monkeypatch):
     _check(x, delta, torch.float16, 2e-3)
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["plain", "segmented"])
-@pytest.mark.parametrize("case", ["gated", "gva_varlen", "gla"])
-def test_stored_decay_matrices_change_no_bit(case, segmented, monkeypatch):
-    """GDN_TRITON_TILES=fused_dtable=1: the forward pass that computes the output reads each
-    chunk's decay matrix as chunk_decays stored it instead of forming it (NOTES.md §27.11).
-    The same operations on the same values: the output and final state equal the default's
-    bit for bit, in float16, through the plain and the segmented pass."""
-    from gdn.ops.triton import launch, passes
-
-    if segmented:
-        monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
-    kwargs, delta = CASES[case]
-    x = random_inputs(**kwargs, delta=delta, seed=12).to(torch.float16)
-    runs = []
-    for knob in (0, 1):
-        monkeypatch.setitem(launch.TILES, "fused_dtable", knob)
-        with torch.no_grad():
-            runs.append(_op(delta)(**x.kwargs(delta), output_final_state=True,
-                                   backend="triton"))
-    (o, s), (o_table, s_table) = runs
-    assert torch.isfinite(o).all()
-    assert torch.equal(o, o_table) and torch.equal(s, s_table)
-
-
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

@@ -39,7 +39,6 @@ def chunk_decays_kernel(
     chunk_seq, chunk_start, cu, TT,
     HV: tl.constexpr, BT: tl.constexpr, HAS_GATE: tl.constexpr = True,
     HAS_BETA: tl.constexpr = False,
-    matrices=None,         # out, with a gate: [NC, HV, BT, BT] float32 D per chunk, or None
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -57,23 +56,15 @@ def chunk_decays_kernel(
         tl.store(row + TT + o_t, to_end, mask=o_t < end)
         tl.store(row + 2 * TT + o_t, hi, mask=o_t < end)
         tl.store(row + 3 * TT + o_t, lo, mask=o_t < end)
-        if matrices is not None:
-            o = tl.arange(0, BT)
-            p_d = matrices + (i_c.to(tl.int64) * HV + i_hv) * BT * BT
-            tl.store(p_d + o[:, None] * BT + o[None, :],
-                     decay_matrix(hi, lo, hi, lo, o_t < end, BT))
     if HAS_BETA:
         tl.store(row + _BETA_ROW * TT + o_t, load_vec(beta + i_hv, t0, end, HV, BT),
                  mask=o_t < end)
 
 
 def chunk_decays(g_: torch.Tensor | None, table, BT: int,
-                 beta_: torch.Tensor | None = None,
-                 matrices: torch.Tensor | None = None) -> torch.Tensor | None:
+                 beta_: torch.Tensor | None = None) -> torch.Tensor | None:
     """[HV, ROWS, TT] float32 decays of every chunk of the chunk table for flattened gates
-    g_ [TT, HV], and β's row from beta_ [TT, HV] if given; None if neither is. With a gate and
-    ``matrices`` ([NC, HV, BT, BT] float32), each chunk's D (``load_decay_matrix``'s values,
-    bit for bit) is written there too."""
+    g_ [TT, HV], and β's row from beta_ [TT, HV] if given; None if neither is."""
     if g_ is None and beta_ is None:
         return None
     TT, HV = (g_ if g_ is not None else beta_).shape
@@ -81,9 +72,7 @@ def chunk_decays(g_: torch.Tensor | None, table, BT: int,
     chunk_decays_kernel[(table.num_chunks, HV)](g_, beta_, decays, table.seq, table.start,
                                                 table.cu, TT, HV=HV, BT=BT,
                                                 HAS_GATE=g_ is not None,
-                                                HAS_BETA=beta_ is not None,
-                                                matrices=matrices if g_ is not None else None,
-                                                num_warps=1)
+                                                HAS_BETA=beta_ is not None, num_warps=1)
     return decays
 
 
@@ -108,34 +97,18 @@ def load_decay_matrix(decays, i_hv, TT, t0, end, BT: tl.constexpr):
     early in the chunk does not swamp the later small ones (math.md §5.3). The pair is read
     twice, once per axis, which costs two 256-byte loads where forming D from g costs scans
     and layout changes inside a sequential step (NOTES.md §15)."""
-    o_t = t0 + tl.arange(0, BT).to(tl.int64)
+    o = tl.arange(0, BT)
+    o_t = t0 + o.to(tl.int64)
     row = decays + i_hv.to(tl.int64) * _ROWS * TT
     hi_r = tl.load(row + 2 * TT + o_t, mask=o_t < end, other=0.0)
     lo_r = tl.load(row + 3 * TT + o_t, mask=o_t < end, other=0.0)
     hi_j = tl.load(row + 2 * TT + o_t, mask=o_t < end, other=0.0)
     lo_j = tl.load(row + 3 * TT + o_t, mask=o_t < end, other=0.0)
-    return decay_matrix(hi_r, lo_r, hi_j, lo_j, o_t < end, BT)
-
-
-@triton.jit
-def decay_matrix(hi_r, lo_r, hi_j, lo_j, valid, BT: tl.constexpr):
-    """D from the Γ pairs of a chunk's rows (hi_r, lo_r) and columns (hi_j, lo_j), the same
-    [BT] values each; ``valid`` marks the rows before the sequence's end."""
-    o = tl.arange(0, BT)
     diff = (hi_r[:, None] - hi_j[None, :]) + (lo_r[:, None] - lo_j[None, :])
     # Rows past the end read Γ = 0, which would make their exponents positive (math.md §5.1):
     # they are masked with the upper triangle.
-    keep = (o[:, None] >= o[None, :]) & valid[:, None]
+    keep = (o[:, None] >= o[None, :]) & (o_t < end)[:, None]
     return tl.exp(tl.where(keep, diff, float("-inf")))
-
-
-@triton.jit
-def load_stored_decay_matrix(matrices, i_c, i_hv, HV: tl.constexpr, BT: tl.constexpr):
-    """Chunk i_c's D as ``chunk_decays`` stored it: one contiguous [BT, BT] float32 tile,
-    where ``load_decay_matrix`` forms it from four [BT] loads and BT² exps (NOTES.md §27.11)."""
-    o = tl.arange(0, BT)
-    p_d = matrices + (i_c.to(tl.int64) * HV + i_hv) * BT * BT
-    return tl.load(p_d + o[:, None] * BT + o[None, :])
 
 
 @triton.jit

@@ -234,20 +234,9 @@ def output_backward_flags(p: _Plan) -> dict:
             | p.exact_launch)
 
 
-def _decays(p: _Plan, g_, b_, matrices=None):
-    """The state passes' chunk decays and β (decays.py), None with neither; with
-    ``matrices`` each chunk's decay matrix written there too."""
-    return decays.chunk_decays(g_, p.table, BT, b_, matrices)
-
-
-def _decay_matrices(p: _Plan, g) -> torch.Tensor | None:
-    """GDN_TRITON_TILES=fused_dtable=1: room for every chunk's decay matrix, [NC, HV, BT, BT]
-    float32 (256 bytes per token and v head; 134 MB at 8x4096-h16), which the forward pass
-    that computes the output then reads whole instead of forming it from the Γ pairs in its
-    sequential step (NOTES.md §27.11). None without a gate or the knob."""
-    if g is None or not TILES.get("fused_dtable"):
-        return None
-    return torch.empty(p.table.num_chunks, p.HV, BT, BT, **p.f32)
+def _decays(p: _Plan, g_, b_):
+    """The state passes' chunk decays and β (decays.py), None with neither."""
+    return decays.chunk_decays(g_, p.table, BT, b_)
 
 
 @dataclass
@@ -282,12 +271,11 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         wy_solve.wy_solve_kernel[grid](k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
                                        **_solve_flags(p))
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
-    matrices = _decay_matrices(p, g) if fused_output(p.K) else None
-    d_ = _decays(p, g_, b_, matrices)
+    d_ = _decays(p, g_, b_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    fused = passes.Output(q_, o, scale, keep, matrices) if fused_output(p.K) else None
+    fused = passes.Output(q_, o, scale, keep) if fused_output(p.K) else None
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:

@@ -190,17 +190,13 @@ class Output:
     o: torch.Tensor
     scale: float
     keep: bool = False
-    # Each chunk's decay matrix as decays.chunk_decays stored it, or None to form it in the
-    # pass (GDN_TRITON_TILES=fused_dtable=1, NOTES.md §27.11).
-    decay_matrices: torch.Tensor | None = None
 
 
 def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
                     V=None, store_chunks=True, u_zero=False, out: Output | None = None):
     V = p.V if V is None else V
     flags = _state_flags(p, "forward")
-    q_, o, scale, matrices = ((None, None, 1.0, None) if out is None
-                              else (out.q, out.o, out.scale, out.decay_matrices))
+    q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
@@ -208,7 +204,7 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
         k_, v_, a, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
         DELTA=a is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and (out is None or out.keep), U_ZERO=u_zero,
-        OUTPUT=out is not None, V_FASTEST=V_FASTEST, matrices=matrices, **flags)
+        OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
 
 def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:

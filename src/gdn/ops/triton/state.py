@@ -45,12 +45,7 @@ from gdn.ops.triton.common import (
     store_matrix_t,
     store_rows,
 )
-from gdn.ops.triton.decays import (
-    load_chunk_beta,
-    load_chunk_decays,
-    load_decay_matrix,
-    load_stored_decay_matrix,
-)
+from gdn.ops.triton.decays import load_chunk_beta, load_chunk_decays, load_decay_matrix
 
 
 @triton.jit
@@ -305,7 +300,7 @@ def _query_block(q, S, Kt, qs, scores, row0, t0, end, stride, K, DT: tl.constexp
 def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, i_hv, TT,
                  t0, end, stride, scale, K: tl.constexpr, HAS_GATE: tl.constexpr,
                  DT: tl.constexpr, ODT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                 KB: tl.constexpr, BV: tl.constexpr, matrices, i_c, HV: tl.constexpr):
+                 KB: tl.constexpr, BV: tl.constexpr):
     """(3.3) for one chunk and BV columns, from the chunk-start state still in registers:
     scale·(diag(e^{Γ_r}) Q S + (QKᵀ ⊙ D) Δ), with Δ the writes as the output stage reads
     them (rounded to the operand dtype) and D from the decay table (``load_decay_matrix``).
@@ -313,9 +308,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
     in registers. On an H100 with Triton 3.6 that pattern computes wrong in bf16 in a loop
     that is not pipelined (NOTES.md §9) and wrong in TF32 in one that is (o 0.33, the final
     state 1.0 relative error, §18): so float32 in one stage, the operand dtype in two
-    (``passes._output_pass_launch``), as output_forward takes it. ``matrices``: D of every
-    chunk as ``decays.chunk_decays`` stored it (chunk i_c's read whole), or None to form it
-    here (``decays.load_decay_matrix``)."""
+    (``passes._output_pass_launch``), as output_forward takes it."""
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     qs, scores = _query_block(q, S1, Kt1, qs, scores, 0, t0, end, stride, K, DT, PREC, BT, KB)
@@ -329,11 +322,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
         qs, scores = _query_block(q, S4, Kt4, qs, scores, 3 * KB, t0, end, stride, K, DT,
                                   PREC, BT, KB)
     if HAS_GATE:
-        if matrices is None:
-            D = load_decay_matrix(decays, i_hv, TT, t0, end, BT)
-        else:
-            D = load_stored_decay_matrix(matrices, i_c, i_hv, HV, BT)
-        P = scores * D
+        P = scores * load_decay_matrix(decays, i_hv, TT, t0, end, BT)
         qs = qs * e_gamma[:, None]
     else:
         o_t = tl.arange(0, BT)
@@ -355,7 +344,6 @@ def state_forward_kernel(
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
     SPLIT: tl.constexpr = False,
-    matrices=None,         # OUTPUT with a gate: each chunk's D (decays.py), or None to form it
 ):
     """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
     in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
@@ -396,7 +384,7 @@ def state_forward_kernel(
         if OUTPUT:
             b_o = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
                                e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
-                               HAS_GATE, DT, ODT, PREC, BT, KB, BV, matrices, first + i, HV)
+                               HAS_GATE, DT, ODT, PREC, BT, KB, BV)
             store_rows(o + i_hv * V, b_o, t0, end, HV * V, col0, V, BT, BV)
             if STORE_CHUNKS and DELTA:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
