@@ -132,7 +132,11 @@ def _state_inner_product(p_s, p_ds, col0, K: tl.constexpr, V: tl.constexpr,
     single shared buffer from Triton 3.6's pipeliner, which the next iteration's copy
     overwrote while the asynchronous product still read it (dw differed from run to run at
     8x4096-h16, NOTES.md §25). UNROLL, up to two V blocks: the loop unrolled, so that all
-    its loads can be in flight at once (a rolled loop waits for each block's in turn)."""
+    its loads can be in flight at once (a rolled loop waits for each block's in turn).
+    Float32 operands only by default: 16-bit ones take ⟨S, dS′⟩ as the trace of S dS′ᵀ in
+    the loop of products (SDS_TRACE), as this second read of S and dS′ cost 0.08 ms at
+    8x4096-h16 and 0.57 at K = 256 on an H100 (NOTES.md §28.1); with TF32 products the
+    trace would round S and dS′ to 10-bit mantissas."""
     n_v: tl.constexpr = (V + BV - 1) // BV
     by_row = tl.zeros([KB], dtype=tl.float32)
     if UNROLL and n_v <= 2:
