@@ -122,7 +122,9 @@ if [ "$what" = segments ]; then
 fi
 if [ "$what" = check ]; then
     # Each tile choice (default first, then GDN_TILE_SWEEP) probed against float64 at a
-    # full shape, a K = 256 one and an awkward one, then its kernel times: for a kernel
+    # full shape, a K = 256 one and an awkward one, then its kernel times at each shape of
+    # GDN_CHECK_SHAPES (default the first shape; e.g. "8,4096,16,128,128 8,4096,6,256,512":
+    # the K = 256 figures of NOTES.md §28.1 took a second call without it): for a kernel
     # change whose variants may compute differently on the GPU (NOTES.md §9).
     for tiles in "" ${GDN_TILE_SWEEP:-}; do
         echo "== tiles: ${tiles:-default}"
@@ -132,8 +134,10 @@ if [ "$what" = check ]; then
             GDN_TRITON_TILES=$tiles timeout 120 python3 benchmarks/probe_launch.py "$shape" \
                 2>&1 | grep -v Warn | tail -1
         done
-        GDN_TRITON_TILES=$tiles run_stages --tag "t-${tiles//[=,]/-}" \
-            --out "$out/stages" | stage_lines
+        for shape in ${GDN_CHECK_SHAPES:-8,4096,16,128,128}; do
+            GDN_TRITON_TILES=$tiles run_stages --shape "$shape" --tag "t-${tiles//[=,]/-}" \
+                --out "$out/stages" | stage_lines
+        done
     done
 fi
 if [ "$what" = ncu ]; then
