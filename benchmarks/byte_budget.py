@@ -30,11 +30,13 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     from A and v (math.md §3.10), reading A's hi part only; the backward recomputes the chunk
     states and Δ; up to K = 128 the forward's state pass computes the output (math.md §3.9),
     above it output_forward does from the stored states. (Before 2026-12-03 wy_apply formed
-    w and u, which the passes read: the budget files of that code count them.)"""
+    w and u, which the passes read, and before 2026-12-07 a dv_local kernel formed scale·PᵀdO
+    for the reverse pass, which now reads the forward's chunk scores: the budget files of
+    that code count them.)"""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
     w = TT * HV * K * element                  # dw, dk's output part (per v head)
-    v = TT * HV * V * element                  # v, Δ, dO, o, dΔ, dv_local, dv
+    v = TT * HV * V * element                  # v, Δ, dO, o, dΔ, dv
     a = TT * HV * BT * 2 * element             # A as two 16-bit parts (hi, lo)
     a_hi = a // 2                              # what the state passes read of it
     gate = TT * HV * element if gated else 0   # g (read), dg (float32 written and read)
@@ -45,16 +47,16 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     forward_rows, reverse_rows = (4 if gated else 0) * row + row, (2 if gated else 0) * row + row
     states = -(-T // BT) * B * HV * K * V * element   # one [K, V] state per chunk and v head
     dg_parts = (2 if K > 64 else 1) * TT * HV * 4 if gated else 0
+    scores = TT * HV * BT * element            # scale·P per chunk and v head (scores.py)
     fused = K <= 128
-    forward_pass = qk + a_hi + v + forward_rows + (qk + v if fused else states + v)
+    forward_pass = qk + a_hi + v + forward_rows + (qk + v + scores if fused else states + v)
     recompute = qk + a_hi + v + reverse_rows + states + v
     return {
         "wy_solve_kernel": qk + gate + beta + a,
         "chunk_decays_kernel": 2 * (gate + beta + (5 if gated else 1) * row),  # two calls
         "state_forward_kernel": forward_pass + recompute,
-        "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v,
-        "dv_local_kernel": qk + qk + gate + v + v,
-        "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + v + states + v,
+        "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v + scores,
+        "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + scores + states + v,
         "output_backward_kernel": (qk + qk + gate + v + v + v + 2 * states
                                    + qk + w + w + dg_parts),
         "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk + v

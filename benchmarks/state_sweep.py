@@ -7,7 +7,7 @@ several shapes, in one process (benchmarks/NOTES.md §17).
 A config is BV:warps:stages:inline (inline 1 = the decays from g, 0 = from the table). Each
 is set the way GDN_TRITON_TILES would set it, and the pass is timed plain (no segments) with
 do_bench on the op's own inputs (``_inputs``: wy_solve's A and the decay table of random
-inputs; dO and dv_local random). stages.py times the whole op; this times one pass under
+inputs; dO and the chunk scores random). stages.py times the whole op; this times one pass under
 many choices without a process and a compile of the op per choice.
 """
 
@@ -27,7 +27,7 @@ from gdn.testing import random_inputs
 
 def _inputs(shape, device, dtype):
     """The reverse pass's inputs at (B, T, H, K, V), gated, with the delta term: the launch
-    plan, q, k, wy_solve's A, g, the decay table, and random dO and dv_local."""
+    plan, q, k, wy_solve's A, g, the decay table, and random dO and chunk scores."""
     B, T, H, K, V = shape
     x = random_inputs(B=B, T=T, H=H, K=K, V=V, seed=0, device=device).to(dtype)
     p = launch._plan(x.q, x.v, x.g, None, exact=False)
@@ -36,12 +36,12 @@ def _inputs(shape, device, dtype):
     wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](k_, g_, b_, a, *p.chunks,
                                                          BC=wy_solve.BC,
                                                          **launch._solve_flags(p))
-    return (p, q_, k_, a, g_, launch._decays(p, g_, b_), torch.randn_like(v_),
-            torch.randn_like(v_))
+    scores = torch.randn(launch.scores_shape(p.table.num_chunks, p.HV), **p.lo)
+    return (p, q_, k_, a, g_, launch._decays(p, g_, b_), torch.randn_like(v_), scores)
 
 
 def time_reverse(shape, configs) -> dict:
-    p, q_, k_, a, g_, d_, do, dv_local = _inputs(shape, "cuda", torch.bfloat16)
+    p, q_, k_, a, g_, d_, do, chunk_scores = _inputs(shape, "cuda", torch.bfloat16)
     scale = shape[3] ** -0.5
     row = {}
     for config in configs:
@@ -51,8 +51,9 @@ def time_reverse(shape, configs) -> dict:
         passes.TILES["inline_gates"] = inline
 
         def call():
-            return passes.state_backward(p, q_, k_, a, d_, do, dv_local, None, want_dh0=True,
-                                         scale=scale, segs=None, transitions=None, g_=g_)
+            return passes.state_backward(p, q_, k_, a, d_, do, chunk_scores, None,
+                                         want_dh0=True, scale=scale, segs=None,
+                                         transitions=None, g_=g_)
         try:
             call()
             row[config] = triton.testing.do_bench(call)

@@ -142,14 +142,15 @@ def test_every_output_element_is_written():
     original = torch.empty
     torch.empty = lambda *a, **kw: original(*a, **kw).fill_(float("nan"))
     try:
-        o, s, _, _, kept = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
-                                                initial_state=None, cu_seqlens=x.cu_seqlens,
-                                                exact=True, keep=True)
+        o, s, _, _, kept, chunk_scores = launch.chunk_forward(
+            x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None, cu_seqlens=x.cu_seqlens,
+            exact=True, keep=True, save_scores=True)
     finally:
         torch.empty = original
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
-    # recompute=False's tensors too, the varlen grid's spare chunk states included.
-    for t in (kept.states, kept.v_new):
+    # recompute=False's tensors and the chunk scores too, the varlen grid's spare chunks
+    # included.
+    for t in (kept.states, kept.v_new, chunk_scores):
         assert torch.isfinite(t).all()
 
 
@@ -172,9 +173,9 @@ def test_split_and_carry_equals_one_call():
 def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
     segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
-    ``keep`` the chunk states (a grid bound of them with varlen) and Δ, whose shapes the
-    fake must predict; with fp16 inputs and precise_state ("precise") both are float16, as
-    the fake must say too."""
+    ``keep`` the chunk states (a grid bound of them with varlen) and Δ, and the chunk scores,
+    whose shapes the fake must predict; with fp16 inputs and precise_state ("precise") they
+    are float16, as the fake must say too."""
     from gdn.ops.triton import function, passes
 
     if segmented:
@@ -186,9 +187,10 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     precise = keep == "precise"
     x = x.to(torch.float16 if precise else torch.float32)   # the state stays float32
     args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, not precise,
-            bool(keep), precise)
+            bool(keep), precise, True)
     torch.library.opcheck(function.chunk_forward_op, args)
-    o, final, a, seam_starts, transitions, *kept = function.chunk_forward_op(*args)
+    o, final, a, seam_starts, transitions, *kept, chunk_scores = function.chunk_forward_op(
+        *args)
     assert seam_starts.shape == ((6, 2, 16, 16) if segmented else (0,))
     assert transitions.shape == ((2, 3, 2, 16, 16) if segmented else (0,))
     chunks = 6 if segmented else 70 // 64 + 2       # 2 rows of 3; the varlen grid bound
@@ -197,9 +199,12 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     assert [tuple(t.shape) for t in kept] == want
     if precise:
         assert [t.dtype for t in kept] == [torch.float16, torch.float16]
+    # The chunk scores for the backward (scores.py): one [64, 64] tile per chunk and v head.
+    assert chunk_scores.shape == (chunks, 2, 64, 64)
+    assert chunk_scores.dtype == (torch.float16 if precise else torch.float32)
     backward_args = (torch.randn_like(o), torch.randn_like(final), x.q, x.k, x.v, x.g, x.beta,
-                     a, 0.25, x.initial_state, x.cu_seqlens, not precise, seam_starts,
-                     transitions, *kept, precise)
+                     a, chunk_scores, 0.25, x.initial_state, x.cu_seqlens, not precise,
+                     seam_starts, transitions, *kept, precise)
     torch.library.opcheck(function.chunk_backward_op, backward_args)
 
 

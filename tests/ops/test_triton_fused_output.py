@@ -3,7 +3,8 @@ computes o from the chunk-start state in registers (state.py, OUTPUT=True) inste
 storing every chunk state for ``output_forward``. In Triton's interpreter (CPU):
 
 - fused and unfused forwards agree to rounding, and the backward, which recomputes what it
-  needs whichever forward ran, gives the same gradients bit for bit;
+  needs whichever forward ran, gives the same gradients bit for bit up to K = 64 (above, the
+  chunk scores both store differ by the order of QKᵀ's sum);
 - with ``recompute=False`` (``keep``) the fused pass also stores the chunk states and Δ, the
   same ones the unfused pass stores, so the gradients again agree bit for bit;
 - the fused forward launches no ``output_forward``, with or without ``keep``;
@@ -64,11 +65,17 @@ def test_fused_and_unfused_forwards_agree(case, dtype, recompute, monkeypatch):
     # fused pass only reads k's tiles once for both products): equal in the interpreter.
     assert torch.equal(s1, s0)
     # The backward recomputes w, u, Δ and the states itself, or with keep takes the ones
-    # both passes stored from the same steps: it cannot tell the forwards apart.
+    # both passes stored from the same steps. What it takes from either forward is the chunk
+    # scores scale·P (scores.py): QKᵀ summed over K in one product by output_forward and in
+    # blocks of 64 columns by the fused pass, so equal up to K = 64 and to rounding above.
     assert g1.keys() == g0.keys()
+    one_block = x.q.shape[-1] <= 64
     for name, grad in g1.items():
         assert grad is not None, name
-        assert torch.equal(grad, g0[name]), name
+        if one_block:
+            assert torch.equal(grad, g0[name]), name
+        else:
+            assert rel_error(grad, g0[name]) <= tol, name
 
 
 class _CountingOutput:
@@ -171,12 +178,13 @@ def test_every_output_element_is_written_when_fused(monkeypatch):
     original = torch.empty
     monkeypatch.setattr(torch, "empty",
                         lambda *a, **kw: original(*a, **kw).fill_(float("nan")))
-    o, s, _, _, kept = launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3,
-                                            initial_state=None, cu_seqlens=x.cu_seqlens,
-                                            exact=True, keep=False)
+    o, s, _, _, kept, chunk_scores = launch.chunk_forward(
+        x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None, cu_seqlens=x.cu_seqlens,
+        exact=True, keep=False, save_scores=True)
     monkeypatch.undo()
     assert kept is None
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert torch.isfinite(chunk_scores).all()
 
 
 def test_the_default_rule(monkeypatch):

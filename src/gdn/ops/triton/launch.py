@@ -9,11 +9,11 @@ float32 operands (for 16-bit ones it is two 16-bit parts, ``a_shape``); the othe
 tensors the kernels hand to one another (Δ, the chunk-start states and their gradients) are
 in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32 otherwise. Every state
 kept in registers is float32. The state passes form the writes from A and v themselves, so
-w and u never exist (math.md §3.10). By default the backward keeps only A from the forward
-and recomputes Δ and the states (math.md §4.6), so the forward need not store the states at
-all: up to K = 128 its state pass computes the output itself (``fused_output``, §3.9). With
-``keep`` the forward hands Δ and the states on (``Kept``) and the backward skips its forward
-state pass.
+w and u never exist (math.md §3.10). By default the backward keeps only A and the chunk
+scores scale·P (scores.py) from the forward and recomputes Δ and the states (math.md §4.6),
+so the forward need not store the states at all: up to K = 128 its state pass computes the
+output itself (``fused_output``, §3.9). With ``keep`` the forward hands Δ and the states on
+(``Kept``) and the backward skips its forward state pass.
 """
 
 from __future__ import annotations
@@ -69,14 +69,13 @@ WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
 # 255 registers and no spill at K = 128, against 40 B of spill at the plan's 64 (NOTES.md §19;
 # not yet measured on the GPU).
 WY_BACKWARD_BV = TILES.get("wy_bv")
-# dv_local multiplies a tile in registers (Pᵀ) by dO tiles in a loop: pipelined too
-# (``loop_stages``).
 
 
 def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     """Pipeline stages of the kernels whose loops multiply a tile held in registers (two at
-    least, §9): wy_backward (knob "wy_stages"), dv_local ("loop_stages"),
-    output_backward ("obwd_stages") and output_forward ("output_stages"). Three with 16-bit
+    least, §9): wy_backward (knob "wy_stages"), output_backward ("obwd_stages") and
+    output_forward ("output_stages"); dv_local ("loop_stages") was one until the forward
+    stored the chunk scores for the reverse pass (scores.py). Three with 16-bit
     operands, measured on an H100 against two (NOTES.md §16), with the programs per SM
     unchanged: at 8x4096-h16 wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local
     0.204 → 0.196, output_backward 0.905 → 0.899; at 8x4096-h6-k256v512 output_backward
@@ -239,6 +238,15 @@ def _decays(p: _Plan, g_, b_):
     return decays.chunk_decays(g_, p.table, BT, b_)
 
 
+_NONE = (0,)
+
+
+def scores_shape(NC: int, HV: int) -> tuple[int, int, int, int]:
+    """Shape of the chunk scores scale·P the forward stores for the reverse pass (scores.py):
+    [NC, HV, BT, BT], in the operand dtype."""
+    return (NC, HV, BT, BT)
+
+
 @dataclass
 class Kept:
     """What a forward with ``keep`` leaves for the backward instead of having it recompute
@@ -258,10 +266,11 @@ def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *,
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
-                  keep: bool = False, precise_state: bool = False):
+                  keep: bool = False, precise_state: bool = False, save_scores: bool = False):
     """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, the
-    segmented pass's ``passes.Seams`` or None, and with ``keep`` the ``Kept`` tensors for the
-    backward (else None)."""
+    segmented pass's ``passes.Seams`` or None, with ``keep`` the ``Kept`` tensors for the
+    backward (else None), and with ``save_scores`` the chunk scores scale·P [NC, HV, BT, BT]
+    for the backward (scores.py; else None)."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
@@ -273,34 +282,42 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_, b_)
     o = torch.empty(p.TT, p.HV, p.V, device=q.device, dtype=v.dtype)
+    chunk_scores = torch.empty(scores_shape(p.table.num_chunks, p.HV) if save_scores else _NONE,
+                               **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    fused = passes.Output(q_, o, scale, keep) if fused_output(p.K) else None
+    fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None)
+             if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:
         output.output_forward_kernel[grid](
-            q_, k_, v_new, d_, states, o, *p.chunks, scale, p.TT, V=p.V, BV=p.BV,
-            **(p.flags | OUTPUT_LAUNCH
+            q_, k_, v_new, d_, states, o, chunk_scores, *p.chunks, scale, p.TT, V=p.V,
+            BV=p.BV, STORE_SCORES=save_scores, **(p.flags | OUTPUT_LAUNCH
                | loop_stages(p.sixteen_bit and not OUTPUT_LAUNCH, "output_stages")
                | p.exact_launch))
+    # The varlen grid's spare chunks (indexing) are never written; zeroed so that the op's
+    # outputs do not depend on what the allocator left there.
+    spare = (p.table.seq < 0)[:, None, None, None] if cu_seqlens is not None else None
     kept = None
     if keep:
-        if cu_seqlens is not None:
-            # The grid's spare chunks (indexing) are never written; zeroed so that the op's
-            # outputs do not depend on what the allocator left there.
-            states.masked_fill_((p.table.seq < 0)[:, None, None, None], 0.0)
+        if spare is not None:
+            states.masked_fill_(spare, 0.0)
         kept = Kept(states, v_new if beta is not None else None)
-    return o.view(p.B, p.T, p.HV, p.V), final, a, seams, kept
+    if save_scores and spare is not None:
+        chunk_scores.masked_fill_(spare, 0.0)
+    return (o.view(p.B, p.T, p.HV, p.V), final, a, seams, kept,
+            chunk_scores if save_scores else None)
 
 
-def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state, cu_seqlens,
-                   exact: bool, seams=None, kept: Kept | None = None,
+def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, initial_state,
+                   cu_seqlens, exact: bool, seams=None, kept: Kept | None = None,
                    precise_state: bool = False):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
-    input was None. ``dht`` (gradient of the final state) may be None; ``seams`` are the
-    forward's (``chunk_forward``), or None to recompute them; ``kept`` the forward's states
-    and Δ, or None to recompute them. ``precise_state`` as the forward's."""
+    input was None. ``dht`` (gradient of the final state) may be None; ``chunk_scores`` the
+    forward's (``chunk_forward`` with save_scores); ``seams`` are the forward's, or None to
+    recompute them; ``kept`` the forward's states and Δ, or None to recompute them.
+    ``precise_state`` as the forward's."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
     G = HV // H
@@ -317,19 +334,18 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, *, scale: float, initial_state,
         states, v_new, _, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, seams if segs is not None else None)
 
-    # The split reverse pass adds dv_local into dΔ whole: float32 for it (NOTES.md §21).
-    dv_local = torch.empty(TT, HV, V, **(f32 if p.precise_state else lo))
-    output.dv_local_kernel[(NC, HV)](q_, k_, d_, do_, dv_local, *chunks, scale, TT, V=V, BV=BV,
-                                     **(flags | loop_stages(p.sixteen_bit, "loop_stages")
-                                        | p.exact_launch))
+    if chunk_scores is None or tuple(chunk_scores.shape) != scores_shape(NC, HV):
+        raise ValueError("chunk_backward needs the chunk scores of a forward run with "
+                         f"save_scores=True, [{NC}, {HV}, {BT}, {BT}]")
     d_states, d_delta, dh0 = passes.state_backward(
-        p, q_, k_, a, d_, do_, dv_local, dht, want_dh0=initial_state is not None, scale=scale,
-        segs=segs, transitions=None if seams is None else seams.transitions, g_=g_)
+        p, q_, k_, a, d_, do_, chunk_scores, dht, want_dh0=initial_state is not None,
+        scale=scale, segs=segs, transitions=None if seams is None else seams.transitions,
+        g_=g_)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
     # the autograd context until the backward returns). The decay table lives on for the
     # output and wy backward (20 bytes per token and v head).
-    del dv_local, seams, kept
+    del chunk_scores, seams, kept
 
     # dq, and dk without the delta term, are final where output_backward writes them, in
     # their dtypes. With GVA a q/k head's gradients sum over its G v heads: G launches, one

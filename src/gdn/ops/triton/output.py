@@ -1,10 +1,11 @@
 """Stage 4, output: o = scale·(diag(e^Γ) Q S + (QKᵀ ⊙ D) Δ) (math.md §3.3), and its backward.
 
 Letters: TT packed tokens, H q/k heads, HV v heads, K/V head dims, BT = 64 the chunk, NC
-chunks. The forward and ``dv_local``: one program per (chunk, v head), the value dimension
-walked in BV blocks inside the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per
-chunk. ``output_backward``: one program per (chunk, KB columns of K, q/k head), KB = 128 by
-default (one block up to K = 128), in each of the G launches that walk a GVA group's v heads.
+chunks. The forward: one program per (chunk, v head), the value dimension walked in BV
+blocks inside the program, so the [BT, BT] matrix QKᵀ ⊙ D is formed once per chunk (and
+stored, scaled, for the backward: scores.py). ``output_backward``: one program per (chunk,
+KB columns of K, q/k head), KB = 128 by default (one block up to K = 128), in each of the G
+launches that walk a GVA group's v heads.
 """
 
 import triton
@@ -22,18 +23,7 @@ from gdn.ops.triton.common import (
     store_vec,
 )
 from gdn.ops.triton.decays import load_chunk_decays, load_decay_matrix
-
-
-@triton.jit
-def _decayed_scores(b_q, b_k, decays, i_hv, TT, t0, end, HAS_GATE: tl.constexpr,
-                    PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
-    """QKᵀ ⊙ D of one chunk (D causal with its diagonal, the gate decays if any, from the
-    decay table: ``decays.load_decay_matrix``)."""
-    o = tl.arange(0, BT)
-    qk = mm(b_q, tl.trans(b_k), DT, PREC)
-    if HAS_GATE:
-        return qk * load_decay_matrix(decays, i_hv, TT, t0, end, BT)
-    return tl.where(o[:, None] >= o[None, :], qk, 0.0)
+from gdn.ops.triton.scores import store_scores
 
 
 @triton.jit
@@ -42,10 +32,11 @@ def output_forward_kernel(
                            # table (decays.py) or None without a gate
     states,                # [NC, HV, K, V] state at each chunk's start
     o,                     # out: [TT, HV, V]
+    chunk_scores,          # out, STORE_SCORES only: [NC, HV, BT, BT] scale·P (scores.py)
     chunk_seq, chunk_start, cu, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, BT: tl.constexpr, STORE_SCORES: tl.constexpr = False,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -61,11 +52,14 @@ def output_forward_kernel(
     qk = mma(b_q, tl.trans(b_k), tl.zeros([BT, BT], dtype=tl.float32), DT, PREC)
     o_t = tl.arange(0, BT)
     if HAS_GATE:
-        P = (qk * load_decay_matrix(decays, i_hv, TT, t0, end, BT)).to(DT)
+        P = qk * load_decay_matrix(decays, i_hv, TT, t0, end, BT)
         e_gamma, _, _ = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
     else:
-        P = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0).to(DT)
+        P = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
         e_gamma = tl.full([BT], 1.0, tl.float32)
+    if STORE_SCORES:
+        store_scores(chunk_scores, P * scale, i_c, i_hv, HV, BT)
+    P = P.to(DT)
     p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(p_state, 0, K, i_v * BV, V, V, BK, BV)
@@ -73,30 +67,6 @@ def output_forward_kernel(
         b_o = mma(b_q, S, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
         b_o = mma(P, delta, b_o * e_gamma[:, None], DT, PREC)
         store_rows(o + i_hv * V, scale * b_o, t0, end, HV * V, i_v * BV, V, BT, BV)
-
-
-@triton.jit
-def dv_local_kernel(
-    q, k, decays, do,      # [TT, H, K], [TT, H, K], the decay table or None, [TT, HV, V]
-    dv_local,              # out: [TT, HV, V] scale·Pᵀ dO, the in-chunk part of dΔ (§4.1)
-    chunk_seq, chunk_start, cu, scale, TT,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
-    DT: tl.constexpr, BT: tl.constexpr,
-):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
-    if i_n < 0:
-        return
-    i_h = i_hv // (HV // H)
-    b_q = load_rows_stored(q + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    b_k = load_rows_stored(k + i_h * K, t0, end, H * K, 0, K, BT, BK)
-    P_t = tl.trans(_decayed_scores(b_q, b_k, decays, i_hv, TT, t0, end, HAS_GATE, PREC, DT,
-                                   BT)) * scale
-    for i_v in range(0, tl.cdiv(V, BV)):
-        b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        store_rows(dv_local + i_hv * V, mm(P_t, b_do, DT, PREC), t0, end,
-                   HV * V, i_v * BV, V, BT, BV)
 
 
 @triton.jit

@@ -182,14 +182,16 @@ def _segments(B: int, T: int, BT: int, L: int, device) -> Segments:
 @dataclass
 class Output:
     """What the forward pass needs to compute o itself from the state in registers
-    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale, and
+    (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale,
     whether it also stores the chunk-start states and Δ for a backward that keeps them
-    (``keep``, recompute=False in gdn.ops)."""
+    (``keep``, recompute=False in gdn.ops), and where it stores each chunk's scale·P for the
+    backward (scores.py; None when no backward follows)."""
 
     q: torch.Tensor
     o: torch.Tensor
     scale: float
     keep: bool = False
+    chunk_scores: torch.Tensor | None = None
 
 
 def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
@@ -197,11 +199,13 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
     V = p.V if V is None else V
     flags = _state_flags(p, "forward")
     q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
+    chunk_scores = None if out is None else out.chunk_scores
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
-        k_, v_, a, decays, h0, states, v_new, final, q_, o, cu, offsets, p.TT, scale, V=V,
+        k_, v_, a, decays, h0, states, v_new, final, q_, o, chunk_scores, cu, offsets, p.TT,
+        scale, V=V, STORE_SCORES=chunk_scores is not None,
         DELTA=a is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and (out is None or out.keep), U_ZERO=u_zero,
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
@@ -482,7 +486,7 @@ def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
     return K <= 128 and sms is not None and programs > 1.5 * sms
 
 
-def _backward_kernel(p, q_, k_, a, decays, do_, dv_local, dht, d_states, d_delta, dh0, cu,
+def _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, dht, d_states, d_delta, dh0, cu,
                      offsets, n_seqs, scale, launch: ReverseLaunch, *, store_chunks=True,
                      g_=None):
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, launch.BV))
@@ -490,16 +494,17 @@ def _backward_kernel(p, q_, k_, a, decays, do_, dv_local, dht, d_states, d_delta
     flags = (_state_flags(p, "reverse") | dict(BV=launch.BV, num_warps=launch.num_warps,
                                                num_stages=launch.num_stages) | p.exact_launch)
     state.state_backward_kernel[grid](
-        q_, k_, a, decays, g_, do_, dv_local, dht, d_states, d_delta, dh0, cu, offsets, scale,
+        q_, k_, a, decays, g_, do_, chunk_scores, dht, d_states, d_delta, dh0, cu, offsets, scale,
         p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
         DELTA=a is not None, HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, V_FASTEST=V_FASTEST, **flags)
 
 
-def state_backward(p, q_, k_, a, decays, do_, dv_local, dht, *, want_dh0: bool, scale: float,
-                   segs: Segments | None, transitions, g_=None):
+def state_backward(p, q_, k_, a, decays, do_, chunk_scores, dht, *, want_dh0: bool,
+                   scale: float, segs: Segments | None, transitions, g_=None):
     """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state;
-    ``a`` and ``decays`` as for ``state_forward``."""
+    ``a`` and ``decays`` as for ``state_forward``, ``chunk_scores`` the forward's scale·P
+    (scores.py)."""
     d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
@@ -511,17 +516,17 @@ def state_backward(p, q_, k_, a, decays, do_, dv_local, dht, *, want_dh0: bool, 
     if segs is not None and segs.P != forward_segs.P:
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
-        _backward_kernel(p, q_, k_, a, decays, do_, dv_local, dht_, d_states, d_delta, dh0,
+        _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, dht_, d_states, d_delta, dh0,
                          p.table.cu, p.table.offsets, p.table.num_seqs, scale, launch, g_=g_)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
-    _backward_kernel(p, q_, k_, a, decays, do_, dv_local, None, d_states, d_delta, own, segs.cu,
-                     segs.offsets, n_segs, scale, launch, store_chunks=False, g_=g_)
+    _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, None, d_states, d_delta, own,
+                     segs.cu, segs.offsets, n_segs, scale, launch, store_chunks=False, g_=g_)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
-    _backward_kernel(p, q_, k_, a, decays, do_, dv_local, end_grads, d_states, d_delta, None,
-                     segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
+    _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, end_grads, d_states, d_delta,
+                     None, segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
     return d_states, d_delta, dh0

@@ -46,6 +46,7 @@ from gdn.ops.triton.common import (
     store_rows,
 )
 from gdn.ops.triton.decays import load_chunk_beta, load_chunk_decays, load_decay_matrix
+from gdn.ops.triton.scores import load_scores, store_scores
 
 
 @triton.jit
@@ -308,7 +309,8 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
     in registers. On an H100 with Triton 3.6 that pattern computes wrong in bf16 in a loop
     that is not pipelined (NOTES.md §9) and wrong in TF32 in one that is (o 0.33, the final
     state 1.0 relative error, §18): so float32 in one stage, the operand dtype in two
-    (``passes._output_pass_launch``), as output_forward takes it."""
+    (``passes._output_pass_launch``), as output_forward takes it. Also returns P = QKᵀ ⊙ D,
+    which the pass stores for the backward (``store_scores``)."""
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     qs, scores = _query_block(q, S1, Kt1, qs, scores, 0, t0, end, stride, K, DT, PREC, BT, KB)
@@ -327,7 +329,7 @@ def _output_tile(q, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta, e_gamma, decays, 
     else:
         o_t = tl.arange(0, BT)
         P = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
-    return scale * mma(P.to(ODT), delta.to(ODT), qs, ODT, PREC)
+    return scale * mma(P.to(ODT), delta.to(ODT), qs, ODT, PREC), P
 
 
 @triton.jit
@@ -337,20 +339,22 @@ def state_forward_kernel(
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     q, o,                  # OUTPUT only: [TT, H, K], out [TT, HV, V]
+    chunk_scores,          # out, STORE_SCORES only: [NC, HV, BT, BT] scale·(QKᵀ ⊙ D)
     cu, offsets, TT, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
-    SPLIT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, STORE_SCORES: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
     in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
-    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them. SPLIT
+    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them; with
+    STORE_SCORES, each chunk's scale·P for the reverse pass (math.md §4.1). SPLIT
     (16-bit DT): the products that carry the state from chunk to chunk (K S, A X, Kᵀ Δ) take
     S, X and Δ as two 16-bit parts each (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
@@ -382,10 +386,12 @@ def state_forward_kernel(
         else:
             delta = load_rows(v + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if OUTPUT:
-            b_o = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
-                               e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
-                               HAS_GATE, DT, ODT, PREC, BT, KB, BV)
+            b_o, P = _output_tile(q + i_h * K, S1, S2, S3, S4, Kt1, Kt2, Kt3, Kt4, delta,
+                                  e_gamma, decays, i_hv, TT, t0, end, H * K, scale, K,
+                                  HAS_GATE, DT, ODT, PREC, BT, KB, BV)
             store_rows(o + i_hv * V, b_o, t0, end, HV * V, col0, V, BT, BV)
+            if STORE_SCORES and col0 == 0:
+                store_scores(chunk_scores, P * scale, first + i, i_hv, HV, BT)
             if STORE_CHUNKS and DELTA:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
         if HAS_GATE:
@@ -468,7 +474,7 @@ def _update_block_t(q, b_k, S, e_last, do_t, do_lo, y, y_lo, row0, t0, end, stri
 @triton.jit
 def state_backward_kernel(
     q, k, a, decays, g,    # [TT, H, K] ×2, [TT, HV, BT] f32 A, [HV, ROWS, TT] f32, [TT, HV]
-    do, dv_local,          # [TT, HV, V] d output; [TT, HV, V] scale·Pᵀ dO (math.md §4.1)
+    do, chunk_scores,      # [TT, HV, V] d output; [NC, HV, BT, BT] the forward's scale·P
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
     d_delta, dh0,          # out: [TT, HV, V] complete dΔ; [N, HV, K, V]
@@ -481,14 +487,15 @@ def state_backward_kernel(
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
     transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ,
-    with dΔᵀ W = (dΔᵀ A) diag(β e^Γ) K formed from A and k (math.md §3.10).
+    with dΔᵀ W = (dΔᵀ A) diag(β e^Γ) K formed from A and k (math.md §3.10), and
+    (scale·PᵀdO)ᵀ = dOᵀ (scale·P) from the forward's stored scores (scores.py).
     Every product of the step then has its register side (dSᵀ, dOᵀ, dΔᵀ) on the left, which
     an H100's wgmma reads from registers, and its tile from memory on the right; with dS on
     the right, as the forward pass holds S, each step wrote dS to shared memory and waited on
     it before its first product (a probe of NOTES.md §17: at 8x4096-h16 0.607 → 0.440 ms, at
-    2x16384-h16 0.724 → 0.631). SPLIT (16-bit DT, float32
-    dv_local): dSᵀ, dOᵀ, dΔᵀ and dΔᵀ A enter their products as two 16-bit parts each, as the
-    forward pass's SPLIT (NOTES.md §21)."""
+    2x16384-h16 0.724 → 0.631). SPLIT (16-bit DT): dSᵀ, scale·dOᵀ, dΔᵀ and dΔᵀ A enter their
+    products as two 16-bit parts each, as the forward pass's SPLIT (NOTES.md §21); dOᵀ itself
+    is exact in 16 bits."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
@@ -509,15 +516,17 @@ def state_backward_kernel(
         Kr1, Kr2, Kr3, Kr4 = _key_tiles(k + i_h * K, t0, end, H * K, K, BT, KB, False)
         kds = _blocks_times_cols_t(Kr1, Kr2, Kr3, Kr4, dS1, dS2, dS3, dS4, K, DT, PREC, BT, KB,
                                    BV, SPLIT)
-        d_d = load_cols(dv_local + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
-        b_do = load_cols(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV) * scale
+        b_do = load_cols(do + i_hv * V, t0, end, HV * V, col0, V, BT, BV)
         if HAS_GATE:
             if INLINE_GATES:
                 e_gamma, to_end, e_last = _inline_gates(g + i_hv, t0, end, HV, BT)
-            d_d += kds * to_end[None, :]
+            kds = kds * to_end[None, :]
+        # dΔᵀ = dOᵀ (scale·P) + (K̃ dS_{n+1})ᵀ, the stored tile the right operand.
+        d_d = mma(b_do.to(DT), load_scores(chunk_scores, first + i, i_hv, HV, BT), kds, DT,
+                  PREC)
+        b_do = b_do * scale
+        if HAS_GATE:
             b_do = b_do * e_gamma[None, :]          # (Q̃ᵀ dO)ᵀ = dOᵀ diag(e^{Γ_r}) Q
-        else:
-            d_d += kds
         if STORE_CHUNKS:
             store_cols(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
         if SPLIT:
