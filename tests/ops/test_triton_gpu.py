@@ -96,6 +96,26 @@ NARROW = {
 }
 
 
+@pytest.mark.parametrize("shape", ["gated", "gva_odd_dims_varlen", "k256_v512"])
+def test_stored_chunk_scores_within_bounds(shape):
+    """The scale·P tiles the forward keeps for the reverse pass (scores.py), from the fused
+    pass (K ≤ 128) and from output_forward (K = 256), bf16, against float64 on the same
+    rounded inputs: they are rounded to bf16 once, within the output bound."""
+    from triton_cases import expected_chunk_scores
+
+    from gdn.ops.triton import launch
+
+    x = random_inputs(**SHAPES[shape], seed=5).to(torch.bfloat16)
+    c = _on_cuda(x, torch.bfloat16, requires_grad=False)
+    *_, chunk_scores = launch.chunk_forward(
+        c.q, c.k, c.v, c.g, c.beta, scale=0.1, initial_state=None, cu_seqlens=c.cu_seqlens,
+        exact=False, save_scores=True)
+    table = launch._plan(x.q, x.v, x.g, x.cu_seqlens, exact=False).table
+    want = expected_chunk_scores(x.to(torch.float64), table, 0.1)
+    assert chunk_scores.dtype == torch.bfloat16
+    assert rel_error(chunk_scores.cpu(), want) <= 5e-3
+
+
 @pytest.mark.parametrize("shape", sorted(NARROW))
 def test_narrow_heads_within_bounds(shape):
     x = random_inputs(**NARROW[shape], seed=25)

@@ -7,44 +7,20 @@ math.md §4.2, §4.6), in Triton's interpreter:
 - they are stored only when autograd will run the backward;
 - the backward refuses to run without them.
 
+On the GPU, test_triton_gpu.py holds the stored scores of bf16 inputs to the output bound.
+
 The gradients that go through them are the reference tests' (test_triton.py and the others).
 """
 
 import pytest
 import torch
-from triton_cases import interpreter_only
+from triton_cases import expected_chunk_scores, interpreter_only
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import random_inputs, rel_error
 
 pytest.importorskip("triton")
 pytestmark = interpreter_only
-
-BT = 64
-
-
-def _expected_scores(x, table, scale: float) -> torch.Tensor:
-    """scale·(QKᵀ ⊙ D) per chunk of the launch's chunk table and v head, float64; zeros for
-    the grid's spare chunks and past a sequence's end."""
-    B, T, H, K = x.q.shape
-    HV = x.v.shape[2]
-    q, k = (t.reshape(B * T, H, K).double() for t in (x.q, x.k))
-    g = None if x.g is None else x.g.reshape(B * T, HV).double()
-    out = torch.zeros(table.num_chunks, HV, BT, BT, dtype=torch.float64)
-    for c in range(table.num_chunks):
-        n = int(table.seq[c])
-        if n < 0:
-            continue
-        t0 = int(table.start[c])
-        t1 = min(t0 + BT, int(table.cu[n + 1]))
-        for hv in range(HV):
-            h = hv // (HV // H)
-            qk = q[t0:t1, h] @ k[t0:t1, h].T
-            gamma = (torch.zeros(t1 - t0, dtype=torch.float64) if g is None
-                     else g[t0:t1, hv].cumsum(0))
-            decay = (gamma[:, None] - gamma[None, :]).exp().tril()
-            out[c, hv, :t1 - t0, :t1 - t0] = scale * qk * decay
-    return out
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_pass", "output_forward"])
@@ -69,7 +45,7 @@ def test_stored_scores_are_scale_qk_times_decay(case, fused, monkeypatch):
         cu_seqlens=x.cu_seqlens, exact=True, save_scores=True)
     monkeypatch.undo()
     table = launch._plan(x.q, x.v, x.g, x.cu_seqlens, exact=True).table
-    want = _expected_scores(x, table, scale)
+    want = expected_chunk_scores(x, table, scale)
     assert chunk_scores.shape == want.shape and chunk_scores.dtype == torch.float32
     assert torch.isfinite(chunk_scores).all()
     assert rel_error(chunk_scores, want) <= 1e-6

@@ -1,9 +1,11 @@
 """Cases shared by the interpreter tests that run the Triton op two ways and compare
-(test_triton_recompute.py, test_triton_fused_output.py)."""
+(test_triton_recompute.py, test_triton_fused_output.py), and the float64 chunk scores that
+test_triton_scores.py and test_triton_gpu.py hold the stored ones to."""
 
 import os
 
 import pytest
+import torch
 
 from gdn.ops import chunk_gated_delta_rule, chunk_gated_linear_attention
 from gdn.testing import random_inputs
@@ -35,3 +37,27 @@ def case_inputs(case: tuple, dtype, seed: int, monkeypatch):
         monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
     x = random_inputs(**kwargs, delta=delta, seed=seed).to(dtype, requires_grad=True)
     return x, delta
+
+
+def expected_chunk_scores(x, table, scale: float) -> torch.Tensor:
+    """scale·(QKᵀ ⊙ D) per chunk of the launch's chunk table and v head, float64; zeros for
+    the grid's spare chunks and past a sequence's end."""
+    B, T, H, K = x.q.shape
+    HV = x.v.shape[2]
+    q, k = (t.reshape(B * T, H, K).double() for t in (x.q, x.k))
+    g = None if x.g is None else x.g.reshape(B * T, HV).double()
+    out = torch.zeros(table.num_chunks, HV, 64, 64, dtype=torch.float64)
+    for c in range(table.num_chunks):
+        n = int(table.seq[c])
+        if n < 0:
+            continue
+        t0 = int(table.start[c])
+        t1 = min(t0 + 64, int(table.cu[n + 1]))
+        for hv in range(HV):
+            h = hv // (HV // H)
+            qk = q[t0:t1, h] @ k[t0:t1, h].T
+            gamma = (torch.zeros(t1 - t0, dtype=torch.float64) if g is None
+                     else g[t0:t1, hv].cumsum(0))
+            decay = (gamma[:, None] - gamma[None, :]).exp().tril()
+            out[c, hv, :t1 - t0, :t1 - t0] = scale * qk * decay
+    return out
