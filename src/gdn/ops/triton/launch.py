@@ -74,8 +74,8 @@ WY_BACKWARD_BV = TILES.get("wy_bv")
 def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     """Pipeline stages of the kernels whose loops multiply a tile held in registers (two at
     least, §9): wy_backward (knob "wy_stages"), output_backward ("obwd_stages") and
-    output_forward ("output_stages"); dv_local ("loop_stages") was one until the forward
-    stored the chunk scores for the reverse pass (scores.py). Three with 16-bit
+    output_forward ("output_stages"); dv_local was one too until the forward stored the
+    chunk scores for the reverse pass (scores.py), and its knob went with it. Three with 16-bit
     operands, measured on an H100 against two (NOTES.md §16), with the programs per SM
     unchanged: at 8x4096-h16 wy_backward 0.701 → 0.656 ms, wy_apply 0.541 → 0.515, dv_local
     0.204 → 0.196, output_backward 0.905 → 0.899; at 8x4096-h6-k256v512 output_backward
