@@ -564,3 +564,17 @@ def test_pipeline_stages_by_operand_width(monkeypatch):
     assert launch.loop_stages(False, "wy_stages") == {"num_stages": 2}
     monkeypatch.setitem(launch.TILES, "wy_stages", 2)
     assert launch.loop_stages(True, "wy_stages") == {"num_stages": 2}
+
+
+def test_wy_solve_register_cap_only_when_asked(monkeypatch):
+    """wy_solve launches with Triton's own register choice unless GDN_TRITON_TILES asks for
+    a cap (solve_maxnreg, a measurement knob: launch._solve_flags)."""
+    from gdn.ops.triton import launch
+
+    x = random_inputs(B=1, T=8, H=1, K=16, V=8, seed=3).to(torch.bfloat16)
+    plan = launch._plan(x.q, x.v, x.g, None, exact=False)
+    monkeypatch.delitem(launch.TILES, "solve_maxnreg", raising=False)
+    assert "maxnreg" not in launch._solve_flags(plan)
+    monkeypatch.setitem(launch.TILES, "solve_maxnreg", 168)
+    assert launch._solve_flags(plan)["maxnreg"] == 168
+    assert launch._solve_flags(plan)["num_warps"] == 1

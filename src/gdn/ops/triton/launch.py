@@ -197,9 +197,14 @@ def a_shape(TT: int, HV: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 def _solve_flags(p: _Plan) -> dict:
-    """wy_solve's flags: K in blocks of SOLVE_KB, one warp, its products' precision."""
+    """wy_solve's flags: K in blocks of SOLVE_KB, one warp, its products' precision.
+    GDN_TRITON_TILES=solve_maxnreg=n caps its registers: at its 255 an SM holds eight of its
+    one-warp programs, where a chain of shuffles bounds each (sm90_resources at K = 128: 168
+    registers spill 80 B and let twelve in, 192 spill 48 B for ten; NOTES.md §30.6, not yet
+    timed)."""
+    cap = TILES.get("solve_maxnreg")
     return (row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
-            | p.exact_launch)
+            | (dict(maxnreg=cap) if cap else {}) | p.exact_launch)
 
 
 def output_backward_flags(p: _Plan) -> dict:
