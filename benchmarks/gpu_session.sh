@@ -5,6 +5,10 @@
 #
 #   GDN_COMMIT=<commit> bash benchmarks/gpu_session.sh [tests|bench|sweep|stages|segments|check|ncu|l2norm|drift|split|compare|all] [case ...]
 #
+# Bound a bench with GDN_BENCH_TIMEOUT, which wraps each python process; `timeout` around
+# this script kills the shell but leaves its python child on the GPU, sharing it with what
+# runs next (NOTES.md §31.3).
+#
 # Budget from the first session with the Triton kernels (cold H100, Triton 3.6): the gpu
 # tests take ~6-9 min (mostly compiling ~10 kernels per dtype/flag combination); one
 # benchmark case with triton, fla and sdpa ~2.5 min cold, ~1 min warm. Keep each call under
