@@ -32,7 +32,8 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     above it output_forward does from the stored states. (Before 2026-12-03 wy_apply formed
     w and u, which the passes read, and before 2026-12-07 a dv_local kernel formed scale·PᵀdO
     for the reverse pass, which now reads the forward's chunk scores: the budget files of
-    that code count them.)"""
+    that code count them. Since NOTES.md §31.7 the reverse pass writes dv and hands on
+    dB_u = Aᵀ dΔ in dΔ's place, where wy_backward wrote dv.)"""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
     w = TT * HV * K * element                  # dw, dk's output part (per v head)
@@ -56,10 +57,11 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
         "chunk_decays_kernel": 2 * (gate + beta + (5 if gated else 1) * row),  # two calls
         "state_forward_kernel": forward_pass + recompute,
         "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v + scores,
-        "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + scores + states + v,
+        # reads q, k, A's hi part, the table, dO, the scores; writes dS, dB_u and dv
+        "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + scores + states + v + v,
         "output_backward_kernel": (qk + qk + gate + v + v + v + 2 * states
                                    + qk + w + w + dg_parts),
-        "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk + v
+        "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk
                                + 2 * TT * HV * 4 * gated + TT * HV * 4),
     }
 

@@ -418,6 +418,23 @@ def test_state_pass_launch_above_k128_by_operand_width():
     assert (flags["BV"], flags["num_warps"], flags["num_stages"]) == (64, 4, 2)
 
 
+def test_reverse_pass_stores_the_u_gradients_late_only_where_shared_memory_decides():
+    """The reverse pass stores dB_u and dv at the end of its step at K ≤ 128 with plain 16-bit
+    operands (there, stored where dB_u is formed, they took 114.8 KiB, one program per SM),
+    and where dB_u is formed elsewhere (at the end they spilled: K = 256, float32, split;
+    state._store_u_grads, NOTES.md §31.7). Both placements are run by the float16 and
+    float32 tests above."""
+    import triton.language as tl
+
+    from gdn.ops.triton.passes import _late_u_grads
+
+    assert _late_u_grads(128, dict(DT=tl.bfloat16))
+    assert _late_u_grads(64, dict(DT=tl.float16, SPLIT=False))
+    assert not _late_u_grads(256, dict(DT=tl.bfloat16))
+    assert not _late_u_grads(128, dict(DT=tl.float32))
+    assert not _late_u_grads(128, dict(DT=tl.bfloat16, SPLIT=True))
+
+
 def test_precise_state_launches_the_split_passes_in_one_stage():
     """precise_state with 16-bit operands: SPLIT in both state passes, the forward pass
     with the output in one stage with its float32 Δ product, the reverse pass in one stage

@@ -342,10 +342,13 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     if chunk_scores is None or tuple(chunk_scores.shape) != scores_shape(NC, HV):
         raise ValueError("chunk_backward needs the chunk scores of a forward run with "
                          f"save_scores=True, [{NC}, {HV}, {BT}, {BT}]")
+    # With the delta term the reverse pass writes v's gradient itself (β Aᵀ dΔ, from float32)
+    # and hands on dB_u = Aᵀ dΔ in place of dΔ (state.state_backward_kernel).
+    dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype) if delta else None
     d_states, d_delta, dh0 = passes.state_backward(
-        p, q_, k_, a, d_, do_, chunk_scores, dht, want_dh0=initial_state is not None,
-        scale=scale, segs=segs, transitions=None if seams is None else seams.transitions,
-        g_=g_)
+        p, q_, k_, a, d_, do_, chunk_scores, dht,
+        want_dh0=initial_state is not None, scale=scale, segs=segs,
+        transitions=None if seams is None else seams.transitions, g_=g_, dv=dv)
     # Buffers die as soon as their last reader has been launched, to keep the peak low (the
     # caching allocator reuses them for the allocations that follow; kept ones live on in
     # the autograd context until the backward returns). The decay table lives on for the
@@ -364,20 +367,20 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     dk = (torch.empty(TT, HV, K, **lo) if delta
           else torch.empty(TT, H, K, device=q.device, dtype=k.dtype))
     dk_group_sum = torch.empty(TT, H, K, **f32) if G > 1 and not delta else dk
-    dw = torch.empty(TT, HV, K, **lo) if delta else None
+    # output_backward's product dB_u Sᵀ with dB_u for dΔ gives −Aᵀ dw, stored negated: dB_w.
+    d_bw = torch.empty(TT, HV, K, **lo) if delta else None
     o_flags = output_backward_flags(p)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
     for i_g in range(G):
         output.output_backward_kernel[(NC * n_kb, H)](
-            q_, k_, d_, v_new, do_, d_delta, states, d_states, dq, dk, dw, group_sum,
+            q_, k_, d_, v_new, do_, d_delta, states, d_states, dq, dk, d_bw, group_sum,
             dk_group_sum, dg_parts, *chunks, scale, TT * HV, TT, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
             DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1, **o_flags)
     dg = None if g is None else dg_parts[0] if n_kb == 1 else dg_parts.sum(0)
     del states, d_states, v_new
     # The wy backward's outputs are allocated only now, in the memory the chunk states held:
     # the peak of the backward is during output_backward.
-    dv = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype) if delta else None
     dbeta = torch.empty(TT, HV, **f32) if delta else None
     if delta:
         dk_partial = dk
@@ -386,8 +389,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
                     | loop_stages(p.sixteen_bit and "DT" not in WY_BACKWARD_LAUNCH, "wy_stages")
                     | p.exact_launch)
         for i_g in range(G):
-            wy.wy_backward_kernel[(NC, H)](k_, v_, d_, a, dw, d_delta, dk_partial, dk,
-                                           group_sum, dg, dv, dbeta, *chunks, TT, i_g, V=V,
+            wy.wy_backward_kernel[(NC, H)](k_, v_, d_, a, d_bw, d_delta, dk_partial, dk,
+                                           group_sum, dg, dbeta, *chunks, TT, i_g, V=V,
                                            BV=WY_BACKWARD_BV or BV, FIRST=i_g == 0,
                                            LAST=i_g == G - 1, **wy_flags)
     if not delta:

@@ -121,10 +121,11 @@ def _state_inner_product(p_s, p_ds, col0, K: tl.constexpr, V: tl.constexpr,
 @triton.jit(do_not_specialize=["i_g"])
 def output_backward_kernel(
     q, k, decays,          # [TT, H, K], [TT, H, K], the decay table or None (decays.py)
-    v_new, do, d_delta,    # [TT, HV, V]: Δ, dO, the complete dΔ from the reverse pass
+    v_new, do, d_bu,       # [TT, HV, V]: Δ, dO, and with DELTA dB_u = Aᵀ dΔ from the reverse
+                           # pass
     states, d_states,      # [NC, HV, K, V]: S at each chunk's start, dS at its end
-    dq, dk, dw,            # out: dq [TT, H, K]; dk [TT, HV, K] with DELTA (the wy backward
-                           # finishes it), else [TT, H, K]; dw [TT, HV, K]
+    dq, dk, d_bw,          # out: dq [TT, H, K]; dk [TT, HV, K] with DELTA (the wy backward
+                           # finishes it), else [TT, H, K]; dB_w = Aᵀ dw [TT, HV, K]
     dq_sum, dk_sum,        # GVA: [TT, H, K] float32 running sums over the group's v heads
     dg_parts,              # out: [cdiv(K, KB), TT, HV] float32, dg's part from each K block
     chunk_seq, chunk_start, cu, scale, dg_part_stride, TT, i_g,
@@ -134,7 +135,7 @@ def output_backward_kernel(
     LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
     SDS_UNROLL: tl.constexpr = False, SDS_TRACE: tl.constexpr = False,
 ):
-    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dw, and dg (part), for one
+    """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dB_w, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
     GVA: the launcher runs the group's v heads in G launches (FIRST, LAST: the first, the
     last), each adding its dq, and dk without the delta term, to the float32 sum
@@ -148,7 +149,7 @@ def output_backward_kernel(
     right (NOTES.md §9).
     """
     # The K blocks of a chunk are launched next to each other: they run together and read
-    # the same dO, Δ and dΔ tiles, the second time from L2 (at 8x4096-h6-k256v512, two
+    # the same dO, Δ and dB_u tiles, the second time from L2 (at 8x4096-h6-k256v512, two
     # blocks: 1.457 → 1.346 ms, NOTES.md §16).
     n_kb: tl.constexpr = (K + KB - 1) // KB
     i_c, i_kb, i_h = tl.program_id(0) // n_kb, tl.program_id(0) % n_kb, tl.program_id(1)
@@ -160,7 +161,7 @@ def output_backward_kernel(
     p_state = (i_c.to(tl.int64) * HV + i_hv) * K * V
     d_q = tl.zeros([BT, KB], dtype=tl.float32)      # dO Sᵀ
     d_k = tl.zeros([BT, KB], dtype=tl.float32)      # Δ dS′ᵀ
-    d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dΔ Sᵀ
+    d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dB_u Sᵀ = −Aᵀ dw (dw = −dΔ Sᵀ)
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
     if HAS_GATE and SDS_TRACE:
         S_dSt = tl.zeros([KB, KB], dtype=tl.float32)  # S dS′ᵀ: ⟨S, dS′⟩ is its trace
@@ -175,13 +176,13 @@ def output_backward_kernel(
         dO_Dt = mma(b_do, tl.trans(delta), dO_Dt, DT, PREC)
         d_k = mma(delta, tl.trans(dS), d_k, DT, PREC)
         if DELTA:
-            d_d = load_rows_stored(d_delta + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-            d_w = mma(d_d, tl.trans(S), d_w, DT, PREC)
+            d_u = load_rows_stored(d_bu + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
+            d_w = mma(d_u, tl.trans(S), d_w, DT, PREC)
 
     # Each result is stored as soon as it is complete, so fewer [BT, KB] tiles are live at
     # once (registers: NOTES.md §9).
     if DELTA:
-        store_rows(dw + i_hv * K, -d_w, t0, end, HV * K, col0, K, BT, KB)
+        store_rows(d_bw + i_hv * K, -d_w, t0, end, HV * K, col0, K, BT, KB)
     b_q = load_rows_stored(q + i_h * K, t0, end, H * K, col0, K, BT, KB)
     b_k = load_rows_stored(k + i_h * K, t0, end, H * K, col0, K, BT, KB)
     o = tl.arange(0, BT)

@@ -486,25 +486,37 @@ def reverse_gates_inline(K: int, programs: int, sms: int | None) -> bool:
     return K <= 128 and sms is not None and programs > 1.5 * sms
 
 
-def _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, dht, d_states, d_delta, dh0, cu,
-                     offsets, n_seqs, scale, launch: ReverseLaunch, *, store_chunks=True,
+def _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, dht, d_states, d_delta, dh0, dv,
+                     cu, offsets, n_seqs, scale, launch: ReverseLaunch, *, store_chunks=True,
                      g_=None):
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(p.V, launch.BV))
     programs, sms = grid[0] * grid[1], _sm_count(q_.device)
     flags = (_state_flags(p, "reverse") | dict(BV=launch.BV, num_warps=launch.num_warps,
                                                num_stages=launch.num_stages) | p.exact_launch)
     state.state_backward_kernel[grid](
-        q_, k_, a, decays, g_, do_, chunk_scores, dht, d_states, d_delta, dh0, cu, offsets, scale,
-        p.TT, V=p.V, INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
+        q_, k_, a, decays, g_, do_, chunk_scores, dht, d_states, d_delta, dh0, dv, cu, offsets,
+        scale, p.TT, V=p.V,
+        INLINE_GATES=g_ is not None and reverse_gates_inline(p.K, programs, sms),
         DELTA=a is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, V_FASTEST=V_FASTEST, **flags)
+        STORE_DH0=dh0 is not None, STORE_CHUNKS=store_chunks, V_FASTEST=V_FASTEST,
+        LATE_STORES=_late_u_grads(p.K, flags), **flags)
+
+
+def _late_u_grads(K: int, flags: dict) -> bool:
+    """Whether the reverse pass stores dB_u and dv at the end of its step
+    (``state._store_u_grads``): at K ≤ 128 with plain 16-bit operands, where shared memory
+    decides; elsewhere registers do (split operands: 208 B of spill against 224 at the end)."""
+    return K <= 128 and _sixteen_bit(flags) and not flags.get("SPLIT")
 
 
 def state_backward(p, q_, k_, a, decays, do_, chunk_scores, dht, *, want_dh0: bool,
-                   scale: float, segs: Segments | None, transitions, g_=None):
-    """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V], and d initial state;
-    ``a`` and ``decays`` as for ``state_forward``, ``chunk_scores`` the forward's scale·P
-    (scores.py)."""
+                   scale: float, segs: Segments | None, transitions, g_=None, dv=None):
+    """dS at each chunk's end [NC, HV, K, V], complete dΔ [TT, HV, V] — with the delta term
+    (``a`` given) dB_u = Aᵀ dΔ instead, and v's gradient β dB_u written to ``dv`` [TT, HV, V]
+    (state.state_backward_kernel) — and d initial state; ``a`` and ``decays`` as for
+    ``state_forward``, ``chunk_scores`` the forward's scale·P (scores.py)."""
+    if (a is not None) != (dv is not None):
+        raise ValueError("state_backward: dv is written with the delta term, and only then")
     d_states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     d_delta = torch.empty(p.TT, p.HV, p.V, **p.lo)
     dh0 = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32) if want_dh0 else None
@@ -517,16 +529,16 @@ def state_backward(p, q_, k_, a, decays, do_, chunk_scores, dht, *, want_dh0: bo
         transitions = join_transitions(transitions, segs.tokens // forward_segs.tokens)
     if segs is None:
         _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, dht_, d_states, d_delta, dh0,
-                         p.table.cu, p.table.offsets, p.table.num_seqs, scale, launch, g_=g_)
+                         dv, p.table.cu, p.table.offsets, p.table.num_seqs, scale, launch, g_=g_)
         return d_states, d_delta, dh0
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # dS at segment starts
-    _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, None, d_states, d_delta, own,
+    _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, None, d_states, d_delta, own, dv,
                      segs.cu, segs.offsets, n_segs, scale, launch, store_chunks=False, g_=g_)
     end_grads, dS = combine.combine(transitions, own.view(p.B, segs.P, p.HV, p.K, p.V),
                                     dht_, reverse=True, exact=p.prec == "ieee")
     if dh0 is not None:
         dh0.copy_(dS)
     _backward_kernel(p, q_, k_, a, decays, do_, chunk_scores, end_grads, d_states, d_delta,
-                     None, segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
+                     None, dv, segs.cu, segs.offsets, n_segs, scale, launch, g_=g_)
     return d_states, d_delta, dh0

@@ -472,18 +472,35 @@ def _update_block_t(q, b_k, S, e_last, do_t, do_lo, y, y_lo, row0, t0, end, stri
 
 
 @triton.jit
+def _store_u_grads(d_bu_out, dv, d_bu, b_beta, i_hv, t0, end, HV: tl.constexpr,
+                   V: tl.constexpr, col0, BT: tl.constexpr, BV: tl.constexpr):
+    """A reverse step's dB_u = Aᵀ dΔ and v's gradient β dB_u, from dB_uᵀ [BV, BT] in float32
+    (math.md §4.3). Where the step stores them decides the pass's resources (Triton 3.6,
+    benchmarks/sm90_resources.py): at K = 128 with 16-bit operands, stored where dB_u is
+    formed, their layout conversions take 114.8 KiB of shared memory, one program per SM
+    where two fit at the step's end (112.8, as storing dΔ took); at K = 256, or with float32
+    operands, the end of the step keeps dB_u live across the update and spills (80 B, and
+    1,088 against 488 B; ``passes._late_u_grads``)."""
+    store_cols(d_bu_out + i_hv * V, d_bu, t0, end, HV * V, col0, V, BT, BV)
+    store_cols(dv + i_hv * V, d_bu * b_beta[None, :], t0, end, HV * V, col0, V, BT, BV)
+
+
+@triton.jit
 def state_backward_kernel(
     q, k, a, decays, g,    # [TT, H, K] ×2, [TT, HV, BT] f32 A, [HV, ROWS, TT] f32, [TT, HV]
     do, chunk_scores,      # [TT, HV, V] d output; [NC, HV, BT, BT] the forward's scale·P
     dht,                   # [N, HV, K, V] gradient of the final state, or unused
     d_states,              # out: [NC, HV, K, V] gradient of the state at each chunk's END
-    d_delta, dh0,          # out: [TT, HV, V] complete dΔ; [N, HV, K, V]
+    d_delta, dh0,          # out: [TT, HV, V] complete dΔ, or with DELTA dB_u = Aᵀ dΔ;
+                           # [N, HV, K, V]
+    dv,                    # out, DELTA only: [TT, HV, V] v's gradient β dB_u
     cu, offsets, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
     V_FASTEST: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    LATE_STORES: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
     transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ,
@@ -495,7 +512,13 @@ def state_backward_kernel(
     it before its first product (a probe of NOTES.md §17: at 8x4096-h16 0.607 → 0.440 ms, at
     2x16384-h16 0.724 → 0.631). SPLIT (16-bit DT): dSᵀ, scale·dOᵀ, dΔᵀ and dΔᵀ A enter their
     products as two 16-bit parts each, as the forward pass's SPLIT (NOTES.md §21); dOᵀ itself
-    is exact in 16 bits."""
+    is exact in 16 bits.
+
+    With DELTA the step forms dB_uᵀ = dΔᵀ A for its own update anyway, so it stores dB_u
+    rather than dΔ, and v's gradient β dB_u from float32 (math.md §4.3): the parallel
+    backward kernels then take dB_u and dB_w = −dB_u Sᵀ = Aᵀ dw straight, and the wy
+    backward forms no product with A but the solve's (NOTES.md §31.7). LATE_STORES: those
+    two stores at the end of the step rather than where dB_u is formed (``_store_u_grads``)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
@@ -527,7 +550,7 @@ def state_backward_kernel(
         b_do = b_do * scale
         if HAS_GATE:
             b_do = b_do * e_gamma[None, :]          # (Q̃ᵀ dO)ᵀ = dOᵀ diag(e^{Γ_r}) Q
-        if STORE_CHUNKS:
+        if STORE_CHUNKS and not DELTA:
             store_cols(d_delta + i_hv * V, d_d, t0, end, HV * V, col0, V, BT, BV)
         if SPLIT:
             b_do, do_lo = split16(b_do, DT)
@@ -537,10 +560,13 @@ def state_backward_kernel(
         y = b_do
         y_lo = b_do
         if DELTA:
-            # Y = −dΔᵀ A diag(β e^Γ), so that Y K = −dΔᵀ w (math.md §3.10).
+            # Y = −dB_uᵀ diag(β e^Γ) with dB_uᵀ = dΔᵀ A, so that Y K = −dΔᵀ w (math.md §3.10).
             a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT)
-            y = _times_a(-d_d, a_hi, a_lo, DT, PREC, SPLIT)
-            y = y * (load_chunk_beta(decays, i_hv, TT, t0, end, BT) * e_gamma)[None, :]
+            d_bu = _times_a(d_d, a_hi, a_lo, DT, PREC, SPLIT)
+            b_beta = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
+            if STORE_CHUNKS and not LATE_STORES:
+                _store_u_grads(d_delta, dv, d_bu, b_beta, i_hv, t0, end, HV, V, col0, BT, BV)
+            y = -d_bu * (b_beta * e_gamma)[None, :]
             if SPLIT:
                 y, y_lo = split16(y, DT)
             else:
@@ -557,5 +583,7 @@ def state_backward_kernel(
         if K > 3 * KB:
             dS4 = _update_block_t(q + i_h * K, Kr4, dS4, e_last, b_do, do_lo, y, y_lo, 3 * KB,
                                   t0, end, H * K, K, HAS_GATE, DELTA, DT, PREC, BT, KB, SPLIT)
+        if DELTA and STORE_CHUNKS and LATE_STORES:
+            _store_u_grads(d_delta, dv, d_bu, b_beta, i_hv, t0, end, HV, V, col0, BT, BV)
     if STORE_DH0:
         _store_blocks(dh0 + p_state, dS1, dS2, dS3, dS4, K, col0, V, KB, BV, True)

@@ -6,7 +6,10 @@ The forward half of the stage is A = (I + L)⁻¹ alone (``wy_solve``, its own f
 formed and inverted in one one-warp program, never stored). A is stored (row r of the
 chunk's A at token r: float32, or two 16-bit parts for 16-bit operands, ``common.load_a``),
 and the state passes apply it to the chunk's writes themselves (math.md §3.10), so w and u
-are never formed. The backward takes most of its operands in DT (see its docstring).
+are never formed. The backward takes most of its operands in DT (see its docstring). It gets
+dB = Aᵀ dX already formed: the reverse pass stores dB_u = Aᵀ dΔ (and v's gradient β dB_u)
+where it stored dΔ, and output_backward's product dB_u Sᵀ is then −Aᵀ dw, stored as dB_w
+where it stored dw (NOTES.md §31.7), so the only product with A left here is the solve's.
 """
 
 import triton
@@ -21,18 +24,9 @@ from gdn.ops.triton.common import (
     load_vec,
     mma,
     store_group_sum,
-    store_rows,
     store_vec,
 )
 from gdn.ops.triton.decays import load_chunk_beta, load_chunk_decays, load_decay_matrix
-
-
-@triton.jit
-def _dw_part(dw, A_t, i_hv, t0, end, col0, HV: tl.constexpr, K: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr):
-    """Aᵀ dw for the columns col0 … col0+KB−1 of dw: the part of dB that w's gradient gives."""
-    d_w = load_rows_stored(dw + i_hv * K, t0, end, HV * K, col0, K, BT, KB)
-    return mma(A_t, d_w, tl.zeros([BT, KB], dtype=tl.float32), DT, PREC)
 
 
 @triton.jit
@@ -43,20 +37,20 @@ def _diagonal(x, BT: tl.constexpr):
 
 
 @triton.jit
-def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end,
+def _wy_gradients(k, v, decays, a, d_bw, d_bu, dg, dbeta, i_hv, i_h, TT, t0, end,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr,
                   PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr):
-    """math.md §4.3 for one chunk up to dk: dB = Aᵀ dX, dL = −strictly-lower(dB Xᵀ); stores
-    dv and dβ and adds this stage's part to dg. Returns Aᵀ (in DT), β, e^Γ and
-    H = dL ⊙ D ⊙ β, from which dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk.
+    """math.md §4.3 for one chunk up to dk, from dB = Aᵀ dX as the reverse pass (dB_u) and
+    output_backward (dB_w) stored it: dL = −strictly-lower(dB Xᵀ); stores dβ and adds this
+    stage's part to dg. Returns β, e^Γ and H = dL ⊙ D ⊙ β, from which
+    dk = dB_w diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk.
 
     K is walked in blocks of KB columns and V in blocks of BV, so no [BT, K] float32 tile is
     ever held whole: the first version held five and spilled (NOTES.md §8). dB wᵀ and dB uᵀ
     are formed as (dB Xᵀ) Aᵀ from the k and v tiles the kernel loads anyway, so w and u are
     not read (2 × 134 MB less at 8x4096-h16; wy_backward 0.82 → 0.78 ms, NOTES.md §10)."""
     o = tl.arange(0, BT)
-    A_t = tl.trans(load_a(a, i_hv, t0, end, HV, BT)).to(DT)
     # β and the gate's factors from the decay table (decays.py): contiguous float32 rows,
     # where β and g are strided elements and the decays took scans (NOTES.md §25).
     b = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
@@ -75,19 +69,17 @@ def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end
     # the next), and the sums k_rᵀ dB_w,r and v_rᵀ dB_u,r that dβ needs are read off the
     # diagonal of the same accumulator rather than formed from the tiles in registers.
     for j in range(0, tl.cdiv(K, KB)):
-        dB_w = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
+        dB_w = load_rows_stored(d_bw + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
         b_k = load_rows_stored(p_k, t0, end, H * K, j * KB, K, BT, KB)
-        dX_X = mma(dB_w.to(DT), tl.trans(b_k), dX_X, DT, PREC)     # dB_w Kᵀ
+        dX_X = mma(dB_w, tl.trans(b_k), dX_X, DT, PREC)            # dB_w Kᵀ
         kk = mma(b_k, tl.trans(b_k), kk, DT, PREC)
     if HAS_GATE:
         dX_X = dX_X * e_gamma[None, :]
     d_gamma = b * _diagonal(dX_X, BT)                # β_r e^{Γ_r} k_rᵀ dB_w,r
     for i_v in range(0, tl.cdiv(V, BV)):             # the u half, V in blocks
-        d_u = load_rows_stored(du + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dB_u = mma(A_t, d_u, tl.zeros([BT, BV], dtype=tl.float32), DT, PREC)
-        store_rows(dv + i_hv * V, dB_u * b[:, None], t0, end, HV * V, i_v * BV, V, BT, BV)
+        dB_u = load_rows_stored(d_bu + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         b_v = load_rows_stored(v + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
-        dX_X = mma(dB_u.to(DT), tl.trans(b_v), dX_X, DT, PREC)     # + dB_u Vᵀ
+        dX_X = mma(dB_u, tl.trans(b_v), dX_X, DT, PREC)            # + dB_u Vᵀ
     d_beta = _diagonal(dX_X, BT)                     # e^{Γ_r} k_rᵀ dB_w,r + v_rᵀ dB_u,r
     dX_X = dX_X * b[None, :]
     # dB wᵀ = dB (A X)ᵀ = (dB Xᵀ) Aᵀ, with A read again in float32 and float32 operands
@@ -107,15 +99,14 @@ def _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h, TT, t0, end
         p_dg = dg + i_hv
         store_vec(p_dg, load_vec(p_dg, t0, end, HV, BT) + d_g, t0, end, HV, BT)
     store_vec(dbeta + i_hv, d_beta, t0, end, HV, BT)
-    return A_t, b, e_gamma, H_
+    return b, e_gamma, H_
 
 
 @triton.jit
-def _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
-              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, FIRST: tl.constexpr,
-              LAST: tl.constexpr):
-    """Columns j·KB … of dk = (Aᵀ dw) diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk, with
+def _dk_block(k, d_bw, dk_partial, dk, dk_sum, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
+              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr,
+              BT: tl.constexpr, KB: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """Columns j·KB … of dk = dB_w diag(β e^Γ) + (H + Hᵀ) k + the output stage's dk, with
     H_sym = H + Hᵀ formed once: one product per block instead of two, and one [BT, BT] tile
     less (wy_backward 0.733 → 0.701 ms at 8x4096-h16, NOTES.md §11). The product with it stays
     float32: H is a sum of products in the tensor cores' own layout, and its transpose as a
@@ -123,8 +114,7 @@ def _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, 
     (fla-org/flash-linear-attention#640). With GVA, added to the group's sum (FIRST, LAST:
     ``wy_backward_kernel``)."""
     b_k = load_rows(k + i_h * K, t0, end, H * K, j * KB, K, BT, KB)
-    d_k = _dw_part(dw, A_t, i_hv, t0, end, j * KB, HV, K, DT, PREC, BT, KB)
-    d_k = d_k * (b * e_gamma)[:, None]
+    d_k = load_rows(d_bw + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB) * (b * e_gamma)[:, None]
     d_k += load_rows(dk_partial + i_hv * K, t0, end, HV * K, j * KB, K, BT, KB)
     d_k = add_group_sum(d_k, dk_sum + i_h * K, FIRST, t0, end, H * K, j * KB, K, BT, KB)
     d_k = tl.dot(H_sym, b_k, d_k, input_precision=PREC)
@@ -136,11 +126,13 @@ def _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, 
 def wy_backward_kernel(
     k, v, decays, a,          # inputs, the decay table (decays.py: β, and the gate's
                               # factors) and the forward's A
-    dw, du,                   # [TT, HV, K], [TT, HV, V]: gradients of w and u (du = dΔ)
+    d_bw, d_bu,               # [TT, HV, K], [TT, HV, V]: dB_w = Aᵀ dw, dB_u = Aᵀ dΔ (the
+                              # gradients of w and u through A: output_backward, the
+                              # reverse pass)
     dk_partial, dk, dk_sum,   # in [TT, HV, K] in DT: the output stage's part; out: dk
                               # [TT, H, K]; GVA: [TT, H, K] float32 running sum
     dg,                       # in/out [TT, HV] float32
-    dv, dbeta,                # out: [TT, HV, V], [TT, HV]
+    dbeta,                    # out: [TT, HV] (the reverse pass wrote dv)
     chunk_seq, chunk_start, cu, TT, i_g,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KB: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
@@ -155,10 +147,9 @@ def wy_backward_kernel(
     if i_n < 0:
         return
     i_hv = i_h * (HV // H) + i_g
-    A_t, b, e_gamma, H_ = _wy_gradients(k, v, decays, a, dw, du, dg, dv, dbeta, i_hv, i_h,
-                                        TT, t0, end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT,
-                                        BT)
+    b, e_gamma, H_ = _wy_gradients(k, v, decays, a, d_bw, d_bu, dg, dbeta, i_hv, i_h, TT, t0,
+                                   end, H, HV, K, V, KB, BV, HAS_GATE, PREC, DT, BT)
     H_sym = H_ + tl.trans(H_)
     for j in range(0, tl.cdiv(K, KB)):
-        _dk_block(k, dw, dk_partial, dk, dk_sum, A_t, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
-                  H, HV, K, DT, PREC, BT, KB, FIRST, LAST)
+        _dk_block(k, d_bw, dk_partial, dk, dk_sum, b, e_gamma, H_sym, i_hv, i_h, t0, end, j,
+                  H, HV, K, PREC, BT, KB, FIRST, LAST)
