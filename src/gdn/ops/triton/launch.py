@@ -63,8 +63,13 @@ OUTPUT_BACKWARD_BV = TILES.get("obwd_bv", 64)
 # GDN_TRITON_TILES=output_f32=1 / wy_f32=1 give them float32 (TF32) operands instead.
 F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = F32 if TILES.get("output_f32") else {}
+# GDN_TRITON_TILES=wy_maxnreg=n caps wy_backward's registers (a measurement knob): once dB
+# came from the reverse pass it took 241 registers and 48 KiB, two programs per SM by its
+# registers alone; capped at 168 it spills 104 B (DeltaNet 24 B) and three fit (NOTES.md
+# §31.7, not yet timed).
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
-    num_warps=TILES.get("wy_warps", 4))
+    num_warps=TILES.get("wy_warps", 4)) | (
+    dict(maxnreg=TILES["wy_maxnreg"]) if TILES.get("wy_maxnreg") else {})
 # wy_backward's BV, if not the plan's (GDN_TRITON_TILES=wy_bv): at 32 sm90_resources gives it
 # 255 registers and no spill at K = 128, against 40 B of spill at the plan's 64 (NOTES.md §19;
 # not yet measured on the GPU).
