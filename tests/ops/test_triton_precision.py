@@ -139,3 +139,21 @@ def test_exact_mode_with_16_bit_inputs_stops_the_undamped_drift():
     exact_state, exact_output, exact_grads = _errors(rounded, exact=True)
     assert exact_state < 1e-5 and exact_state * 50 < state, (exact_state, state)
     assert exact_output < output and exact_grads < grads
+
+
+def test_both_parts_of_a_halve_the_undamped_drift(monkeypatch):
+    """The state passes multiply by A's 16-bit hi part alone, which rounds A relative to its
+    entries; with β = 2 they are large and cancel in A X, so the drift is larger than when w
+    and u were formed in float32 and handed over in 16 bits (NOTES.md §31.8: in bf16 on the
+    GPU config 142 went 4.6e-2 → 5.6e-2). GDN_TRITON_TILES=state_a_parts=1 (a measurement
+    knob: A's lo part too, one product more per step) takes the state, the output and the
+    worst gradient about halfway back (here 3.8 → 1.9, 2.9 → 1.6, 4.6 → 2.1 ·10⁻³)."""
+    from gdn.ops.triton import tiles
+
+    rounded = _undamped()
+    monkeypatch.delitem(tiles.TILES, "state_a_parts", raising=False)
+    default = _errors(rounded)
+    monkeypatch.setitem(tiles.TILES, "state_a_parts", 1)
+    both_parts = _errors(rounded)
+    assert all(d > 1.4 * b for d, b in zip(default, both_parts, strict=True)), (default,
+                                                                                both_parts)

@@ -107,6 +107,9 @@ def _state_flags(p, direction: str) -> dict:
         flags["PREC"] = "tf32x3"
     if p.precise_state and _sixteen_bit(flags):
         flags["SPLIT"] = True
+    elif TILES.get("state_a_parts") and _sixteen_bit(flags):
+        # A's both stored parts in the passes' products with A, the rest as is (NOTES.md §31.8).
+        flags["A_PARTS"] = True
     small_k, wide_k = p.K <= 128, p.K > 128 and _sixteen_bit(flags)
     if direction == "forward":
         warps = STATE_WARPS["forward"] or (8 if wide_k else 4)

@@ -175,47 +175,59 @@ def _keys_times_blocks(Kt1, Kt2, Kt3, Kt4, S1, S2, S3, S4, K: tl.constexpr, DT: 
 
 @triton.jit
 def _chunk_a(a, i_hv, t0, end, HV: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-             SPLIT: tl.constexpr):
+             SPLIT: tl.constexpr, A_PARTS: tl.constexpr = False):
     """One chunk's A for the passes' products: float32 A whole for float32 operands; else its
-    16-bit hi part as stored (``common.load_a``), and with SPLIT its lo part too (A to about
-    16 bits of mantissa). hi alone rounds A once, as the hand-off of w and u in 16 bits
-    rounded their products (math.md §3.10)."""
+    16-bit hi part as stored (``common.load_a``), and with SPLIT or A_PARTS its lo part too
+    (A to about 16 bits of mantissa). hi alone rounds A once, relative to A's entries: where
+    A's entries are large and cancel in A X (the undamped rule with β near 2) that costs more
+    than the hand-off of w and u in 16 bits did, which rounded the products (NOTES.md §31.8;
+    math.md §3.10)."""
     if tl.float32 == DT:
         hi = load_a(a, i_hv, t0, end, HV, BT)
         lo = hi
     else:
         hi = load_a_part(a, 0, i_hv, t0, end, HV, BT)
         lo = hi
-        if SPLIT:
+        if SPLIT or A_PARTS:
             lo = load_a_part(a, 1, i_hv, t0, end, HV, BT)
     return hi, lo
 
 
 @triton.jit
-def _a_times(a_hi, a_lo, x, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _a_times(a_hi, a_lo, x, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+             A_PARTS: tl.constexpr = False):
     """A x for a chunk's A from ``_chunk_a`` and a float32 [BT, BV] x in registers; SPLIT: A
-    and x in two 16-bit parts each. One return, after the branches: Triton compiles the
-    statements after a return inside a constexpr branch as well, and a 16-bit product there
-    failed to compile for float32 operands (NOTES.md §17)."""
+    and x in two 16-bit parts each; A_PARTS: A in its two parts, x in 16 bits. One return,
+    after the branches: Triton compiles the statements after a return inside a constexpr
+    branch as well, and a 16-bit product there failed to compile for float32 operands
+    (NOTES.md §17)."""
     if tl.float32 == DT:
         ax = tl.dot(a_hi, x, input_precision=PREC)
     elif SPLIT:
         x_hi, x_lo = split16(x, DT)
         ax = tl.dot(a_hi, x_lo, tl.dot(a_lo, x_hi, tl.dot(a_hi, x_hi)))
+    elif A_PARTS:
+        x16 = x.to(DT)
+        ax = tl.dot(a_lo, x16, tl.dot(a_hi, x16))
     else:
         ax = tl.dot(a_hi, x.to(DT))
     return ax
 
 
 @triton.jit
-def _times_a(x, a_hi, a_lo, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _times_a(x, a_hi, a_lo, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+             A_PARTS: tl.constexpr = False):
     """x A for a float32 [BV, BT] x in registers (the left operand, as the reverse pass
-    wants its register sides) and a chunk's A from ``_chunk_a``."""
+    wants its register sides) and a chunk's A from ``_chunk_a``; SPLIT, A_PARTS as for
+    ``_a_times``."""
     if tl.float32 == DT:
         xa = tl.dot(x, a_hi, input_precision=PREC)
     elif SPLIT:
         x_hi, x_lo = split16(x, DT)
         xa = tl.dot(x_lo, a_hi, tl.dot(x_hi, a_lo, tl.dot(x_hi, a_hi)))
+    elif A_PARTS:
+        x16 = x.to(DT)
+        xa = tl.dot(x16, a_lo, tl.dot(x16, a_hi))
     else:
         xa = tl.dot(x.to(DT), a_hi)
     return xa
@@ -225,7 +237,8 @@ def _times_a(x, a_hi, a_lo, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.cons
 def _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv, t0, end, col0,
             HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_GATE: tl.constexpr,
             U_ZERO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-            KB: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr):
+            KB: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+            A_PARTS: tl.constexpr = False):
     """A chunk's writes Δ = A diag(β) (V − diag(e^Γ) K S) for BV columns, from the chunk-start
     state in registers and the chunk's transposed k tiles (math.md §3.10): u − w S without
     w and u, which the pass would otherwise read from memory. V − e^Γ K S is formed in float32
@@ -238,8 +251,8 @@ def _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv, t0,
         x = -ks
     else:
         x = load_rows(v + i_hv * V, t0, end, HV * V, col0, V, BT, BV) - ks
-    a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT)
-    return _a_times(a_hi, a_lo, x * b_beta[:, None], DT, PREC, SPLIT)
+    a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT, A_PARTS)
+    return _a_times(a_hi, a_lo, x * b_beta[:, None], DT, PREC, SPLIT, A_PARTS)
 
 
 @triton.jit
@@ -347,6 +360,7 @@ def state_forward_kernel(
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
     SPLIT: tl.constexpr = False, STORE_SCORES: tl.constexpr = False,
+    A_PARTS: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
     in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
@@ -380,7 +394,7 @@ def state_forward_kernel(
             b_beta = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
             delta = _writes(Kt1, Kt2, Kt3, Kt4, v, a, S1, S2, S3, S4, e_gamma, b_beta, i_hv,
                             t0, end, col0, HV, K, V, HAS_GATE, U_ZERO, DT, PREC, BT, KB, BV,
-                            SPLIT)
+                            SPLIT, A_PARTS)
             if STORE_CHUNKS and not OUTPUT:
                 store_rows(v_new + i_hv * V, delta, t0, end, HV * V, col0, V, BT, BV)
         else:
@@ -500,7 +514,7 @@ def state_backward_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, INLINE_GATES: tl.constexpr = False,
     V_FASTEST: tl.constexpr = False, SPLIT: tl.constexpr = False,
-    LATE_STORES: tl.constexpr = False,
+    LATE_STORES: tl.constexpr = False, A_PARTS: tl.constexpr = False,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale·Q̃ᵀdO − wᵀ dΔ, dΔ = scale·PᵀdO + K̃ dS_{n+1}, carried
     transposed (math.md §4.2): dSᵀ ← e^{Γ_C} dSᵀ + scale·dOᵀ Q̃ − dΔᵀ W, (K dS)ᵀ = dSᵀ Kᵀ,
@@ -561,8 +575,8 @@ def state_backward_kernel(
         y_lo = b_do
         if DELTA:
             # Y = −dB_uᵀ diag(β e^Γ) with dB_uᵀ = dΔᵀ A, so that Y K = −dΔᵀ w (math.md §3.10).
-            a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT)
-            d_bu = _times_a(d_d, a_hi, a_lo, DT, PREC, SPLIT)
+            a_hi, a_lo = _chunk_a(a, i_hv, t0, end, HV, DT, BT, SPLIT, A_PARTS)
+            d_bu = _times_a(d_d, a_hi, a_lo, DT, PREC, SPLIT, A_PARTS)
             b_beta = load_chunk_beta(decays, i_hv, TT, t0, end, BT)
             if STORE_CHUNKS and not LATE_STORES:
                 _store_u_grads(d_delta, dv, d_bu, b_beta, i_hv, t0, end, HV, V, col0, BT, BV)
