@@ -65,8 +65,8 @@ F32 = dict(DT=tl.float32)
 OUTPUT_LAUNCH = F32 if TILES.get("output_f32") else {}
 # GDN_TRITON_TILES=wy_maxnreg=n caps wy_backward's registers (a measurement knob): once dB
 # came from the reverse pass it took 241 registers and 48 KiB, two programs per SM by its
-# registers alone; capped at 168 it spills 104 B (DeltaNet 24 B) and three fit (NOTES.md
-# §31.7, not yet timed).
+# registers alone; capped at 168 it spills 104 B (DeltaNet 24 B) and three fit, but it ran
+# slower on an H100 (0.528 → 0.566 ms at 8x4096-h16, NOTES.md §32.1).
 WY_BACKWARD_LAUNCH = (F32 if TILES.get("wy_f32") else {}) | dict(
     num_warps=TILES.get("wy_warps", 4)) | (
     dict(maxnreg=TILES["wy_maxnreg"]) if TILES.get("wy_maxnreg") else {})
