@@ -167,16 +167,18 @@ def test_split_and_carry_equals_one_call():
     assert rel_error(s2, s) <= 1e-6
 
 
-@pytest.mark.parametrize("keep", [False, True, "precise"],
-                         ids=["recompute", "keep", "keep-precise"])
+@pytest.mark.parametrize("keep", [False, True, "precise", "delta"],
+                         ids=["recompute", "keep", "keep-precise", "keep-delta"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["varlen", "segmented"])
 def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
     segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
     ``keep`` the chunk states (a grid bound of them with varlen) and Δ, and the chunk scores,
     whose shapes the fake must predict; with fp16 inputs and precise_state ("precise") they
-    are float16, as the fake must say too."""
-    from gdn.ops.triton import function, passes
+    are float16, as the fake must say too; with ``launch.keeps_delta`` ("delta") Δ alone."""
+    from gdn.ops.triton import function, launch, passes
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", keep == "delta")
 
     if segmented:
         monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
@@ -187,7 +189,7 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     precise = keep == "precise"
     x = x.to(torch.float16 if precise else torch.float32)   # the state stays float32
     args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, not precise,
-            bool(keep), precise, True)
+            keep in (True, "precise"), precise, True)
     torch.library.opcheck(function.chunk_forward_op, args)
     o, final, a, seam_starts, transitions, *kept, chunk_scores = function.chunk_forward_op(
         *args)
@@ -195,7 +197,8 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     assert transitions.shape == ((2, 3, 2, 16, 16) if segmented else (0,))
     chunks = 6 if segmented else 70 // 64 + 2       # 2 rows of 3; the varlen grid bound
     tokens = 300 if segmented else 70
-    want = [(chunks, 2, 16, 16), (tokens, 2, 16)] if keep else [(0,)] * 2
+    want = ([(chunks, 2, 16, 16), (tokens, 2, 16)] if keep in (True, "precise")
+            else [(0,), (tokens, 2, 16)] if keep == "delta" else [(0,)] * 2)
     assert [tuple(t.shape) for t in kept] == want
     if precise:
         assert [t.dtype for t in kept] == [torch.float16, torch.float16]

@@ -12,7 +12,8 @@ recomputes the chunk states from them in one pass instead of three (a few MiB: [
 V] and [B, P, HV, K, K] float32), and when a backward will follow (``save_scores``) the chunk
 scores scale·P for the reverse pass (scores.py). With ``keep`` (``recompute=False`` in
 ``gdn.ops``) it also returns the chunk states and Δ (``launch.Kept``), and the backward
-recomputes nothing.
+recomputes nothing; with ``launch.keeps_delta`` Δ alone, and the backward forms the states
+from it.
 Letters as in launch.py.
 """
 
@@ -60,14 +61,16 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
     a_shape = launch.a_shape(B * T, HV, lo) if beta is not None else _EMPTY
     starts, transitions = passes.seam_shapes(B, T, HV, q.shape[-1], V, launch.BT, cu_seqlens,
                                              q.device, delta=beta is not None)
-    kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None)
+    kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None,
+                              keep=keep, keep_delta=launch.keeps_delta(
+                                  keep, save_scores, beta is not None, q.shape[-1]))
     scores = (launch.scores_shape(launch.chunk_count(B, T, cu_seqlens, launch.BT), HV)
               if save_scores else _EMPTY)
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
             q.new_empty(a_shape, dtype=lo if beta is not None else torch.float32),
             q.new_empty(starts, **f32),
             q.new_empty(transitions, **f32),
-            *(q.new_empty(shape if keep else _EMPTY, dtype=lo) for shape in kept),
+            *(q.new_empty(shape, dtype=lo) for shape in kept),
             q.new_empty(scores, dtype=lo))
 
 
@@ -85,6 +88,8 @@ def chunk_backward_op(
     if kept_states.numel():
         delta = beta is not None
         kept = launch.Kept(kept_states, kept_v_new if delta else None)
+    elif kept_v_new.numel():            # Δ alone (launch.keeps_delta)
+        kept = launch.Kept(None, kept_v_new)
     grads = launch.chunk_backward(do, dht, q, k, v, g, beta, a if beta is not None else None,
                                   chunk_scores, scale=scale, initial_state=initial_state,
                                   cu_seqlens=cu_seqlens, exact=exact, seams=seams, kept=kept,

@@ -90,6 +90,23 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     return dict(num_stages=TILES.get(knob, 3 if sixteen_bit else 2))
 
 
+# GDN_TRITON_TILES=keep_delta=1: the training forward stores Δ, and the backward forms the
+# chunk states from it in a pass without the delta term instead of recomputing Δ too
+# (``keeps_delta``; a measurement knob, NOTES.md §32.8).
+KEEP_DELTA = bool(TILES.get("keep_delta"))
+
+
+def keeps_delta(keep: bool, save_scores: bool, delta: bool, K: int) -> bool:
+    """Whether a forward keeps Δ alone for its backward (``Kept`` without states): with the
+    delta term, when a backward follows and keeps nothing else, where the forward's state
+    pass computes the output (it stores no states; above K = 128 the forward stores both
+    anyway). The backward's state pass then takes Δ for v: S_{n+1} = e^{γ} S_n + K̃ᵀ Δ is
+    (3.2) without its delta term (math.md §3.10), one product a step where recomputing Δ
+    takes four, and it reads Δ where it read v and A and wrote Δ. The forward writes Δ
+    (V·2 bytes per token and v head in bf16), which lives until the backward."""
+    return KEEP_DELTA and delta and save_scores and not keep and fused_output(K)
+
+
 def fused_output(K: int) -> bool:
     """Whether the forward state pass also computes the output (math.md §3.9) instead of
     storing every chunk-start state for ``output_forward``: up to K = 128, where its tiles
@@ -262,17 +279,21 @@ class Kept:
     """What a forward with ``keep`` leaves for the backward instead of having it recompute
     the forward state pass: the chunk-start states [NC, HV, K, V] and Δ [TT, HV, V] (v itself
     without the delta term, so None), in the operand dtype. About V·2 bytes per token and v
-    head and K·V·2 per chunk and v head for bf16: 402 MB at 8x4096 with 16 heads of 128."""
+    head and K·V·2 per chunk and v head for bf16: 402 MB at 8x4096 with 16 heads of 128.
+    With ``keeps_delta`` Δ alone (states None)."""
 
-    states: torch.Tensor
+    states: torch.Tensor | None
     v_new: torch.Tensor | None
 
 
-def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *,
-                delta: bool) -> tuple[tuple, tuple]:
-    """Shapes of ``Kept``'s states and v_new ((0,) for an absent one)."""
+def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *, delta: bool,
+                keep: bool, keep_delta: bool = False) -> tuple[tuple, tuple]:
+    """Shapes of ``Kept``'s states and v_new ((0,) for an absent one) for a forward with
+    ``keep`` or ``keep_delta`` (``keeps_delta``)."""
     NC = chunk_count(B, T, cu_seqlens, BT)
-    return (NC, HV, K, V), (B * T, HV, V) if delta else (0,)
+    states = (NC, HV, K, V) if keep else (0,)
+    v_new = (B * T, HV, V) if delta and (keep or keep_delta) else (0,)
+    return states, v_new
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
@@ -296,8 +317,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None)
-             if fused_output(p.K) else None)
+    keep_delta = keeps_delta(keep, save_scores, beta is not None, p.K)
+    fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
+                           keep_delta) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:
@@ -314,6 +336,8 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         if spare is not None:
             states.masked_fill_(spare, 0.0)
         kept = Kept(states, v_new if beta is not None else None)
+    elif keep_delta:
+        kept = Kept(None, v_new)
     if save_scores and spare is not None:
         chunk_scores.masked_fill_(spare, 0.0)
     return (o.view(p.B, p.T, p.HV, p.V), final, a, seams, kept,
@@ -337,9 +361,14 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     delta = beta is not None
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_, b_)
-    if kept is not None:
+    if kept is not None and kept.states is not None:
         states = kept.states
         v_new = kept.v_new if delta else v_
+    elif kept is not None:
+        # Δ kept (``keeps_delta``): the states from it by the pass without the delta term.
+        v_new = kept.v_new
+        states, _, _, _ = passes.state_forward(p, k_, v_new, None, g_, d_, initial_state,
+                                               segs, seams if segs is not None else None)
     else:
         states, v_new, _, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, seams if segs is not None else None)

@@ -360,23 +360,25 @@ def state_forward_kernel(
     BT: tl.constexpr, STORE_CHUNKS: tl.constexpr = True, U_ZERO: tl.constexpr = False,
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
     SPLIT: tl.constexpr = False, STORE_SCORES: tl.constexpr = False,
-    A_PARTS: tl.constexpr = False,
+    A_PARTS: tl.constexpr = False, STORE_STATES: tl.constexpr = True,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
     in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
     final state; U_ZERO=True runs S ← e^{Γ_C} S − K̃ᵀ w S, the chunk transitions alone, which
     from S = I gives a segment's transition matrix (math.md §3.8). OUTPUT=True computes
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
-    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them; with
-    STORE_SCORES, each chunk's scale·P for the reverse pass (math.md §4.1). SPLIT
-    (16-bit DT): the products that carry the state from chunk to chunk (K S, A X, Kᵀ Δ) take
-    S, X and Δ as two 16-bit parts each (NOTES.md §21)."""
+    with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them (Δ
+    alone with STORE_STATES=False: the backward then forms the states from Δ in a pass
+    without the delta term, ``launch.keeps_delta``); with STORE_SCORES, each chunk's
+    scale·P for the reverse pass (math.md §4.1). SPLIT (16-bit DT): the products that carry
+    the state from chunk to chunk (K S, A X, Kᵀ Δ) take S, X and Δ as two 16-bit parts each
+    (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
     state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
-    if STORE_CHUNKS and OUTPUT and n_chunks > 0:
+    if STORE_CHUNKS and STORE_STATES and OUTPUT and n_chunks > 0:
         p_chunk = (first * HV + i_hv) * state_kv
         _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
     for i in range(0, n_chunks):
@@ -424,7 +426,7 @@ def state_forward_kernel(
             S3 = _update_tile(Kt3, S3, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
         if K > 3 * KB:
             S4 = _update_tile(Kt4, S4, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
-        if STORE_CHUNKS and OUTPUT and i + 1 < n_chunks:
+        if STORE_CHUNKS and STORE_STATES and OUTPUT and i + 1 < n_chunks:
             p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
     if STORE_HT:

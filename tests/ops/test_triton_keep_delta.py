@@ -1,0 +1,122 @@
+"""``launch.keeps_delta`` (GDN_TRITON_TILES=keep_delta=1): the training forward stores Δ, and
+the backward forms the chunk states from it in the state pass without the delta term instead
+of recomputing Δ as well. The forward is unchanged but for the store; the states are the
+same sums of the same products, so float32 gradients equal the recomputing backward's bit for
+bit and 16-bit ones differ by the rounding of Δ e^{Γ_C − Γ_r} (once from float32 there, from
+the stored 16-bit Δ here)."""
+
+import pytest
+import torch
+from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for
+
+from gdn.ops import chunk_gated_delta_rule
+from gdn.testing import forward_backward, random_inputs, rel_error
+
+pytest.importorskip("triton")
+pytestmark = interpreter_only
+
+CASES = {
+    "gated": COMMON_CASES["gated"],
+    "deltanet": COMMON_CASES["deltanet"],
+    "gva_varlen": (dict(T=150, H=2, HV=4, K=32, V=100, initial_state=True,
+                        doc_lengths=[1, 70, 0, 14, 65]), True, False),
+    "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
+                        True),
+}
+
+
+def _runs(x, monkeypatch):
+    from gdn.ops.triton import launch
+
+    runs = []
+    for keep_delta in (False, True):
+        monkeypatch.setattr(launch, "KEEP_DELTA", keep_delta)
+        runs.append(forward_backward(op_for(True), x, seed=6, backend="triton"))
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_states_from_the_kept_delta_give_the_recomputed_gradients(case, dtype, monkeypatch):
+    x, _ = case_inputs(CASES[case], dtype, 51, monkeypatch)
+    (o0, s0, g0), (o1, s1, g1) = _runs(x, monkeypatch)
+    assert torch.equal(o0, o1)
+    assert torch.equal(s0, s1)
+    assert g0.keys() == g1.keys()
+    gated = x.g is not None
+    for name, grad in g0.items():
+        if grad is None:
+            assert g1[name] is None
+        elif dtype == torch.float32 or not gated:
+            # Without a gate Δ enters the update as stored: the same operands either way.
+            assert torch.equal(grad, g1[name]), name
+        else:
+            assert rel_error(g1[name], grad) <= 1e-3, name
+
+
+def test_the_kept_delta_is_used_and_its_poison_reaches_the_gradients(monkeypatch):
+    """The backward's state pass runs without the delta term on the forward's Δ: NaN put into
+    the kept Δ after the forward must come out in the gradients (so nothing recomputes it)."""
+    from gdn.ops.triton import function, launch, passes
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    calls = []
+    original = passes.state_forward
+
+    def recorded(p, k_, v_, a, *args, **kwargs):
+        calls.append((a is not None, kwargs.get("out") is not None))
+        return original(p, k_, v_, a, *args, **kwargs)
+    monkeypatch.setattr(passes, "state_forward", recorded)
+    x = random_inputs(B=1, T=130, H=1, K=16, V=16, seed=54).to(torch.float32,
+                                                               requires_grad=True)
+    o, _ = chunk_gated_delta_rule(**x.kwargs(), backend="triton")
+    # forward: the pass with the delta term that computes o; backward: the pass without it.
+    o.square().sum().backward()
+    assert calls == [(True, True), (False, False)]
+
+    original_backward = function.launch.chunk_backward
+
+    def poisoned(*args, kept=None, **kwargs):
+        kept.v_new[5:9] = float("nan")
+        return original_backward(*args, kept=kept, **kwargs)
+    monkeypatch.setattr(function.launch, "chunk_backward", poisoned)
+    x.q.grad = None
+    o, _ = chunk_gated_delta_rule(**x.kwargs(), backend="triton")
+    o.square().sum().backward()
+    assert not torch.isfinite(x.q.grad).all()
+
+
+def test_kept_delta_only_where_a_backward_follows(monkeypatch):
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    assert launch.keeps_delta(False, True, True, 128)
+    assert not launch.keeps_delta(False, False, True, 128)    # no backward: nothing kept
+    assert not launch.keeps_delta(True, True, True, 128)      # recompute=False keeps both
+    assert not launch.keeps_delta(False, True, False, 128)    # no delta term: Δ is v
+    assert not launch.keeps_delta(False, True, True, 256)     # unfused: states stored anyway
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
+    assert not launch.keeps_delta(False, True, True, 128)
+
+
+def test_torch_compile_traces_the_kept_delta(monkeypatch):
+    """The fake forward must say that Δ alone is kept (launch.kept_shapes with keep_delta)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
+                      seed=17).to(torch.float32, requires_grad=True)
+
+    def loss(q, k, v, g, beta, h0):
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                      output_final_state=True, backend="triton")
+        return o.square().sum() + s.sum()
+
+    args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)
+    eager = loss(*args)
+    grads_eager = torch.autograd.grad(eager, args)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*args)
+    grads_compiled = torch.autograd.grad(compiled, args)
+    assert rel_error(compiled, eager) <= 1e-6
+    for got, want in zip(grads_compiled, grads_eager, strict=True):
+        assert rel_error(got, want) <= 1e-6
