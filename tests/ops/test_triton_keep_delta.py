@@ -22,6 +22,9 @@ CASES = {
                         doc_lengths=[1, 70, 0, 14, 65]), True, False),
     "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
                         True),
+    # Above K = 128 the forward's state pass stores Δ and the states for output_forward
+    # (launch.fused_output): Δ is kept from there.
+    "wide_k": (dict(B=1, T=100, H=1, K=136, V=24, initial_state=True), True, False),
 }
 
 
@@ -90,13 +93,12 @@ def test_kept_delta_only_where_a_backward_follows(monkeypatch):
     from gdn.ops.triton import launch
 
     monkeypatch.setattr(launch, "KEEP_DELTA", True)
-    assert launch.keeps_delta(False, True, True, 128)
-    assert not launch.keeps_delta(False, False, True, 128)    # no backward: nothing kept
-    assert not launch.keeps_delta(True, True, True, 128)      # recompute=False keeps both
-    assert not launch.keeps_delta(False, True, False, 128)    # no delta term: Δ is v
-    assert not launch.keeps_delta(False, True, True, 256)     # unfused: states stored anyway
+    assert launch.keeps_delta(False, True, True)
+    assert not launch.keeps_delta(False, False, True)    # no backward: nothing kept
+    assert not launch.keeps_delta(True, True, True)      # recompute=False keeps both
+    assert not launch.keeps_delta(False, True, False)    # no delta term: Δ is v
     monkeypatch.setattr(launch, "KEEP_DELTA", False)
-    assert not launch.keeps_delta(False, True, True, 128)
+    assert not launch.keeps_delta(False, True, True)
 
 
 def test_torch_compile_traces_the_kept_delta(monkeypatch):
@@ -120,3 +122,24 @@ def test_torch_compile_traces_the_kept_delta(monkeypatch):
     assert rel_error(compiled, eager) <= 1e-6
     for got, want in zip(grads_compiled, grads_eager, strict=True):
         assert rel_error(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("K", [20, 136], ids=["fused", "unfused"])
+def test_every_element_of_the_kept_delta_is_written(K, monkeypatch):
+    """NaN-poisoned buffers (ragged V blocks, an empty and a 1-token document): an element of
+    the kept Δ that the forward does not write would stay NaN."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    x = random_inputs(T=150, H=1, HV=2, K=K, V=100, doc_lengths=[1, 70, 0, 79], seed=65)
+    x = x.to(torch.float32)
+    original = torch.empty
+    monkeypatch.setattr(torch, "empty",
+                        lambda *a, **kw: original(*a, **kw).fill_(float("nan")))
+    o, _, _, _, kept, _ = launch.chunk_forward(
+        x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None, cu_seqlens=x.cu_seqlens,
+        exact=True, keep=False, save_scores=True)
+    monkeypatch.undo()
+    assert kept.states is None
+    assert kept.v_new.shape == (150, 2, 100)
+    assert torch.isfinite(kept.v_new).all() and torch.isfinite(o).all()

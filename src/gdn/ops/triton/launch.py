@@ -96,15 +96,15 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
 KEEP_DELTA = bool(TILES.get("keep_delta"))
 
 
-def keeps_delta(keep: bool, save_scores: bool, delta: bool, K: int) -> bool:
+def keeps_delta(keep: bool, save_scores: bool, delta: bool) -> bool:
     """Whether a forward keeps Δ alone for its backward (``Kept`` without states): with the
-    delta term, when a backward follows and keeps nothing else, where the forward's state
-    pass computes the output (it stores no states; above K = 128 the forward stores both
-    anyway). The backward's state pass then takes Δ for v: S_{n+1} = e^{γ} S_n + K̃ᵀ Δ is
-    (3.2) without its delta term (math.md §3.10), one product a step where recomputing Δ
-    takes four, and it reads Δ where it read v and A and wrote Δ. The forward writes Δ
-    (V·2 bytes per token and v head in bf16), which lives until the backward."""
-    return KEEP_DELTA and delta and save_scores and not keep and fused_output(K)
+    delta term, when a backward follows and keeps nothing else. The backward's state pass
+    then takes Δ for v: S_{n+1} = e^{γ} S_n + K̃ᵀ Δ is (3.2) without its delta term (math.md
+    §3.10, §4.6), one product a step where recomputing Δ takes four, and it reads Δ where it
+    read v and A and wrote Δ. Where the forward's state pass computes the output (K ≤ 128)
+    it writes Δ for this (V·2 bytes per token and v head in bf16); above, it writes Δ for
+    output_forward anyway, so keeping it costs memory alone. Δ lives until the backward."""
+    return KEEP_DELTA and delta and save_scores and not keep
 
 
 def fused_output(K: int) -> bool:
@@ -317,7 +317,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    keep_delta = keeps_delta(keep, save_scores, beta is not None, p.K)
+    keep_delta = keeps_delta(keep, save_scores, beta is not None)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
                            keep_delta) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
