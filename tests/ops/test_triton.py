@@ -212,12 +212,18 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [{}, dict(use_qk_l2norm_in_kernel=True),
-                                     dict(recompute=False), dict(precise_state=True)],
-                         ids=["plain", "l2norm", "keep", "precise"])
-def test_torch_compile_fullgraph_traces_the_op(options):
+                                     dict(recompute=False), "keep_delta",
+                                     dict(precise_state=True)],
+                         ids=["plain", "l2norm", "keep", "keep-delta", "precise"])
+def test_torch_compile_fullgraph_traces_the_op(options, monkeypatch):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
     (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,
-    its two ops too (triton/l2norm.py), and with recompute=False the kept tensors."""
+    its two ops too (triton/l2norm.py), with recompute=False the kept tensors, and with
+    ``launch.keeps_delta`` the kept Δ alone."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", options == "keep_delta")
+    options = {} if options == "keep_delta" else options
     x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                       seed=17).to(torch.float32, requires_grad=True)
 

@@ -18,7 +18,7 @@ storing every chunk state for ``output_forward``. In Triton's interpreter (CPU):
 
 import pytest
 import torch
-from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for
+from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for, poisoned_forward
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
@@ -170,18 +170,10 @@ def test_exact_mode_with_a_strong_gate_at_a_chunk_start(delta, fused, monkeypatc
 def test_every_output_element_is_written_when_fused(monkeypatch):
     """NaN-poisoned buffers: an element the fused pass does not write would stay NaN
     (ragged V blocks, an empty and a 1-token document)."""
-    from gdn.ops.triton import launch
-
     _force_fusion(monkeypatch, True)
     x = random_inputs(T=150, H=1, HV=2, K=20, V=100, doc_lengths=[1, 70, 0, 79], seed=65)
-    x = x.to(torch.float32)
-    original = torch.empty
-    monkeypatch.setattr(torch, "empty",
-                        lambda *a, **kw: original(*a, **kw).fill_(float("nan")))
-    o, s, _, _, kept, chunk_scores = launch.chunk_forward(
-        x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None, cu_seqlens=x.cu_seqlens,
-        exact=True, keep=False, save_scores=True)
-    monkeypatch.undo()
+    o, s, _, _, kept, chunk_scores = poisoned_forward(x.to(torch.float32), monkeypatch,
+                                                      keep=False)
     assert kept is None
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     assert torch.isfinite(chunk_scores).all()

@@ -7,7 +7,7 @@ the stored 16-bit Δ here)."""
 
 import pytest
 import torch
-from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for
+from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for, poisoned_forward
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
@@ -101,29 +101,6 @@ def test_kept_delta_only_where_a_backward_follows(monkeypatch):
     assert not launch.keeps_delta(False, True, True)
 
 
-def test_torch_compile_traces_the_kept_delta(monkeypatch):
-    """The fake forward must say that Δ alone is kept (launch.kept_shapes with keep_delta)."""
-    from gdn.ops.triton import launch
-
-    monkeypatch.setattr(launch, "KEEP_DELTA", True)
-    x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
-                      seed=17).to(torch.float32, requires_grad=True)
-
-    def loss(q, k, v, g, beta, h0):
-        o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
-                                      output_final_state=True, backend="triton")
-        return o.square().sum() + s.sum()
-
-    args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)
-    eager = loss(*args)
-    grads_eager = torch.autograd.grad(eager, args)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*args)
-    grads_compiled = torch.autograd.grad(compiled, args)
-    assert rel_error(compiled, eager) <= 1e-6
-    for got, want in zip(grads_compiled, grads_eager, strict=True):
-        assert rel_error(got, want) <= 1e-6
-
-
 @pytest.mark.parametrize("K", [20, 136], ids=["fused", "unfused"])
 def test_every_element_of_the_kept_delta_is_written(K, monkeypatch):
     """NaN-poisoned buffers (ragged V blocks, an empty and a 1-token document): an element of
@@ -132,14 +109,7 @@ def test_every_element_of_the_kept_delta_is_written(K, monkeypatch):
 
     monkeypatch.setattr(launch, "KEEP_DELTA", True)
     x = random_inputs(T=150, H=1, HV=2, K=K, V=100, doc_lengths=[1, 70, 0, 79], seed=65)
-    x = x.to(torch.float32)
-    original = torch.empty
-    monkeypatch.setattr(torch, "empty",
-                        lambda *a, **kw: original(*a, **kw).fill_(float("nan")))
-    o, _, _, _, kept, _ = launch.chunk_forward(
-        x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None, cu_seqlens=x.cu_seqlens,
-        exact=True, keep=False, save_scores=True)
-    monkeypatch.undo()
+    o, _, _, _, kept, _ = poisoned_forward(x.to(torch.float32), monkeypatch, keep=False)
     assert kept.states is None
     assert kept.v_new.shape == (150, 2, 100)
     assert torch.isfinite(kept.v_new).all() and torch.isfinite(o).all()

@@ -39,6 +39,23 @@ def case_inputs(case: tuple, dtype, seed: int, monkeypatch):
     return x, delta
 
 
+def poisoned_forward(x, monkeypatch, **kwargs):
+    """``launch.chunk_forward`` on float32 inputs x (exact, scale 0.3, scores saved) with every
+    ``torch.empty`` it allocates filled with NaN, so that an element it does not write stays
+    NaN; returns what chunk_forward returns."""
+    from gdn.ops.triton import launch
+
+    original = torch.empty
+    monkeypatch.setattr(torch, "empty",
+                        lambda *a, **kw: original(*a, **kw).fill_(float("nan")))
+    try:
+        return launch.chunk_forward(x.q, x.k, x.v, x.g, x.beta, scale=0.3, initial_state=None,
+                                    cu_seqlens=x.cu_seqlens, exact=True, save_scores=True,
+                                    **kwargs)
+    finally:
+        monkeypatch.setattr(torch, "empty", original)
+
+
 def expected_chunk_scores(x, table, scale: float) -> torch.Tensor:
     """scale·(QKᵀ ⊙ D) per chunk of the launch's chunk table and v head, float64; zeros for
     the grid's spare chunks and past a sequence's end."""
