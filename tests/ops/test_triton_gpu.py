@@ -86,6 +86,23 @@ def test_float32_exact_within_bounds(shape):
     _assert_within(_errors(x, True, torch.float32, exact=True), 1e-5, None, 1e-4)
 
 
+@pytest.mark.parametrize("shape", ["gated", "gva_odd_dims_varlen", "k256_v512", "deltanet"])
+def test_kept_delta_within_bounds(shape, monkeypatch):
+    """``launch.keeps_delta`` (GDN_TRITON_TILES=keep_delta=1, NOTES.md §32.8): the backward's
+    states formed from the forward's Δ by the pass without the delta term. Within the bf16
+    bounds, and no further from float64 than the recomputing backward but for rounding."""
+    from gdn.ops.triton import launch
+
+    x = random_inputs(**SHAPES[shape], seed=21)
+    default = _errors(x, True, torch.bfloat16)
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    kept = _errors(x, True, torch.bfloat16)
+    _assert_within(kept, 5e-3, 2e-2, 1e-2)
+    worse = {n: f"{e:.2e} against {default[n]:.2e}" for n, e in kept.items()
+             if e > 1.25 * default[n] + 5e-4}
+    assert not worse, worse
+
+
 # Heads of 32 and sequences shorter than a chunk: configs of the GPU accuracy sweep that
 # read outside the kernels' shared memory with 32-column bf16 tiles (NOTES.md §20).
 NARROW = {
