@@ -113,3 +113,30 @@ def test_every_element_of_the_kept_delta_is_written(K, monkeypatch):
     assert kept.states is None
     assert kept.v_new.shape == (150, 2, 100)
     assert torch.isfinite(kept.v_new).all() and torch.isfinite(o).all()
+
+
+def test_a_kept_delta_without_the_forward_seams_recomputes_everything(monkeypatch):
+    """A segmented backward called without the forward's seams (launch.chunk_backward's
+    seams=None) cannot take the states from Δ alone: the reverse pass needs transitions with
+    the delta term. It recomputes, and the gradients equal those of a backward without Δ."""
+    from gdn.ops.triton import launch, passes
+
+    monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    x = random_inputs(B=1, T=300, H=1, K=16, V=16, initial_state=True, seed=56)
+    x = x.to(torch.float32)
+    o, _, a, seams, kept, scores = launch.chunk_forward(
+        x.q, x.k, x.v, x.g, x.beta, scale=0.25, initial_state=x.initial_state,
+        cu_seqlens=None, exact=True, save_scores=True)
+    assert seams is not None and kept.states is None
+    do = torch.randn_like(o)
+    args = (do, None, x.q, x.k, x.v, x.g, x.beta, a, scores)
+    kw = dict(scale=0.25, initial_state=x.initial_state, cu_seqlens=None, exact=True)
+    with_seams = launch.chunk_backward(*args, **kw, seams=seams, kept=kept)
+    without = launch.chunk_backward(*args, **kw, seams=None, kept=kept)
+    recomputed = launch.chunk_backward(*args, **kw, seams=None, kept=None)
+    for got, want, near in zip(without, recomputed, with_seams, strict=True):
+        if want is None:
+            continue
+        assert torch.equal(got, want)
+        assert rel_error(near, want) <= 1e-5

@@ -364,11 +364,14 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     if kept is not None and kept.states is not None:
         states = kept.states
         v_new = kept.v_new if delta else v_
-    elif kept is not None:
-        # Δ kept (``keeps_delta``): the states from it by the pass without the delta term.
+    elif kept is not None and (segs is None or seams is not None):
+        # Δ kept (``keeps_delta``): the states from it by the pass without the delta term,
+        # from the forward's seam states where segmented (that pass's own transitions would
+        # lack the delta term, and the reverse pass needs the forward's; without them the
+        # branch below recomputes everything).
         v_new = kept.v_new
-        states, _, _, _ = passes.state_forward(p, k_, v_new, None, g_, d_, initial_state,
-                                               segs, seams if segs is not None else None)
+        states = passes.state_forward(p, k_, v_new, None, g_, d_, initial_state, segs,
+                                      seams)[0]
     else:
         states, v_new, _, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, seams if segs is not None else None)
