@@ -169,7 +169,11 @@ def test_exact_mode_with_a_strong_gate_at_a_chunk_start(delta, fused, monkeypatc
 
 def test_every_output_element_is_written_when_fused(monkeypatch):
     """NaN-poisoned buffers: an element the fused pass does not write would stay NaN
-    (ragged V blocks, an empty and a 1-token document)."""
+    (ragged V blocks, an empty and a 1-token document). Without Δ kept, the pass that
+    stores nothing for the backward (the kept Δ: test_triton_keep_delta.py)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
     _force_fusion(monkeypatch, True)
     x = random_inputs(T=150, H=1, HV=2, K=20, V=100, doc_lengths=[1, 70, 0, 79], seed=65)
     o, s, _, _, kept, chunk_scores = poisoned_forward(x.to(torch.float32), monkeypatch,

@@ -88,18 +88,19 @@ def test_float32_exact_within_bounds(shape):
 
 @pytest.mark.parametrize("shape", ["gated", "gva_odd_dims_varlen", "k256_v512", "deltanet"])
 def test_kept_delta_within_bounds(shape, monkeypatch):
-    """``launch.keeps_delta`` (GDN_TRITON_TILES=keep_delta=1, NOTES.md §32.8): the backward's
-    states formed from the forward's Δ by the pass without the delta term. Within the bf16
-    bounds, and no further from float64 than the recomputing backward but for rounding."""
+    """``launch.keeps_delta`` (the default; NOTES.md §32.8, §33.1): the backward's states
+    formed from the forward's Δ by the pass without the delta term. Within the bf16 bounds,
+    and no further from float64 than the backward that recomputes Δ but for rounding."""
     from gdn.ops.triton import launch
 
     x = random_inputs(**SHAPES[shape], seed=21)
-    default = _errors(x, True, torch.bfloat16)
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
+    recomputed = _errors(x, True, torch.bfloat16)
     monkeypatch.setattr(launch, "KEEP_DELTA", True)
     kept = _errors(x, True, torch.bfloat16)
     _assert_within(kept, 5e-3, 2e-2, 1e-2)
-    worse = {n: f"{e:.2e} against {default[n]:.2e}" for n, e in kept.items()
-             if e > 1.25 * default[n] + 5e-4}
+    worse = {n: f"{e:.2e} against {recomputed[n]:.2e}" for n, e in kept.items()
+             if e > 1.25 * recomputed[n] + 5e-4}
     assert not worse, worse
 
 
@@ -223,12 +224,16 @@ def test_l2norm_kernels_within_bounds(shape):
 
 
 @pytest.mark.parametrize("T", [1000, 20_000], ids=["plain", "segmented"])
-def test_recompute_false_gives_the_same_gradients_bit_for_bit(T):
-    """recompute=False (launch.Kept) runs the same backward kernels on the same inputs, and
-    its forward the same state pass, which computes the output itself (launch.fused_output)
-    and also stores the chunk states and Δ: the outputs and final states agree bit for bit
-    too. (Until the pass stored them, recompute=False ran output_forward from the plain
-    pass's states, and the outputs agreed only to rounding.)"""
+def test_recompute_false_gives_the_same_gradients_bit_for_bit(T, monkeypatch):
+    """recompute=False (launch.Kept) runs the same backward kernels on the same inputs as the
+    backward that recomputes Δ too (keep_delta off; the default's own bounds are
+    test_kept_delta_within_bounds), and its forward the same state pass, which computes the
+    output itself (launch.fused_output) and also stores the chunk states and Δ: the outputs
+    and final states agree bit for bit too. (Until the pass stored them, recompute=False ran
+    output_forward from the plain pass's states, and the outputs agreed only to rounding.)"""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
     x = _on_cuda(random_inputs(B=1, T=T, H=2, K=128, V=128, initial_state=True, seed=30),
                  torch.bfloat16)
     o0, s0, g0 = forward_backward(chunk_gated_delta_rule, x, seed=7, backend="triton")

@@ -1,9 +1,9 @@
-"""``launch.keeps_delta`` (GDN_TRITON_TILES=keep_delta=1): the training forward stores Δ, and
-the backward forms the chunk states from it in the state pass without the delta term instead
-of recomputing Δ as well. The forward is unchanged but for the store; the states are the
-same sums of the same products, so float32 gradients equal the recomputing backward's bit for
-bit and 16-bit ones differ by the rounding of Δ e^{Γ_C − Γ_r} (once from float32 there, from
-the stored 16-bit Δ here)."""
+"""``launch.keeps_delta`` (the default; GDN_TRITON_TILES=keep_delta=0 turns it off): the
+training forward stores Δ, and the backward forms the chunk states from it in the state pass
+without the delta term instead of recomputing Δ as well. The forward is unchanged but for the
+store; the states are the same sums of the same products, so float32 gradients equal the
+recomputing backward's bit for bit and 16-bit ones differ by the rounding of Δ e^{Γ_C − Γ_r}
+(once from float32 there, from the stored 16-bit Δ here)."""
 
 import pytest
 import torch
@@ -97,6 +97,11 @@ def test_kept_delta_only_where_a_backward_follows(monkeypatch):
     assert not launch.keeps_delta(False, False, True)    # no backward: nothing kept
     assert not launch.keeps_delta(True, True, True)      # recompute=False keeps both
     assert not launch.keeps_delta(False, True, False)    # no delta term: Δ is v
+    # precise_state's passes split Δ in two 16-bit parts: the stored Δ is one.
+    assert not launch.keeps_delta(False, True, True, precise_state=True)
+    monkeypatch.setitem(launch.TILES, "state_split", 1)
+    assert not launch.keeps_delta(False, True, True)
+    monkeypatch.delitem(launch.TILES, "state_split")
     monkeypatch.setattr(launch, "KEEP_DELTA", False)
     assert not launch.keeps_delta(False, True, True)
 

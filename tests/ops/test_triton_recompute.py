@@ -28,6 +28,11 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kept_tensors_give_the_same_gradients_bit_for_bit(case, dtype, monkeypatch):
+    """recompute=True here recomputes Δ as well (keep_delta off): the same kernels on the
+    same inputs. The default keeps Δ, rounded once more (test_triton_keep_delta.py)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
     x, delta = case_inputs(CASES[case], dtype, 51, monkeypatch)
     runs = [forward_backward(op_for(delta), x, seed=6, backend="triton", recompute=recompute)
             for recompute in (True, False)]

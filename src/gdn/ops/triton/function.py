@@ -63,7 +63,7 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
                                              q.device, delta=beta is not None)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None,
                               keep=keep, keep_delta=launch.keeps_delta(
-                                  keep, save_scores, beta is not None))
+                                  keep, save_scores, beta is not None, precise_state))
     scores = (launch.scores_shape(launch.chunk_count(B, T, cu_seqlens, launch.BT), HV)
               if save_scores else _EMPTY)
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),

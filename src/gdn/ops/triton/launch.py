@@ -90,21 +90,26 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
     return dict(num_stages=TILES.get(knob, 3 if sixteen_bit else 2))
 
 
-# GDN_TRITON_TILES=keep_delta=1: the training forward stores Δ, and the backward forms the
-# chunk states from it in a pass without the delta term instead of recomputing Δ too
-# (``keeps_delta``; a measurement knob, NOTES.md §32.8).
-KEEP_DELTA = bool(TILES.get("keep_delta"))
+# The training forward stores Δ, and the backward forms the chunk states from it in a pass
+# without the delta term instead of recomputing Δ too (``keeps_delta``, NOTES.md §33.1).
+# GDN_TRITON_TILES=keep_delta=0 recomputes Δ instead, as before.
+KEEP_DELTA = bool(TILES.get("keep_delta", 1))
 
 
-def keeps_delta(keep: bool, save_scores: bool, delta: bool) -> bool:
+def keeps_delta(keep: bool, save_scores: bool, delta: bool,
+                precise_state: bool = False) -> bool:
     """Whether a forward keeps Δ alone for its backward (``Kept`` without states): with the
     delta term, when a backward follows and keeps nothing else. The backward's state pass
     then takes Δ for v: S_{n+1} = e^{γ} S_n + K̃ᵀ Δ is (3.2) without its delta term (math.md
     §3.10, §4.6), one product a step where recomputing Δ takes four, and it reads Δ where it
     read v and A and wrote Δ. Where the forward's state pass computes the output (K ≤ 128)
     it writes Δ for this (V·2 bytes per token and v head in bf16); above, it writes Δ for
-    output_forward anyway, so keeping it costs memory alone. Δ lives until the backward."""
-    return KEEP_DELTA and delta and save_scores and not keep
+    output_forward anyway, so keeping it costs memory alone. Δ lives until the backward.
+    Not with ``precise_state`` (or state_split=1): its passes take Δ as two 16-bit parts,
+    and the stored Δ, one part, gave the undamped rule's dq 1.7e-2 on an H100 against the
+    1e-2 bound (NOTES.md §33.1)."""
+    return (KEEP_DELTA and delta and save_scores and not keep
+            and not state_split(precise_state))
 
 
 def fused_output(K: int) -> bool:
@@ -317,7 +322,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    keep_delta = keeps_delta(keep, save_scores, beta is not None)
+    keep_delta = keeps_delta(keep, save_scores, beta is not None, precise_state)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
                            keep_delta) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
