@@ -68,8 +68,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     chunk_size: int = 64
     backend: str = "auto"
-    # Triton backend: False keeps Δ and the chunk states from each recurrent layer's
-    # forward for its backward instead of recomputing them (gdn.ops, math.md §4.6).
+    # Triton backend: False keeps the chunk states, as well as Δ, from each recurrent
+    # layer's forward for its backward instead of forming them again (gdn.ops, math.md §4.6).
     recompute: bool = True
     # Triton backend with bf16/fp16: the recurrent (G, D) layers' state kept at about
     # float32 precision with 16-bit tiles, against the bf16 drift of a rule that never

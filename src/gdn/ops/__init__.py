@@ -198,12 +198,14 @@ _CHUNK_DOC = """
             by default at 7,273 tokens, 2.5·10⁻³ with it. Costs about 40 % more kernel time
             (H100, 8 × 4096 tokens, 16 heads of 128: 3.08 → 4.26 ms DeltaNet, 3.53 → 5.03
             gated). Float32 inputs and the other backends ignore it (already float32).
-        recompute: Triton backend: the backward recomputes w, u, Δ and the chunk states
-            from the inputs (True, least memory). False keeps them from the forward until
-            the backward, which then skips two of its stages: the same gradients, bit for
-            bit, for (K + V)·2 bytes per token and v head and K·V·2 per 64-token chunk and v
-            head more saved in bf16 (536 MB at 8 × 4096 tokens, 16 heads of 128). The other
-            backends ignore it (autograd saves what they need)."""
+        recompute: Triton backend: the forward keeps Δ for a rule with the delta term
+            (V·2 bytes per token and v head in bf16), and the backward forms the chunk
+            states from it in a pass without the delta term (True; math.md §4.6). False
+            also keeps the chunk states (K·V·2 bytes per 64-token chunk and v head in bf16:
+            256 MiB more at 8 × 4096 tokens, 16 heads of 128), so the backward skips that
+            pass; its gradients are those of a backward that recomputes Δ
+            (GDN_TRITON_TILES=keep_delta=0), bit for bit, and within a 16-bit rounding of
+            the default's. The other backends ignore it (autograd saves what they need)."""
 _CHUNK_BACKENDS = ('"auto", "reference" (token by token), "torch" (chunked) or "triton" '
                    '(chunked kernels); see ``gdn.ops``.')
 _RECURRENT_BACKENDS = ('"auto", "reference" or "torch": all step token by token in PyTorch '

@@ -12,8 +12,8 @@ recomputes the chunk states from them in one pass instead of three (a few MiB: [
 V] and [B, P, HV, K, K] float32), and when a backward will follow (``save_scores``) the chunk
 scores scale·P for the reverse pass (scores.py). With ``keep`` (``recompute=False`` in
 ``gdn.ops``) it also returns the chunk states and Δ (``launch.Kept``), and the backward
-recomputes nothing; with ``launch.keeps_delta`` Δ alone, and the backward forms the states
-from it.
+recomputes nothing; by default (``launch.keeps_delta``) Δ alone, and the backward forms the
+states from it.
 Letters as in launch.py.
 """
 
@@ -139,8 +139,8 @@ class ChunkRecurrence(torch.autograd.Function):
 def triton_chunked_recurrence(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens,
                               exact: bool, recompute: bool = True, precise_state: bool = False):
     """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels. With
-    ``recompute=False`` the forward keeps Δ and the chunk states for the backward
-    (``launch.Kept``) instead of the backward recomputing them; ``precise_state`` as in
+    ``recompute=False`` the forward keeps the chunk states as well as Δ for the backward
+    (``launch.Kept``) instead of the backward forming them; ``precise_state`` as in
     ``gdn.ops``. The chunk scores (scores.py) are stored only where autograd will call the
     backward: grad mode on and an input that requires grad."""
     tracked = (q, k, v, g, beta, initial_state)

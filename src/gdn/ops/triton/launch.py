@@ -9,11 +9,11 @@ float32 operands (for 16-bit ones it is two 16-bit parts, ``a_shape``); the othe
 tensors the kernels hand to one another (Δ, the chunk-start states and their gradients) are
 in the input dtype for bf16/fp16 inputs (``operand_dtype``), float32 otherwise. Every state
 kept in registers is float32. The state passes form the writes from A and v themselves, so
-w and u never exist (math.md §3.10). By default the backward keeps only A and the chunk
-scores scale·P (scores.py) from the forward and recomputes Δ and the states (math.md §4.6),
-so the forward need not store the states at all: up to K = 128 its state pass computes the
-output itself (``fused_output``, §3.9). With ``keep`` the forward hands Δ and the states on
-(``Kept``) and the backward skips its forward state pass.
+w and u never exist (math.md §3.10). By default the backward keeps A, the chunk scores
+scale·P (scores.py) and Δ (``keeps_delta``) from the forward and forms the states from Δ
+(math.md §4.6), so the forward need not store the states at all: up to K = 128 its state
+pass computes the output itself (``fused_output``, §3.9). With ``keep`` the forward hands
+the states on too (``Kept``) and the backward skips its forward state pass.
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     """Gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs; None where the
     input was None. ``dht`` (gradient of the final state) may be None; ``chunk_scores`` the
     forward's (``chunk_forward`` with save_scores); ``seams`` are the forward's, or None to
-    recompute them; ``kept`` the forward's states and Δ, or None to recompute them.
+    recompute them; ``kept`` the forward's states and Δ, Δ alone (states None: they are
+    formed from it), or None to recompute both.
     ``precise_state`` as the forward's."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     B, T, H, HV, K, V, BV = p.B, p.T, p.H, p.HV, p.K, p.V, p.BV
