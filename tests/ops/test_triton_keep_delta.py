@@ -145,3 +145,27 @@ def test_a_kept_delta_without_the_forward_seams_recomputes_everything(monkeypatc
             continue
         assert torch.equal(got, want)
         assert rel_error(near, want) <= 1e-5
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["kept_delta", "gla"])
+def test_the_delta_free_pass_tiles_change_no_gradient(delta, monkeypatch):
+    """nodelta_bv / nodelta_warps (passes._delta_free_launch), measurement knobs of the state
+    pass without the delta term, only cut V differently (here into ragged blocks of 16):
+    each column's states are the same sums. Also the segmented pass."""
+    from gdn.ops.triton import launch, passes
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    x, _ = case_inputs((dict(B=2, T=300, H=1, HV=2, K=16, V=40, initial_state=True), delta,
+                        True), torch.float32, 53, monkeypatch)
+    runs = []
+    for knobs in ({}, dict(nodelta_bv=16, nodelta_warps=2)):
+        for key in ("nodelta_bv", "nodelta_warps"):
+            monkeypatch.delitem(passes.TILES, key, raising=False)
+        for key, value in knobs.items():
+            monkeypatch.setitem(passes.TILES, key, value)
+        runs.append(forward_backward(op_for(delta), x, seed=6, backend="triton"))
+    (o0, s0, g0), (o1, s1, g1) = runs
+    assert rel_error(o1, o0) <= 1e-6 and rel_error(s1, s0) <= 1e-6
+    for name, grad in g0.items():
+        if grad is not None:
+            assert rel_error(g1[name], grad) <= 1e-6, name

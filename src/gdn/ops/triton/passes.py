@@ -207,6 +207,8 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
     chunk_scores = None if out is None else out.chunk_scores
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
+    elif a is None:
+        flags |= _delta_free_launch()
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
         k_, v_, a, decays, h0, states, v_new, final, q_, o, chunk_scores, cu, offsets, p.TT,
@@ -215,6 +217,19 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
         STORE_CHUNKS=store_chunks and (out is None or out.keep or out.keep_delta),
         STORE_STATES=out is None or out.keep, U_ZERO=u_zero,
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
+
+
+def _delta_free_launch() -> dict:
+    """Measurement knobs for the state pass without the delta term that stores the states
+    (the backward's pass from the kept Δ, launch.keeps_delta, and gated linear attention's):
+    GDN_TRITON_TILES=nodelta_bv=…,nodelta_warps=…. It is lighter than the pass it shares
+    its defaults with (sm90_resources, bf16: 140 registers / 48.2 KiB at K = 128 and BV = 64
+    against 240 / 97.8; 78 / 40.2 at BV = 32; at K = 256, V = 512 on eight warps 124 / 80.2,
+    79 / 72.2 at BV = 32), so more, smaller programs may fill the GPU better (NOTES.md
+    §33.3): 8x4096-h6-k256v512 runs 384 programs at BV = 64, two per SM, 1.45 waves."""
+    return {key: TILES[knob] for key, knob in (("BV", "nodelta_bv"),
+                                               ("num_warps", "nodelta_warps"))
+            if knob in TILES}
 
 
 def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:
