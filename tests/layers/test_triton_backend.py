@@ -95,3 +95,23 @@ def test_the_model_configs_precise_state_reaches_the_op(letter, monkeypatch):
         mixer = build_mixer(config, letter)
         mixer(torch.randn(1, 70, config.d_model))
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("letter", ["G", "D", "M"])
+def test_the_model_configs_recompute_choice_reaches_the_op(letter, monkeypatch):
+    """ModelConfig.recompute, any of True, False and "all" (gdn.ops), goes to every
+    recurrent layer's chunked calls, Mamba2's included (no Δ there: "all" is True)."""
+    from gdn.layers import gated_deltanet, mamba2
+    from gdn.models.config import ModelConfig
+    from gdn.models.lm import build_mixer
+
+    seen = []
+    for module, name in ((gated_deltanet, "chunk_gated_delta_rule"),
+                         (mamba2, "chunk_gated_linear_attention")):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, op=op, **kw: seen.append(kw["recompute"])
+                            or op(*a, **kw))
+    for choice in (True, False, "all"):
+        config = ModelConfig.from_preset("gdn-tiny", backend="triton", recompute=choice)
+        build_mixer(config, letter)(torch.randn(1, 70, config.d_model))
+    assert seen == [True, False, "all"]

@@ -73,7 +73,8 @@ BAD = [
     (dict(norm_eps=0.0), ValueError, "norm_eps must be a finite number > 0"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(tie_embeddings=1), TypeError, "tie_embeddings must be a bool"),
-    (dict(recompute="no"), TypeError, "recompute must be a bool"),
+    (dict(recompute="no"), TypeError, "recompute must be True, False or 'all'"),
+    (dict(recompute=1), TypeError, "recompute must be True, False or 'all'"),
     (dict(precise_state=1), TypeError, "precise_state must be a bool"),
     (dict(attn_head_dim=63), ValueError, "attn_head_dim must be even"),
 ]

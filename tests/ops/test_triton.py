@@ -167,18 +167,20 @@ def test_split_and_carry_equals_one_call():
     assert rel_error(s2, s) <= 1e-6
 
 
-@pytest.mark.parametrize("keep", [False, True, "precise", "delta"],
-                         ids=["recompute", "keep", "keep-precise", "keep-delta"])
+@pytest.mark.parametrize("keep", [False, True, "precise", "delta", "all"],
+                         ids=["recompute", "keep", "keep-precise", "keep-delta",
+                              "recompute-all"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["varlen", "segmented"])
 def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     """Schema, fake (meta) kernels and dispatch of gdn::chunk_forward / chunk_backward; the
     segmented case returns seam states [B·P, HV, K, V] and transitions [B, P, HV, K, K], and
     ``keep`` the chunk states (a grid bound of them with varlen) and Δ, and the chunk scores,
     whose shapes the fake must predict; with fp16 inputs and precise_state ("precise") they
-    are float16, as the fake must say too; with ``launch.keeps_delta`` ("delta") Δ alone."""
+    are float16, as the fake must say too; with ``launch.keeps_delta`` ("delta") Δ alone,
+    and nothing where the call asks for none (recompute="all")."""
     from gdn.ops.triton import function, launch, passes
 
-    monkeypatch.setattr(launch, "KEEP_DELTA", keep == "delta")
+    monkeypatch.setattr(launch, "KEEP_DELTA", keep in ("delta", "all"))
 
     if segmented:
         monkeypatch.setattr(passes, "SEGMENT_CHUNKS", 1)
@@ -189,7 +191,7 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
     precise = keep == "precise"
     x = x.to(torch.float16 if precise else torch.float32)   # the state stays float32
     args = (x.q, x.k, x.v, x.g, x.beta, 0.25, x.initial_state, x.cu_seqlens, not precise,
-            keep in (True, "precise"), precise, True)
+            keep in (True, "precise"), precise, True, keep != "all")
     torch.library.opcheck(function.chunk_forward_op, args)
     o, final, a, seam_starts, transitions, *kept, chunk_scores = function.chunk_forward_op(
         *args)
@@ -213,8 +215,9 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
 
 @pytest.mark.parametrize("options", [{}, dict(use_qk_l2norm_in_kernel=True),
                                      dict(recompute=False), "keep_delta",
-                                     dict(precise_state=True)],
-                         ids=["plain", "l2norm", "keep", "keep-delta", "precise"])
+                                     dict(recompute="all"), dict(precise_state=True)],
+                         ids=["plain", "l2norm", "keep", "keep-delta", "recompute-all",
+                              "precise"])
 def test_torch_compile_fullgraph_traces_the_op(options, monkeypatch):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
     (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,
@@ -222,7 +225,7 @@ def test_torch_compile_fullgraph_traces_the_op(options, monkeypatch):
     ``launch.keeps_delta`` the kept Δ alone."""
     from gdn.ops.triton import launch
 
-    monkeypatch.setattr(launch, "KEEP_DELTA", options == "keep_delta")
+    monkeypatch.setattr(launch, "KEEP_DELTA", options in ("keep_delta", dict(recompute="all")))
     options = {} if options == "keep_delta" else options
     x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
                       seed=17).to(torch.float32, requires_grad=True)

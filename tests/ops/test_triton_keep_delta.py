@@ -169,3 +169,32 @@ def test_the_delta_free_pass_tiles_change_no_gradient(delta, monkeypatch):
     for name, grad in g0.items():
         if grad is not None:
             assert rel_error(g1[name], grad) <= 1e-6, name
+
+
+def test_recompute_all_keeps_no_delta(monkeypatch):
+    """recompute="all" (gdn.ops): the forward keeps no Δ, and the gradients are bit for bit
+    those of a backward that recomputes Δ in every call (keep_delta=0), here in float16
+    with a gate, where the states formed from the kept Δ round differently."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setattr(launch, "KEEP_DELTA", True)
+    x, _ = case_inputs(CASES["gated"], torch.float16, 51, monkeypatch)
+    seen = []
+    original = launch.chunk_backward
+
+    def spy(*args, kept=None, **kwargs):
+        seen.append(kept)
+        return original(*args, kept=kept, **kwargs)
+    monkeypatch.setattr(launch, "chunk_backward", spy)
+    o_all, s_all, g_all = forward_backward(op_for(True), x, seed=6, backend="triton",
+                                           recompute="all")
+    _, _, g_kept = forward_backward(op_for(True), x, seed=6, backend="triton")
+    assert seen[0] is None and seen[1].v_new is not None
+    monkeypatch.setattr(launch, "KEEP_DELTA", False)
+    o, s, g = forward_backward(op_for(True), x, seed=6, backend="triton")
+    assert torch.equal(o_all, o) and torch.equal(s_all, s)
+    for name, grad in g.items():
+        assert torch.equal(g_all[name], grad), name
+    assert any(not torch.equal(g_kept[name], grad) for name, grad in g.items())
+    with pytest.raises(TypeError, match="recompute must be True, False or 'all'"):
+        chunk_gated_delta_rule(**x.kwargs(), backend="triton", recompute="none")

@@ -18,7 +18,7 @@ class DeltaNet(GatedDeltaNet):
         head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
-        recompute: bool = True, precise_state: bool = False,
+        recompute: bool | str = True, precise_state: bool = False,
     ) -> None:
         super().__init__(d_model, num_heads=num_heads, head_k_dim=head_k_dim,
                          head_v_dim=head_v_dim, num_v_heads=num_v_heads, conv_size=conv_size,

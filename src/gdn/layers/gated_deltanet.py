@@ -32,7 +32,7 @@ from gdn.layers.conv import ShortConvolution
 from gdn.layers.norm import GatedRMSNorm
 from gdn.layers.recurrence import run_recurrence
 from gdn.ops import BACKENDS, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from gdn.ops.validate import check_chunk_size
+from gdn.ops.validate import check_chunk_size, check_recompute
 
 # Mamba2's initialisation of the decay (Dao and Gu, 2024), used by the paper's layer too:
 # A = exp(A_log) ~ U(1, 16) per head, and the step dt = softplus(dt_bias) at a zero input
@@ -80,7 +80,7 @@ class GatedDeltaNet(nn.Module):
         head_v_dim: int | None = None, num_v_heads: int | None = None, conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-6, chunk_size: int = 64, backend: str = "auto",
-        recompute: bool = True, use_decay_gate: bool = True, precise_state: bool = False,
+        recompute: bool | str = True, use_decay_gate: bool = True, precise_state: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
@@ -105,7 +105,7 @@ class GatedDeltaNet(nn.Module):
         self.norm_eps = positive_float("norm_eps", norm_eps)
         self.chunk_size = check_chunk_size(chunk_size)
         self.backend = check_backend(backend)
-        self.recompute = flag("recompute", recompute)
+        self.recompute = check_recompute(recompute)
         # The op's precise_state (gdn.ops): for the undamped rule's bf16 drift, e.g. DeltaNet
         # with allow_neg_eigval over long sequences.
         self.precise_state = flag("precise_state", precise_state)

@@ -25,13 +25,13 @@ from gdn.layers.cache import (
     new_recurrent_cache,
     store,
 )
-from gdn.layers.checks import flag, positive_float, positive_int
+from gdn.layers.checks import positive_float, positive_int
 from gdn.layers.conv import ShortConvolution
 from gdn.layers.gated_deltanet import check_backend, init_decay_parameters
 from gdn.layers.norm import GatedRMSNorm
 from gdn.layers.recurrence import run_recurrence
 from gdn.ops import chunk_gated_linear_attention, recurrent_gated_linear_attention
-from gdn.ops.validate import check_chunk_size
+from gdn.ops.validate import check_chunk_size, check_recompute
 
 
 class Mamba2(nn.Module):
@@ -48,7 +48,7 @@ class Mamba2(nn.Module):
     def __init__(
         self, d_model: int, *, num_heads: int, head_dim: int, state_size: int = 128,
         n_groups: int = 1, conv_size: int = 4, norm_eps: float = 1e-6, chunk_size: int = 64,
-        backend: str = "auto", recompute: bool = True,
+        backend: str = "auto", recompute: bool | str = True,
     ) -> None:
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
@@ -63,7 +63,7 @@ class Mamba2(nn.Module):
         self.norm_eps = positive_float("norm_eps", norm_eps)
         self.chunk_size = check_chunk_size(chunk_size)
         self.backend = check_backend(backend)
-        self.recompute = flag("recompute", recompute)
+        self.recompute = check_recompute(recompute)
 
         HV, G, S = self.num_heads, self.n_groups, self.state_size
         self.inner_dim = HV * self.head_dim

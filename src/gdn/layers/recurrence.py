@@ -21,7 +21,7 @@ def step_backend(backend: str) -> str:
 
 def run_recurrence(chunk_op: Callable, step_op: Callable, args: tuple, *,
                    cache: RecurrentCache | None, cu_seqlens: torch.Tensor | None, backend: str,
-                   chunk_size: int, recompute: bool = True, precise_state: bool = False,
+                   chunk_size: int, recompute: bool | str = True, precise_state: bool = False,
                    **op_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, final state or None) of ``chunk_op(*args, ...)``, or of ``step_op`` for a
     one-token call with a cache. args are the op's positional (q, k, v, g[, beta]);

@@ -21,6 +21,7 @@ import numbers
 from dataclasses import dataclass
 
 from gdn.ops import BACKENDS
+from gdn.ops.validate import check_recompute
 
 __all__ = ["MIXERS", "ModelConfig", "PRESETS", "preset_names"]
 
@@ -68,9 +69,10 @@ class ModelConfig:
     initializer_range: float = 0.02
     chunk_size: int = 64
     backend: str = "auto"
-    # Triton backend: False keeps the chunk states, as well as Δ, from each recurrent
-    # layer's forward for its backward instead of forming them again (gdn.ops, math.md §4.6).
-    recompute: bool = True
+    # Triton backend, what each recurrent layer's backward forms again (gdn.ops, math.md
+    # §4.6): True the chunk states from the kept Δ, "all" Δ too (least memory), False
+    # nothing (the chunk states kept as well).
+    recompute: bool | str = True
     # Triton backend with bf16/fp16: the recurrent (G, D) layers' state kept at about
     # float32 precision with 16-bit tiles, against the bf16 drift of a rule that never
     # forgets (DeltaNet with allow_neg_eigval, long sequences); ~40 % more kernel time
@@ -89,7 +91,8 @@ class ModelConfig:
                 _check_positive_int(name, getattr(self, name))
         for name in ("rope_theta", "mlp_ratio", "norm_eps", "initializer_range"):
             _check_positive_float(name, getattr(self, name))
-        for name in ("allow_neg_eigval", "tie_embeddings", "recompute", "precise_state"):
+        check_recompute(self.recompute)
+        for name in ("allow_neg_eigval", "tie_embeddings", "precise_state"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._check_pattern()

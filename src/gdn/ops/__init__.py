@@ -32,7 +32,7 @@ import torch
 
 from gdn.ops import chunked, reference
 from gdn.ops.prepare import l2_normalize
-from gdn.ops.validate import check_chunk_size, check_inputs
+from gdn.ops.validate import check_chunk_size, check_inputs, check_recompute
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -129,8 +129,7 @@ def _run(q, k, v, g, beta, *, needs_beta, chunked_op, scale, initial_state,
         chunk_size = check_chunk_size(chunk_size)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool; got {type(recompute).__name__}")
+    check_recompute(recompute)
     if not isinstance(precise_state, bool):
         raise TypeError(f"precise_state must be a bool; got {type(precise_state).__name__}")
     name = _resolve_backend(backend, q, chunk_size if chunked_op else None)
@@ -198,14 +197,16 @@ _CHUNK_DOC = """
             by default at 7,273 tokens, 2.5·10⁻³ with it. Costs about 40 % more kernel time
             (H100, 8 × 4096 tokens, 16 heads of 128: 3.08 → 4.26 ms DeltaNet, 3.53 → 5.03
             gated). Float32 inputs and the other backends ignore it (already float32).
-        recompute: Triton backend: the forward keeps Δ for a rule with the delta term
-            (V·2 bytes per token and v head in bf16), and the backward forms the chunk
-            states from it in a pass without the delta term (True; math.md §4.6). False
-            also keeps the chunk states (K·V·2 bytes per 64-token chunk and v head in bf16:
-            256 MiB more at 8 × 4096 tokens, 16 heads of 128), so the backward skips that
-            pass; its gradients are those of a backward that recomputes Δ
-            (GDN_TRITON_TILES=keep_delta=0), bit for bit, and within a 16-bit rounding of
-            the default's. The other backends ignore it (autograd saves what they need)."""
+        recompute: Triton backend, what the backward forms again (math.md §4.6). True:
+            the forward keeps Δ for a rule with the delta term (V·2 bytes per token and v
+            head in bf16: 128 MiB at 8 × 4096 tokens, 16 heads of 128), and the backward
+            forms the chunk states from it in a pass without the delta term. "all": Δ too,
+            from the inputs, for the least memory kept from the forward to the backward
+            (2.68 against 2.63 ms at that shape on an H100). False: the forward keeps the
+            chunk states as well (K·V·2 bytes per 64-token chunk and v head in bf16: 256
+            MiB more), and the backward skips that pass. "all" and False give the same
+            gradients bit for bit, True within a 16-bit rounding of them. The other
+            backends ignore it (autograd saves what they need)."""
 _CHUNK_BACKENDS = ('"auto", "reference" (token by token), "torch" (chunked) or "triton" '
                    '(chunked kernels); see ``gdn.ops``.')
 _RECURRENT_BACKENDS = ('"auto", "reference" or "torch": all step token by token in PyTorch '

@@ -31,15 +31,16 @@ def chunk_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
     beta: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, exact: bool, keep: bool, precise_state: bool,
-    save_scores: bool,
+    save_scores: bool, keep_delta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """o, final state, A, the segmented pass's seam states and transitions (for the backward;
-    passes.Seams), with ``keep`` the chunk states and Δ (launch.Kept), and with
-    ``save_scores`` the chunk scores (scores.py)."""
+    passes.Seams), with ``keep`` the chunk states and Δ (launch.Kept), Δ alone where
+    ``launch.keeps_delta`` says so, and with ``save_scores`` the chunk scores (scores.py)."""
     o, final_state, a, seams, kept, chunk_scores = launch.chunk_forward(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-        exact=exact, keep=keep, precise_state=precise_state, save_scores=save_scores)
+        exact=exact, keep=keep, precise_state=precise_state, save_scores=save_scores,
+        keep_delta=keep_delta)
     lo = launch.operand_dtype(q.dtype, exact)
 
     def present(x, dtype=torch.float32):
@@ -53,7 +54,7 @@ def chunk_forward_op(
 
 @chunk_forward_op.register_fake
 def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_state,
-      save_scores):
+      save_scores, keep_delta):
     B, T, HV, V = v.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
@@ -63,7 +64,8 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
                                              q.device, delta=beta is not None)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None,
                               keep=keep, keep_delta=launch.keeps_delta(
-                                  keep, save_scores, beta is not None, precise_state))
+                                  keep, save_scores, beta is not None, precise_state,
+                                  keep_delta))
     scores = (launch.scores_shape(launch.chunk_count(B, T, cu_seqlens, launch.BT), HV)
               if save_scores else _EMPTY)
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
@@ -110,10 +112,10 @@ class ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep,
-                precise_state, save_scores):
+                precise_state, save_scores, keep_delta):
         o, final_state, a, *for_backward, chunk_scores = chunk_forward_op(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_state,
-            save_scores)
+            save_scores, keep_delta)
         # for_backward: seam starts, transitions, and the kept states and Δ.
         ctx.save_for_backward(q, k, v, g, beta, a, chunk_scores, initial_state, cu_seqlens,
                               *for_backward)
@@ -133,18 +135,20 @@ class ChunkRecurrence(torch.autograd.Function):
         present = (q, k, v, g, beta, initial_state)
         dq, dk, dv, dg, dbeta, dh0 = (d if x is not None else None
                                       for d, x in zip(grads, present, strict=True))
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
 
 
 def triton_chunked_recurrence(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens,
-                              exact: bool, recompute: bool = True, precise_state: bool = False):
+                              exact: bool, recompute: bool | str = True,
+                              precise_state: bool = False):
     """Same contract as ``chunked.chunked_recurrence``; computed by the Triton kernels. With
     ``recompute=False`` the forward keeps the chunk states as well as Δ for the backward
-    (``launch.Kept``) instead of the backward forming them; ``precise_state`` as in
-    ``gdn.ops``. The chunk scores (scores.py) are stored only where autograd will call the
-    backward: grad mode on and an input that requires grad."""
+    (``launch.Kept``) instead of the backward forming them, with "all" neither;
+    ``precise_state`` as in ``gdn.ops``. The chunk scores (scores.py) are stored only where
+    autograd will call the backward: grad mode on and an input that requires grad."""
     tracked = (q, k, v, g, beta, initial_state)
     save_scores = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in tracked)
     return ChunkRecurrence.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact,
-                                 not recompute, precise_state, save_scores)
+                                 recompute is False, precise_state, save_scores,
+                                 recompute != "all")

@@ -92,14 +92,16 @@ def loop_stages(sixteen_bit: bool, knob: str) -> dict:
 
 # The training forward stores Δ, and the backward forms the chunk states from it in a pass
 # without the delta term instead of recomputing Δ too (``keeps_delta``, NOTES.md §33.1).
-# GDN_TRITON_TILES=keep_delta=0 recomputes Δ instead, as before.
+# GDN_TRITON_TILES=keep_delta=0 recomputes Δ instead in every call, as recompute="all" in
+# gdn.ops does in one.
 KEEP_DELTA = bool(TILES.get("keep_delta", 1))
 
 
 def keeps_delta(keep: bool, save_scores: bool, delta: bool,
-                precise_state: bool = False) -> bool:
+                precise_state: bool = False, wanted: bool = True) -> bool:
     """Whether a forward keeps Δ alone for its backward (``Kept`` without states): with the
-    delta term, when a backward follows and keeps nothing else. The backward's state pass
+    delta term, when a backward follows and keeps nothing else, unless the call does not
+    want it (``wanted``: recompute="all" in gdn.ops). The backward's state pass
     then takes Δ for v: S_{n+1} = e^{γ} S_n + K̃ᵀ Δ is (3.2) without its delta term (math.md
     §3.10, §4.6), one product a step where recomputing Δ takes four, and it reads Δ where it
     read v and A and wrote Δ. Where the forward's state pass computes the output (K ≤ 128)
@@ -108,7 +110,7 @@ def keeps_delta(keep: bool, save_scores: bool, delta: bool,
     Not with ``precise_state`` (or state_split=1): its passes take Δ as two 16-bit parts,
     and the stored Δ, one part, gave the undamped rule's dq 1.7e-2 on an H100 against the
     1e-2 bound (NOTES.md §33.1)."""
-    return (KEEP_DELTA and delta and save_scores and not keep
+    return (wanted and KEEP_DELTA and delta and save_scores and not keep
             and not state_split(precise_state))
 
 
@@ -302,11 +304,13 @@ def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *, delta: b
 
 
 def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, exact: bool,
-                  keep: bool = False, precise_state: bool = False, save_scores: bool = False):
+                  keep: bool = False, precise_state: bool = False, save_scores: bool = False,
+                  keep_delta: bool = True):
     """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, the
     segmented pass's ``passes.Seams`` or None, with ``keep`` the ``Kept`` tensors for the
     backward (else None), and with ``save_scores`` the chunk scores scale·P [NC, HV, BT, BT]
-    for the backward (scores.py; else None)."""
+    for the backward (scores.py; else None). ``keep_delta=False``: Δ is not kept for the
+    backward even where ``keeps_delta`` would keep it (recompute="all" in gdn.ops)."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
@@ -322,7 +326,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    keep_delta = keeps_delta(keep, save_scores, beta is not None, precise_state)
+    keep_delta = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
                            keep_delta) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
