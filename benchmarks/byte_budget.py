@@ -27,13 +27,15 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
                  element: int = 2) -> dict[str, float]:
     """Bytes each kernel reads and writes in one forward+backward (all its calls), for 16-bit
     inputs (``element`` bytes) and the default launches: the state passes form the writes
-    from A and v (math.md §3.10), reading A's hi part only; the backward recomputes the chunk
-    states and Δ; up to K = 128 the forward's state pass computes the output (math.md §3.9),
+    from A and v (math.md §3.10), reading A's hi part only; the training forward keeps Δ and
+    the backward forms the chunk states from it (math.md §4.6); up to K = 128 the forward's state pass computes the output (math.md §3.9),
     above it output_forward does from the stored states. (Before 2026-12-03 wy_apply formed
     w and u, which the passes read, and before 2026-12-07 a dv_local kernel formed scale·PᵀdO
     for the reverse pass, which now reads the forward's chunk scores: the budget files of
     that code count them. Since NOTES.md §31.7 the reverse pass writes dv and hands on
-    dB_u = Aᵀ dΔ in dΔ's place, where wy_backward wrote dv.)"""
+    dB_u = Aᵀ dΔ in dΔ's place, where wy_backward wrote dv. Before 722ccfe the backward
+    recomputed Δ as well: k, A's hi part, v and the rows with β read, Δ and the states
+    written, where now k, Δ and the gate's rows are read and the states written.)"""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
     w = TT * HV * K * element                  # dw, dk's output part (per v head)
@@ -50,8 +52,10 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     dg_parts = (2 if K > 64 else 1) * TT * HV * 4 if gated else 0
     scores = TT * HV * BT * element            # scale·P per chunk and v head (scores.py)
     fused = K <= 128
-    forward_pass = qk + a_hi + v + forward_rows + (qk + v + scores if fused else states + v)
-    recompute = qk + a_hi + v + reverse_rows + states + v
+    # The forward writes Δ for the backward (fused: besides o; unfused: for output_forward).
+    forward_pass = qk + a_hi + v + forward_rows + (qk + v + scores + v if fused
+                                                   else states + v)
+    recompute = qk + v + (2 if gated else 0) * row + states     # k, Δ, e^Γ rows → states
     return {
         "wy_solve_kernel": qk + gate + beta + a,
         "chunk_decays_kernel": 2 * (gate + beta + (5 if gated else 1) * row),  # two calls
