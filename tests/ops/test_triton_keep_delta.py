@@ -7,7 +7,14 @@ recomputing backward's bit for bit and 16-bit ones differ by the rounding of Δ 
 
 import pytest
 import torch
-from triton_cases import COMMON_CASES, case_inputs, interpreter_only, op_for, poisoned_forward
+from triton_cases import (
+    COMMON_CASES,
+    case_inputs,
+    interpreter_only,
+    op_for,
+    poisoned_forward,
+    record_keyword,
+)
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import forward_backward, random_inputs, rel_error
@@ -179,13 +186,7 @@ def test_recompute_all_keeps_no_delta(monkeypatch):
 
     monkeypatch.setattr(launch, "KEEP_DELTA", True)
     x, _ = case_inputs(CASES["gated"], torch.float16, 51, monkeypatch)
-    seen = []
-    original = launch.chunk_backward
-
-    def spy(*args, kept=None, **kwargs):
-        seen.append(kept)
-        return original(*args, kept=kept, **kwargs)
-    monkeypatch.setattr(launch, "chunk_backward", spy)
+    seen = record_keyword(monkeypatch, launch, "chunk_backward", "kept")
     o_all, s_all, g_all = forward_backward(op_for(True), x, seed=6, backend="triton",
                                            recompute="all")
     _, _, g_kept = forward_backward(op_for(True), x, seed=6, backend="triton")

@@ -14,7 +14,7 @@ The gradients that go through them are the reference tests' (test_triton.py and 
 
 import pytest
 import torch
-from triton_cases import expected_chunk_scores, interpreter_only
+from triton_cases import expected_chunk_scores, interpreter_only, record_keyword
 
 from gdn.ops import chunk_gated_delta_rule
 from gdn.testing import random_inputs, rel_error
@@ -54,13 +54,7 @@ def test_stored_scores_are_scale_qk_times_decay(case, fused, monkeypatch):
 def test_scores_are_stored_only_when_a_backward_follows(monkeypatch):
     from gdn.ops.triton import launch
 
-    asked = []
-    original = launch.chunk_forward
-
-    def chunk_forward(*args, save_scores=False, **kwargs):
-        asked.append(save_scores)
-        return original(*args, save_scores=save_scores, **kwargs)
-    monkeypatch.setattr(launch, "chunk_forward", chunk_forward)
+    asked = record_keyword(monkeypatch, launch, "chunk_forward", "save_scores", False)
     x = random_inputs(B=1, T=70, H=1, K=16, V=16, seed=72).to(torch.float32)
     chunk_gated_delta_rule(**x.kwargs(), backend="triton")
     with torch.no_grad():

@@ -39,6 +39,19 @@ def case_inputs(case: tuple, dtype, seed: int, monkeypatch):
     return x, delta
 
 
+def record_keyword(monkeypatch, module, name: str, keyword: str, default=None) -> list:
+    """Wraps ``module.name`` so that each call appends its ``keyword`` argument (``default``
+    where the call leaves it out) to the list returned; the call itself is unchanged."""
+    seen = []
+    original = getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs.get(keyword, default))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, recorded)
+    return seen
+
+
 def poisoned_forward(x, monkeypatch, **kwargs):
     """``launch.chunk_forward`` on float32 inputs x (exact, scale 0.3, scores saved) with every
     ``torch.empty`` it allocates filled with NaN, so that an element it does not write stays
