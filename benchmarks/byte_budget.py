@@ -28,8 +28,9 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     """Bytes each kernel reads and writes in one forward+backward (all its calls), for 16-bit
     inputs (``element`` bytes) and the default launches: the state passes form the writes
     from A and v (math.md §3.10), reading A's hi part only; the training forward keeps Δ and
-    the backward forms the chunk states from it (math.md §4.6); up to K = 128 the forward's state pass computes the output (math.md §3.9),
-    above it output_forward does from the stored states. (Before 2026-12-03 wy_apply formed
+    the backward forms the chunk states from it (math.md §4.6); up to K = 128 the forward's
+    state pass computes the output (math.md §3.9), above it output_forward does from the
+    stored states. (Before 2026-12-03 wy_apply formed
     w and u, which the passes read, and before 2026-12-07 a dv_local kernel formed scale·PᵀdO
     for the reverse pass, which now reads the forward's chunk scores: the budget files of
     that code count them. Since NOTES.md §31.7 the reverse pass writes dv and hands on
