@@ -67,7 +67,8 @@ def test_the_backward_skips_the_recomputation(monkeypatch):
         assert len(launches) == 1 + in_backward
 
 
-def test_recompute_must_be_a_bool():
+@pytest.mark.parametrize("recompute", ["no", 1, "ALL", None])
+def test_recompute_must_be_true_false_or_all(recompute):
     x = random_inputs(B=1, T=10, H=1, K=16, V=16, seed=53)
-    with pytest.raises(TypeError, match="recompute must be a bool"):
-        chunk_gated_delta_rule(**x.kwargs(), backend="triton", recompute="no")
+    with pytest.raises(TypeError, match="recompute must be True, False or 'all'"):
+        chunk_gated_delta_rule(**x.kwargs(), backend="triton", recompute=recompute)
