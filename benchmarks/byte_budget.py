@@ -30,13 +30,13 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     from A and v (math.md §3.10), reading A's hi part only; the training forward keeps Δ and
     the backward forms the chunk states from it (math.md §4.6); up to K = 128 the forward's
     state pass computes the output (math.md §3.9), above it output_forward does from the
-    stored states. (Before 2026-12-03 wy_apply formed
-    w and u, which the passes read, and before 2026-12-07 a dv_local kernel formed scale·PᵀdO
-    for the reverse pass, which now reads the forward's chunk scores: the budget files of
-    that code count them. Since NOTES.md §31.7 the reverse pass writes dv and hands on
-    dB_u = Aᵀ dΔ in dΔ's place, where wy_backward wrote dv. Before 722ccfe the backward
-    recomputed Δ as well: k, A's hi part, v and the rows with β read, Δ and the states
-    written, where now k, Δ and the gate's rows are read and the states written.)"""
+    stored states. (Before 2026-12-03 wy_apply formed w and u, which the passes read, and
+    before 2026-12-07 a dv_local kernel formed scale·PᵀdO for the reverse pass, which now
+    reads the forward's chunk scores: the budget files of that code count them. Since
+    NOTES.md §31.7 the reverse pass writes dv and hands on dB_u = Aᵀ dΔ in dΔ's place, where
+    wy_backward wrote dv. Before 722ccfe the backward recomputed Δ as well: k, A's hi part,
+    v and the rows with β read, Δ and the states written, where now k, Δ and the gate's
+    rows are read and the states written.)"""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
     w = TT * HV * K * element                  # dw, dk's output part (per v head)

@@ -206,14 +206,10 @@ def check_chunk_size(chunk_size: object) -> int:
     return int(chunk_size)
 
 
-RECOMPUTE_CHOICES = (True, False, "all")
-
-
 def check_recompute(recompute: object) -> bool | str:
     """What the Triton backward forms again (math.md §4.6): True, the chunk states from the
     Δ the forward kept; "all", Δ too (least memory); False, nothing (the forward keeps the
     states as well)."""
-    if not any(recompute is choice or (isinstance(recompute, str) and recompute == choice)
-               for choice in RECOMPUTE_CHOICES):
+    if not (isinstance(recompute, bool) or (isinstance(recompute, str) and recompute == "all")):
         raise TypeError(f"recompute must be True, False or 'all', got {recompute!r}")
     return recompute

@@ -308,9 +308,10 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                   keep_delta: bool = True):
     """Returns o [B, T, HV, V] (v's dtype), final state [N, HV, K, V] float32, A or None, the
     segmented pass's ``passes.Seams`` or None, with ``keep`` the ``Kept`` tensors for the
-    backward (else None), and with ``save_scores`` the chunk scores scale·P [NC, HV, BT, BT]
-    for the backward (scores.py; else None). ``keep_delta=False``: Δ is not kept for the
-    backward even where ``keeps_delta`` would keep it (recompute="all" in gdn.ops)."""
+    backward, Δ alone where ``keeps_delta`` says so (else None), and with ``save_scores``
+    the chunk scores scale·P [NC, HV, BT, BT] for the backward (scores.py; else None).
+    ``keep_delta=False``: Δ is not kept for the backward even where ``keeps_delta`` would
+    keep it (recompute="all" in gdn.ops)."""
     p = _plan(q, v, g, cu_seqlens, exact, precise_state)
     q_, k_, v_, g_, b_ = (_flat(x) for x in (q, k, v, g, beta))
     grid = (p.table.num_chunks, p.HV)
@@ -326,9 +327,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
                                **p.lo)
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
-    keep_delta = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
+    delta_kept = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
-                           keep_delta) if fused_output(p.K) else None)
+                           delta_kept) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:
@@ -345,7 +346,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         if spare is not None:
             states.masked_fill_(spare, 0.0)
         kept = Kept(states, v_new if beta is not None else None)
-    elif keep_delta:
+    elif delta_kept:
         kept = Kept(None, v_new)
     if save_scores and spare is not None:
         chunk_scores.masked_fill_(spare, 0.0)

@@ -226,7 +226,7 @@ def _delta_free_launch() -> dict:
     its defaults with (sm90_resources, bf16: 140 registers / 48.2 KiB at K = 128 and BV = 64
     against 240 / 97.8; 78 / 40.2 at BV = 32; at K = 256, V = 512 on eight warps 124 / 80.2,
     79 / 72.2 at BV = 32), so more, smaller programs may fill the GPU better (NOTES.md
-    §33.3): 8x4096-h6-k256v512 runs 384 programs at BV = 64, two per SM, 1.45 waves."""
+    §33.4): 8x4096-h6-k256v512 runs 384 programs at BV = 64, two per SM, 1.45 waves."""
     return {key: TILES[knob] for key, knob in (("BV", "nodelta_bv"),
                                                ("num_warps", "nodelta_warps"))
             if knob in TILES}
