@@ -30,8 +30,9 @@ CASES = {
     "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
                         True),
     # Above K = 128 the forward's state pass stores Δ and the states for output_forward
-    # (launch.fused_output): Δ is kept from there.
-    "wide_k": (dict(B=1, T=100, H=1, K=136, V=24, initial_state=True), True, False),
+    # (launch.fused_output): Δ is kept from there. The pass from Δ cuts V = 72 into blocks
+    # of 32 there (passes._delta_free_launch), the last one ragged.
+    "wide_k": (dict(B=1, T=100, H=1, K=136, V=72, initial_state=True), True, False),
 }
 
 
@@ -176,6 +177,21 @@ def test_the_delta_free_pass_tiles_change_no_gradient(delta, monkeypatch):
     for name, grad in g0.items():
         if grad is not None:
             assert rel_error(g1[name], grad) <= 1e-6, name
+
+
+def test_the_delta_free_pass_takes_32_value_columns_above_k_128(monkeypatch):
+    """Its default tiles (NOTES.md §34): 32 columns above K = 128, where 64 fit two programs
+    per SM and 32 three; up to K = 128 the pass's own; the knobs override either."""
+    from gdn.ops.triton import passes
+
+    for key in ("nodelta_bv", "nodelta_warps"):
+        monkeypatch.delitem(passes.TILES, key, raising=False)
+    assert passes._delta_free_launch(dict(K=256, BV=64)) == dict(BV=32)
+    assert passes._delta_free_launch(dict(K=136, BV=16)) == dict(BV=16)
+    assert passes._delta_free_launch(dict(K=128, BV=64)) == dict(BV=64)
+    monkeypatch.setitem(passes.TILES, "nodelta_bv", 128)
+    monkeypatch.setitem(passes.TILES, "nodelta_warps", 8)
+    assert passes._delta_free_launch(dict(K=256, BV=64)) == dict(BV=128, num_warps=8)
 
 
 def test_recompute_all_keeps_no_delta(monkeypatch):

@@ -208,7 +208,7 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
     if out is not None:
         flags |= _output_pass_launch(flags) | p.exact_launch
     elif a is None:
-        flags |= _delta_free_launch()
+        flags |= _delta_free_launch(flags)
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
         k_, v_, a, decays, h0, states, v_new, final, q_, o, chunk_scores, cu, offsets, p.TT,
@@ -219,17 +219,22 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
 
-def _delta_free_launch() -> dict:
-    """Measurement knobs for the state pass without the delta term that stores the states
-    (the backward's pass from the kept Δ, launch.keeps_delta, and gated linear attention's):
-    GDN_TRITON_TILES=nodelta_bv=…,nodelta_warps=…. It is lighter than the pass it shares
-    its defaults with (sm90_resources, bf16: 140 registers / 48.2 KiB at K = 128 and BV = 64
-    against 240 / 97.8; 78 / 40.2 at BV = 32; at K = 256, V = 512 on eight warps 124 / 80.2,
-    79 / 72.2 at BV = 32), so more, smaller programs may fill the GPU better (NOTES.md
-    §33.4): 8x4096-h6-k256v512 runs 384 programs at BV = 64, two per SM, 1.45 waves."""
-    return {key: TILES[knob] for key, knob in (("BV", "nodelta_bv"),
-                                               ("num_warps", "nodelta_warps"))
-            if knob in TILES}
+def _delta_free_launch(flags: dict) -> dict:
+    """Tiles of the state pass without the delta term that stores the states (the backward's
+    pass from the kept Δ, launch.keeps_delta, and gated linear attention's). It is lighter
+    than the pass it shares its defaults with (sm90_resources, bf16: 140 registers / 48.2 KiB
+    at K = 128 and BV = 64 against 240 / 97.8; 78 / 40.2 at BV = 32; at K = 256, V = 512 on
+    eight warps 124 / 80.2, 79 / 72.2 at BV = 32), so above K = 128 it takes 32 value
+    columns: three programs per SM where 64 fit two, and 768 programs in 1.94 waves at
+    8x4096-h6-k256v512 where 384 took 1.45. Measured on an H100 in one call (NOTES.md §34):
+    state_forward's two launches 1.397 → 1.351 ms there, all kernels 4.578 → 4.540. At
+    K = 128 BV = 32 moved 0.721 → 0.716 (2.655 → 2.642, within run-to-run noise) and stays
+    64. GDN_TRITON_TILES=nodelta_bv=…,nodelta_warps=… measure others."""
+    bv = min(32, flags["BV"]) if flags["K"] > 128 else flags["BV"]
+    launch = dict(BV=TILES.get("nodelta_bv", bv))
+    if "nodelta_warps" in TILES:
+        launch["num_warps"] = TILES["nodelta_warps"]
+    return launch
 
 
 def _state_grid(seq_heads: int, v_blocks: int) -> tuple[int, int]:
