@@ -166,11 +166,14 @@ if [ "$what" = ncu ]; then
                 --launch-count 1 --section SpeedOfLight --section Occupancy \
                 --section WarpStateStats --section LaunchStats \
                 --section MemoryWorkloadAnalysis --section SchedulerStats \
-                --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum \
+                --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
                 python3 benchmarks/stages.py --shape "$shape" --variant "$variant" \
                 --external > "$report" 2>&1
+            # The stall reasons (cycles a warp waits per instruction issued, by reason)
+            # print where they are at least 0.1.
             grep -E "^\s+(Duration|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Dynamic Shared|Block Limit (Registers|Shared)|DRAM Throughput|No Eligible|dram__bytes|lts__t_bytes)" \
                 "$report" || tail -3 "$report"
+            grep -E "issue_stalled_.* [0-9.]+$" "$report" | awk '$NF >= 0.1 {sub(/smsp__average_warps_issue_stalled_/, "stall "); sub(/_per_issue_active.ratio/, ""); print "    " $1, $2, $NF}'
         done
     done
 fi
