@@ -124,6 +124,20 @@ def test_state_inner_product_as_a_loop_with_16_bit_operands(case, monkeypatch):
     _check(x, delta, torch.float16, 2e-3)
 
 
+@pytest.mark.parametrize("by_value_blocks", [1, 0])
+def test_the_trace_over_value_blocks(by_value_blocks, monkeypatch):
+    """Above K = 128 (KB = 128 > BV = 64) output_backward takes ⟨S, dS′⟩ as the trace of
+    Σ over V blocks of Sᵀ dS′ ([BV, BV]); GDN_TRITON_TILES=obwd_trace_v=0 keeps S dS′ᵀ
+    ([KB, KB]). K = 200 is a ragged K block, V = 100 two V blocks, the second ragged: the
+    masked rows and columns add zeros to either trace (NOTES.md §35)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setitem(launch.TILES, "obwd_trace_v", by_value_blocks)
+    x = random_inputs(B=1, T=70, H=1, K=200, V=100, seed=15)
+    x = x.to(torch.float16).to(torch.float64)
+    _check(x, True, torch.float16, 2e-3)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)

@@ -255,13 +255,19 @@ def output_backward_flags(p: _Plan) -> dict:
     products: on an H100 0.852 → 0.775 ms at 8x4096-h16 and 1.604 → 1.037 at K = 256 against
     a separate loop after it that reads S and dS′ again (NOTES.md §27.9, §28.1; obwd_trace=0
     restores that loop). Float32 operands keep the loop; obwd_sds=1 unrolls it (0.852 →
-    0.824 with bf16 operands, NOTES.md §26-28)."""
+    0.824 with bf16 operands, NOTES.md §26-28). Where BV < KB (above K = 128) the trace is
+    of Σ Sᵀ dS′ over the V blocks, [BV, BV], half the product of S dS′ᵀ [KB, KB] and a
+    quarter of its accumulator (``TRACE_BY_V``; sm90_resources at K = 256: 226 → 216
+    registers; obwd_trace_v=0 keeps S dS′ᵀ; NOTES.md §35)."""
     small = p.sixteen_bit and p.K <= 128
     warps = TILES.get("obwd_warps", 4 if small else 8)
-    return (row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
+    blocks = row_block_flags(p.flags, TILES.get("obwd_kb", 64 if small else 128))
+    return (blocks
             | dict(num_warps=warps, DM_RIGHT=warps < 8,
                    SDS_UNROLL=bool(TILES.get("obwd_sds", 0)),
-                   SDS_TRACE=bool(TILES.get("obwd_trace", 1)) and p.sixteen_bit)
+                   SDS_TRACE=bool(TILES.get("obwd_trace", 1)) and p.sixteen_bit,
+                   TRACE_BY_V=bool(TILES.get("obwd_trace_v", 1))
+                   and blocks["KB"] > OUTPUT_BACKWARD_BV)
             | (dict(num_stages=TILES.get("obwd_stages", 2)) if small
                else loop_stages(p.sixteen_bit, "obwd_stages"))
             | p.exact_launch)

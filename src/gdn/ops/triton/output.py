@@ -134,6 +134,7 @@ def output_backward_kernel(
     PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr = True,
     LAST: tl.constexpr = True, DM_RIGHT: tl.constexpr = False,
     SDS_UNROLL: tl.constexpr = False, SDS_TRACE: tl.constexpr = False,
+    TRACE_BY_V: tl.constexpr = False,
 ):
     """math.md §4.1 and the parallel half of §4.2: dq, dk (part), dB_w, and dg (part), for one
     chunk, one block of KB columns of K, and v head i_g of q/k head program_id(1)'s group.
@@ -147,6 +148,10 @@ def output_backward_kernel(
     Tiles go from memory into the products in their stored dtype; the loop is pipelined
     (two stages), which Triton 3.6 needs to compute a register product's bf16 products
     right (NOTES.md §9).
+
+    SDS_TRACE: the gated ⟨S, dS′⟩ as the trace of S dS′ᵀ ([KB, KB]) formed in the loop, or with
+    TRACE_BY_V of Σ over the V blocks of Sᵀ dS′ ([BV, BV]): the same sum, and where BV < KB
+    the smaller product and accumulator (``launch.output_backward_flags``).
     """
     # The K blocks of a chunk are launched next to each other: they run together and read
     # the same dO, Δ and dB_u tiles, the second time from L2 (at 8x4096-h6-k256v512, two
@@ -164,14 +169,20 @@ def output_backward_kernel(
     d_w = tl.zeros([BT, KB], dtype=tl.float32)      # dB_u Sᵀ = −Aᵀ dw (dw = −dΔ Sᵀ)
     dO_Dt = tl.zeros([BT, BT], dtype=tl.float32)    # dO Δᵀ
     if HAS_GATE and SDS_TRACE:
-        S_dSt = tl.zeros([KB, KB], dtype=tl.float32)  # S dS′ᵀ: ⟨S, dS′⟩ is its trace
+        if TRACE_BY_V:
+            S_dSt = tl.zeros([BV, BV], dtype=tl.float32)
+        else:
+            S_dSt = tl.zeros([KB, KB], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         dS = load_matrix_stored(d_states + p_state, col0, K, i_v * BV, V, V, KB, BV)
         b_do = load_rows_stored(do + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         delta = load_rows_stored(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)
         if HAS_GATE and SDS_TRACE:
-            S_dSt = mma(S, tl.trans(dS), S_dSt, DT, PREC)
+            if TRACE_BY_V:
+                S_dSt = mma(tl.trans(S), dS, S_dSt, DT, PREC)
+            else:
+                S_dSt = mma(S, tl.trans(dS), S_dSt, DT, PREC)
         d_q = mma(b_do, tl.trans(S), d_q, DT, PREC)
         dO_Dt = mma(b_do, tl.trans(delta), dO_Dt, DT, PREC)
         d_k = mma(delta, tl.trans(dS), d_k, DT, PREC)
@@ -204,7 +215,7 @@ def output_backward_kernel(
                     KB)
     if HAS_GATE:
         if SDS_TRACE:
-            r = tl.arange(0, KB)
+            r = tl.arange(0, BV if TRACE_BY_V else KB)
             S_dS = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], S_dSt, 0.0), axis=1), axis=0)
         else:
             S_dS = _state_inner_product(states + p_state, d_states + p_state, col0, K, V, KB,

@@ -17,7 +17,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
              "obwd_stages", "solve_stages", "solve_kb", "solve_maxnreg", "wy_warps",
              "exact_warps", "inline_gates", "fused_output", "fused_warps", "fused_stages",
              "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split",
-             "obwd_sds", "obwd_trace", "wy_maxnreg", "state_a_parts",
+             "obwd_sds", "obwd_trace", "obwd_trace_v", "wy_maxnreg", "state_a_parts",
              "keep_delta", "nodelta_bv", "nodelta_warps")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
