@@ -49,20 +49,70 @@ def invert_unit_lower(L_bb, BC: tl.constexpr):
 
 
 @triton.jit
+def _substitution_step(L_bb, X, i: tl.constexpr, BC: tl.constexpr):
+    """Row i of (I + L_bb)⁻¹ put into X, whose rows above i are already that inverse's."""
+    o = tl.arange(0, BC)
+    row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
+    x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
+    return tl.where(o[:, None] == i, x_i[None, :], X)
+
+
+@triton.jit
+def _elimination_step(L_bb, X, j: tl.constexpr, BC: tl.constexpr):
+    """X − L_bb[:, j] X[j, :]: row j of X is final once the steps before j are done, and this
+    takes its multiples out of the rows below (L is strictly lower). Column j of L comes out
+    along X's rows and row j of X along its columns, so neither vector changes layout."""
+    o = tl.arange(0, BC)
+    l_j = tl.sum(tl.where(o[None, :] == j, L_bb, 0.0), axis=1)
+    x_j = tl.sum(tl.where(o[:, None] == j, X, 0.0), axis=0)
+    return X - l_j[:, None] * x_j[None, :]
+
+
+@triton.jit
+def invert_four_unit_lower(L0, L1, L2, L3, BC: tl.constexpr, BY_COLUMNS: tl.constexpr):
+    """``invert_unit_lower`` of four blocks, their steps interleaved: four independent chains
+    side by side in program order, so that one warp has another chain's step to issue while a
+    step waits on its shuffles. By rows (``_substitution_step``) each block's operations are
+    those of ``invert_unit_lower`` in the same order, the same inverse to the bit; BY_COLUMNS
+    eliminates column by column (``_elimination_step``: x_i's sum accumulates in order of j
+    instead of as a tree, and no vector changes layout inside the chain)."""
+    o = tl.arange(0, BC)
+    X0 = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    X1, X2, X3 = X0, X0, X0
+    if BY_COLUMNS:
+        for j in tl.static_range(0, BC - 1):
+            X0 = _elimination_step(L0, X0, j, BC)
+            X1 = _elimination_step(L1, X1, j, BC)
+            X2 = _elimination_step(L2, X2, j, BC)
+            X3 = _elimination_step(L3, X3, j, BC)
+    else:
+        for i in tl.static_range(1, BC):
+            X0 = _substitution_step(L0, X0, i, BC)
+            X1 = _substitution_step(L1, X1, i, BC)
+            X2 = _substitution_step(L2, X2, i, BC)
+            X3 = _substitution_step(L3, X3, i, BC)
+    return X0, X1, X2, X3
+
+
+@triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
 def invert(L00, L10, L11, L20, L21, L22, L30, L31, L32, L33, PREC: tl.constexpr,
-           BC: tl.constexpr):
+           BC: tl.constexpr, INTERLEAVE: tl.constexpr = 0):
     """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC), as A's ten
-    lower blocks: the diagonal ones by ``invert_unit_lower``, the blocks below them from
+    lower blocks: the diagonal ones by ``invert_unit_lower`` (INTERLEAVE 1: the four side by
+    side, 2: side by side by columns, ``invert_four_unit_lower``), the blocks below them from
     X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3)."""
-    A00 = invert_unit_lower(L00, BC)
-    A11 = invert_unit_lower(L11, BC)
-    A22 = invert_unit_lower(L22, BC)
-    A33 = invert_unit_lower(L33, BC)
+    if INTERLEAVE:
+        A00, A11, A22, A33 = invert_four_unit_lower(L00, L11, L22, L33, BC, INTERLEAVE == 2)
+    else:
+        A00 = invert_unit_lower(L00, BC)
+        A11 = invert_unit_lower(L11, BC)
+        A22 = invert_unit_lower(L22, BC)
+        A33 = invert_unit_lower(L33, BC)
     A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
     A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
     A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
@@ -129,7 +179,8 @@ def _below(P, upto_r, between, after_c, b, HAS_GATE: tl.constexpr):
 @triton.jit
 def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
                  K: tl.constexpr, KB: tl.constexpr, HAS_GATE: tl.constexpr,
-                 PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr):
+                 PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr,
+                 INTERLEAVE: tl.constexpr = 0):
     """A = (I + L)⁻¹ of the chunk at t0 as its ten lower [BC, BC] blocks (``invert``), from
     k (``p_k`` at the q/k head), g and β."""
     zero = tl.zeros([BC, BC], dtype=tl.float32)
@@ -171,7 +222,7 @@ def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
         _below(P31, u3, s2, a1, b3, HAS_GATE),
         _below(P32, u3, 0.0, a2, b3, HAS_GATE),
         _diagonal(P33, g3, b3, HAS_GATE, BC),
-        PREC, BC)
+        PREC, BC, INTERLEAVE)
 
 
 @triton.jit
@@ -188,7 +239,7 @@ def wy_solve_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr,
+    BC: tl.constexpr, INTERLEAVE: tl.constexpr = 0,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -196,7 +247,7 @@ def wy_solve_kernel(
         return
     p_k = k + (i_hv // (HV // H)) * K
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = solve_blocks(
-        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC)
+        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC, INTERLEAVE)
     if a.dtype.element_ty == tl.float32:
         store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
                      A32, A33, BT, BC)
