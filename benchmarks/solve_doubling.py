@@ -12,8 +12,9 @@ L = strictly-lower(diag(β) K Kᵀ) with unit keys k_i = normalise(u + σ·noise
 one key repeated, as a repeated token gives; σ = 1: unrelated keys) and β uniform in
 [0, β_max], against the float64 inverse. The doubling's products are taken in float32, in
 TF32 (inputs rounded to 10 mantissa bits, as the kernels' block products are) and in tf32x3
-(three TF32 products with the inputs split in two). Prints and saves the worst error over
-the trials, relative to max |A|.
+(three TF32 products with the inputs split in two); the substitution by rows (wy_solve
+before NOTES.md §35) and by columns (since). Prints and saves the worst error over the
+trials, relative to max |A|.
 """
 
 from __future__ import annotations
@@ -64,10 +65,19 @@ def inverse_by_substitution(L: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+def inverse_by_columns(L: torch.Tensor) -> torch.Tensor:
+    """(I + L)⁻¹ column by column, as wy_solve.invert_four_by_columns forms it (the default
+    since NOTES.md §35): X ← X − L[:, j] X[j, :]; row i's sum accumulates in order of j."""
+    inverse = torch.eye(BC)
+    for j in range(BC - 1):
+        inverse = inverse - L[:, j, None] * inverse[j][None, :]
+    return inverse
+
+
 def worst_errors(noise: float, beta_max: float, trials: int, seed: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
-    worst = {"substitution": 0.0, "doubling_float32": 0.0, "doubling_tf32x3": 0.0,
-             "doubling_tf32": 0.0}
+    worst = {"substitution": 0.0, "substitution_by_columns": 0.0, "doubling_float32": 0.0,
+             "doubling_tf32x3": 0.0, "doubling_tf32": 0.0}
     for _ in range(trials):
         u = torch.randn(64, generator=gen)
         k = torch.nn.functional.normalize(u + noise * torch.randn(BC, 64, generator=gen), dim=-1)
@@ -75,7 +85,8 @@ def worst_errors(noise: float, beta_max: float, trials: int, seed: int) -> dict[
         L = (beta[:, None] * (k @ k.T)).tril(-1)
         exact = torch.linalg.inv(torch.eye(BC, dtype=torch.float64) + L.double())
         scale = exact.abs().max().item()
-        got = {"substitution": inverse_by_substitution(L)}
+        got = {"substitution": inverse_by_substitution(L),
+               "substitution_by_columns": inverse_by_columns(L)}
         for precision in ("float32", "tf32x3", "tf32"):
             got[f"doubling_{precision}"] = inverse_by_doubling(L, precision)
         for name, inverse in got.items():
@@ -90,7 +101,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for a JSON of the errors")
     args = parser.parse_args()
     rows = []
-    names = ("substitution", "doubling_float32", "doubling_tf32x3", "doubling_tf32")
+    names = ("substitution", "substitution_by_columns", "doubling_float32", "doubling_tf32x3",
+             "doubling_tf32")
     print(f"{'σ':>5} {'β max':>5} " + " ".join(f"{n:>17}" for n in names))
     for noise in (0.0, 0.01, 0.1, 1.0):
         for beta_max in (1.0, 2.0):

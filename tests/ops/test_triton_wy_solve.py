@@ -23,7 +23,7 @@ CASES = {
 }
 
 
-def _a_kernel(x, exact: bool, interleave: int = 0) -> torch.Tensor:
+def _a_kernel(x, exact: bool, by_rows: bool = False) -> torch.Tensor:
     """A as wy_solve writes it, [TT, HV, 64] (a token's row of its chunk's A): float32 for
     float32 operands, else hi + lo summed in float64 from its two 16-bit parts, hi being A
     rounded to the operand dtype and lo the rest, at most half an ulp of hi (common.load_a)."""
@@ -34,7 +34,7 @@ def _a_kernel(x, exact: bool, interleave: int = 0) -> torch.Tensor:
     k_, g_, b_ = (launch._flat(t) for t in (x.k, x.g, x.beta))
     a = torch.full(launch.a_shape(p.TT, p.HV, p.lo["dtype"]), float("nan"), **p.lo)
     wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](
-        k_, g_, b_, a, *p.chunks, BC=wy_solve.BC, INTERLEAVE=interleave,
+        k_, g_, b_, a, *p.chunks, BC=wy_solve.BC, BY_ROWS=by_rows,
         **(row_block_flags(p.flags) | launch.INVERSE_LAUNCH | p.exact_launch))
     if a.shape[2] == 1:
         return a[:, :, 0]
@@ -74,17 +74,18 @@ def _chunk_spans(x, TT: int) -> list[tuple[int, int]]:
 
 
 @interpreter_only
-@pytest.mark.parametrize("interleave", [0, 2], ids=["rows", "interleaved_columns"])
+@pytest.mark.parametrize("by_rows", [False, True], ids=["by_columns", "by_rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_wy_solve_matches_float64(case, dtype, interleave):
-    """interleaved_columns: GDN_TRITON_TILES=solve_interleave=2, the diagonal blocks inverted
-    column by column, four side by side (``wy_solve.invert_four_unit_lower``)."""
+def test_wy_solve_matches_float64(case, dtype, by_rows):
+    """The diagonal blocks inverted by columns, four side by side (the default,
+    ``wy_solve.invert_four_by_columns``), and by rows one by one (GDN_TRITON_TILES=
+    solve_rows=1)."""
     kwargs, gate_scale = CASES[case]
     x = random_inputs(**kwargs, dtype=dtype, seed=5)
     if x.g is not None:
         x.g = (x.g.double() * gate_scale).to(dtype)
-    a = _a_kernel(x, exact=dtype == torch.float32, interleave=interleave)
+    a = _a_kernel(x, exact=dtype == torch.float32, by_rows=by_rows)
     # Every token's row is written (NaN-poisoned above); A's rows past a sequence's end do
     # not exist in a packed row, so all TT rows must be finite.
     assert torch.isfinite(a).all()
@@ -100,22 +101,6 @@ def test_wy_solve_matches_float64(case, dtype, interleave):
     assert (exact != identity).any(), "a test whose A is the identity proves nothing"
     # float32 arithmetic on inputs exact in float64: errors of a few float32 roundings.
     torch.testing.assert_close(a.double(), exact, rtol=1e-5, atol=1e-6)
-
-
-@interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize("case", ["strong_gates_k100", "gva_varlen_k128"])
-def test_interleaved_substitutions_give_the_same_inverse(case, dtype):
-    """GDN_TRITON_TILES=solve_interleave=1: the four diagonal blocks' substitutions side by
-    side perform each block's operations in the same order, so A is the same to the bit."""
-    kwargs, gate_scale = CASES[case]
-    x = random_inputs(**kwargs, dtype=dtype, seed=7)
-    if x.g is not None:
-        x.g = (x.g.double() * gate_scale).to(dtype)
-    exact = dtype == torch.float32
-    plain, interleaved = _a_kernel(x, exact), _a_kernel(x, exact, interleave=1)
-    assert torch.isfinite(plain).all()
-    assert torch.equal(plain, interleaved)
 
 
 def _chunk_starts(x, TT: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ over K in blocks of KB, times β_r and the decay e^{Γ_r − Γ_c}, and keeps th
 The decay's exponent is a sum of same-sign gate terms as everywhere (math.md §5.3): within a
 diagonal block ``segment_sums``; across blocks i > j the sum from c + 1 to the end of block j,
 the whole blocks between, and the sum from the start of block i to r, each a sum of g
-values, never a difference of prefix sums. Then ``invert``: each diagonal block by
-forward substitution, the blocks below it from X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (§2.3).
+values, never a difference of prefix sums. Then ``invert``: the four diagonal blocks by
+forward substitution column by column, side by side, the blocks below them from
+X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (§2.3).
 
 This replaced two kernels (wy_l writing L, [TT, HV, BT] float32, 134 MB at 8x4096 with 16
 heads, and wy_inverse reading it back): 0.256 → 0.190 ms at 8x4096-h16 on an H100, the same
@@ -38,7 +39,9 @@ def invert_unit_lower(L_bb, BC: tl.constexpr):
     substitution: row i of the inverse is e_i − Σ_{j<i} L_ij (row j of the inverse). Its rows
     are taken from registers, so that no load waits inside the chain of dependent rows:
     0.145 → 0.123 ms at 8x4096-h16 against rows loaded one at a time inside it (NOTES.md
-    §11)."""
+    §11). Row i of L comes out along X's columns and must be turned along its rows, through
+    shared memory behind a barrier, at every step (GDN_TRITON_TILES=solve_rows=1; the
+    default is ``invert_four_by_columns``)."""
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     for i in tl.static_range(1, BC):
@@ -46,15 +49,6 @@ def invert_unit_lower(L_bb, BC: tl.constexpr):
         x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
         X = tl.where(o[:, None] == i, x_i[None, :], X)
     return X
-
-
-@triton.jit
-def _substitution_step(L_bb, X, i: tl.constexpr, BC: tl.constexpr):
-    """Row i of (I + L_bb)⁻¹ put into X, whose rows above i are already that inverse's."""
-    o = tl.arange(0, BC)
-    row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
-    x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
-    return tl.where(o[:, None] == i, x_i[None, :], X)
 
 
 @triton.jit
@@ -69,28 +63,23 @@ def _elimination_step(L_bb, X, j: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def invert_four_unit_lower(L0, L1, L2, L3, BC: tl.constexpr, BY_COLUMNS: tl.constexpr):
-    """``invert_unit_lower`` of four blocks, their steps interleaved: four independent chains
-    side by side in program order, so that one warp has another chain's step to issue while a
-    step waits on its shuffles. By rows (``_substitution_step``) each block's operations are
-    those of ``invert_unit_lower`` in the same order, the same inverse to the bit; BY_COLUMNS
-    eliminates column by column (``_elimination_step``: x_i's sum accumulates in order of j
-    instead of as a tree, and no vector changes layout inside the chain)."""
+def invert_four_by_columns(L0, L1, L2, L3, BC: tl.constexpr):
+    """(I + L)⁻¹ of four strictly lower [BC, BC] blocks by forward substitution column by
+    column (``_elimination_step``), the four blocks' steps side by side in program order: four
+    independent chains of cross-thread sums, so that the warp has another chain's step to
+    issue while one waits on its shuffles, and no vector changes layout inside a chain. Row i
+    of the inverse is e_i − Σ_{j<i} L_ij (row j) as by rows, its sum accumulated in order of
+    j rather than as a tree. At 8x4096-h16 on an H200: wy_solve 0.157 → 0.142 ms, its stall
+    on short scoreboard 1.63 → 0.90 cycles per issue; by rows side by side, 0.156 (NOTES.md
+    §35)."""
     o = tl.arange(0, BC)
     X0 = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     X1, X2, X3 = X0, X0, X0
-    if BY_COLUMNS:
-        for j in tl.static_range(0, BC - 1):
-            X0 = _elimination_step(L0, X0, j, BC)
-            X1 = _elimination_step(L1, X1, j, BC)
-            X2 = _elimination_step(L2, X2, j, BC)
-            X3 = _elimination_step(L3, X3, j, BC)
-    else:
-        for i in tl.static_range(1, BC):
-            X0 = _substitution_step(L0, X0, i, BC)
-            X1 = _substitution_step(L1, X1, i, BC)
-            X2 = _substitution_step(L2, X2, i, BC)
-            X3 = _substitution_step(L3, X3, i, BC)
+    for j in tl.static_range(0, BC - 1):
+        X0 = _elimination_step(L0, X0, j, BC)
+        X1 = _elimination_step(L1, X1, j, BC)
+        X2 = _elimination_step(L2, X2, j, BC)
+        X3 = _elimination_step(L3, X3, j, BC)
     return X0, X1, X2, X3
 
 
@@ -101,13 +90,13 @@ def _mm(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def invert(L00, L10, L11, L20, L21, L22, L30, L31, L32, L33, PREC: tl.constexpr,
-           BC: tl.constexpr, INTERLEAVE: tl.constexpr = 0):
+           BC: tl.constexpr, BY_ROWS: tl.constexpr = False):
     """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC), as A's ten
-    lower blocks: the diagonal ones by ``invert_unit_lower`` (INTERLEAVE 1: the four side by
-    side, 2: side by side by columns, ``invert_four_unit_lower``), the blocks below them from
-    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3)."""
-    if INTERLEAVE:
-        A00, A11, A22, A33 = invert_four_unit_lower(L00, L11, L22, L33, BC, INTERLEAVE == 2)
+    lower blocks: the diagonal ones by ``invert_four_by_columns`` (BY_ROWS: one by one,
+    ``invert_unit_lower``), the blocks below them from X_ij = −A_ii Σ_{j≤m<i} L_im X_mj
+    (math.md §2.3)."""
+    if not BY_ROWS:
+        A00, A11, A22, A33 = invert_four_by_columns(L00, L11, L22, L33, BC)
     else:
         A00 = invert_unit_lower(L00, BC)
         A11 = invert_unit_lower(L11, BC)
@@ -180,7 +169,7 @@ def _below(P, upto_r, between, after_c, b, HAS_GATE: tl.constexpr):
 def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
                  K: tl.constexpr, KB: tl.constexpr, HAS_GATE: tl.constexpr,
                  PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr,
-                 INTERLEAVE: tl.constexpr = 0):
+                 BY_ROWS: tl.constexpr = False):
     """A = (I + L)⁻¹ of the chunk at t0 as its ten lower [BC, BC] blocks (``invert``), from
     k (``p_k`` at the q/k head), g and β."""
     zero = tl.zeros([BC, BC], dtype=tl.float32)
@@ -222,7 +211,7 @@ def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
         _below(P31, u3, s2, a1, b3, HAS_GATE),
         _below(P32, u3, 0.0, a2, b3, HAS_GATE),
         _diagonal(P33, g3, b3, HAS_GATE, BC),
-        PREC, BC, INTERLEAVE)
+        PREC, BC, BY_ROWS)
 
 
 @triton.jit
@@ -239,7 +228,7 @@ def wy_solve_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr, INTERLEAVE: tl.constexpr = 0,
+    BC: tl.constexpr, BY_ROWS: tl.constexpr = False,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -247,7 +236,7 @@ def wy_solve_kernel(
         return
     p_k = k + (i_hv // (HV // H)) * K
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = solve_blocks(
-        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC, INTERLEAVE)
+        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC, BY_ROWS)
     if a.dtype.element_ty == tl.float32:
         store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
                      A32, A33, BT, BC)
