@@ -28,6 +28,7 @@ import triton.language as tl
 from gdn.ops.triton import combine, state
 from gdn.ops.triton.indexing import kept_per_stream
 from gdn.ops.triton.tiles import (
+    KB,
     TILES,
     row_block_flags,
     state_operands_f32,
@@ -101,8 +102,11 @@ def _sixteen_bit(flags: dict) -> bool:
 
 def _state_flags(p, direction: str) -> dict:
     """The launch plan's flags for a state kernel: the state in row blocks of KB (state.py:
-    K ≤ 256 is up to four blocks) instead of one BK tile."""
-    flags = row_block_flags(p.flags) | STATE_DTYPE
+    K ≤ 256 is up to four blocks) instead of one BK tile. GDN_TRITON_TILES=fwd_kb=128 gives
+    the forward passes blocks of 128 rows, rev_kb=128 the reverse pass: fewer products per
+    step (NOTES.md §36)."""
+    kb = TILES.get("fwd_kb" if direction == "forward" else "rev_kb", KB)
+    flags = row_block_flags(p.flags, kb) | STATE_DTYPE
     if TILES.get("state_x3") and flags["PREC"] == "tf32":
         flags["PREC"] = "tf32x3"
     if p.precise_state and _sixteen_bit(flags):
