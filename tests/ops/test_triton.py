@@ -138,6 +138,25 @@ def test_the_trace_over_value_blocks(by_value_blocks, monkeypatch):
     _check(x, True, torch.float16, 2e-3)
 
 
+@pytest.mark.parametrize("case", ["wide_k_short", "k_in_four_blocks", "gva_two_k_blocks",
+                                  "gla_gva_two_k_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_state_passes_in_blocks_of_128_rows(case, dtype, monkeypatch):
+    """GDN_TRITON_TILES=fwd_kb=128,rev_kb=128: the state passes hold the state in blocks of
+    128 rows instead of 64, so K = 128 takes one product per step where it took two
+    (NOTES.md §36). K = 100 is one ragged block, K = 200 a whole block and a ragged one."""
+    from gdn.ops.triton import passes
+
+    monkeypatch.setitem(passes.TILES, "fwd_kb", 128)
+    monkeypatch.setitem(passes.TILES, "rev_kb", 128)
+    kwargs, delta = CASES[case]
+    x = random_inputs(**kwargs, delta=delta, seed=16)
+    if dtype is torch.float16:
+        _check(x.to(dtype).to(torch.float64), delta, dtype, 2e-3)
+    else:
+        _check(x, delta, dtype, 1e-5)
+
+
 def test_beta_two_strong_gates_and_l2_norm():
     x = random_inputs(B=1, T=100, H=2, K=16, V=16, seed=13)
     x.beta = torch.full_like(x.beta, 2.0)
