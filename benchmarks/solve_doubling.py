@@ -57,7 +57,7 @@ def inverse_by_doubling(L: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def inverse_by_substitution(L: torch.Tensor) -> torch.Tensor:
-    """(I + L)⁻¹ row by row, as wy_solve.invert_unit_lower forms it."""
+    """(I + L)⁻¹ row by row, as wy_solve formed it before its column order (NOTES.md §35)."""
     eye = torch.eye(BC)
     inverse = eye.clone()
     for i in range(1, BC):

@@ -23,7 +23,7 @@ CASES = {
 }
 
 
-def _a_kernel(x, exact: bool, by_rows: bool = False) -> torch.Tensor:
+def _a_kernel(x, exact: bool) -> torch.Tensor:
     """A as wy_solve writes it, [TT, HV, 64] (a token's row of its chunk's A): float32 for
     float32 operands, else hi + lo summed in float64 from its two 16-bit parts, hi being A
     rounded to the operand dtype and lo the rest, at most half an ulp of hi (common.load_a)."""
@@ -34,7 +34,7 @@ def _a_kernel(x, exact: bool, by_rows: bool = False) -> torch.Tensor:
     k_, g_, b_ = (launch._flat(t) for t in (x.k, x.g, x.beta))
     a = torch.full(launch.a_shape(p.TT, p.HV, p.lo["dtype"]), float("nan"), **p.lo)
     wy_solve.wy_solve_kernel[(p.table.num_chunks, p.HV)](
-        k_, g_, b_, a, *p.chunks, BC=wy_solve.BC, BY_ROWS=by_rows,
+        k_, g_, b_, a, *p.chunks, BC=wy_solve.BC,
         **(row_block_flags(p.flags) | launch.INVERSE_LAUNCH | p.exact_launch))
     if a.shape[2] == 1:
         return a[:, :, 0]
@@ -74,18 +74,16 @@ def _chunk_spans(x, TT: int) -> list[tuple[int, int]]:
 
 
 @interpreter_only
-@pytest.mark.parametrize("by_rows", [False, True], ids=["by_columns", "by_rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_wy_solve_matches_float64(case, dtype, by_rows):
-    """The diagonal blocks inverted by columns, four side by side (the default,
-    ``wy_solve.invert_four_by_columns``), and by rows one by one (GDN_TRITON_TILES=
-    solve_rows=1)."""
+def test_wy_solve_matches_float64(case, dtype):
+    """The diagonal blocks inverted by columns, four side by side
+    (``wy_solve.invert_four_by_columns``)."""
     kwargs, gate_scale = CASES[case]
     x = random_inputs(**kwargs, dtype=dtype, seed=5)
     if x.g is not None:
         x.g = (x.g.double() * gate_scale).to(dtype)
-    a = _a_kernel(x, exact=dtype == torch.float32, by_rows=by_rows)
+    a = _a_kernel(x, exact=dtype == torch.float32)
     # Every token's row is written (NaN-poisoned above); A's rows past a sequence's end do
     # not exist in a packed row, so all TT rows must be finite.
     assert torch.isfinite(a).all()

@@ -230,11 +230,9 @@ def _solve_flags(p: _Plan) -> dict:
     GDN_TRITON_TILES=solve_maxnreg=n caps its registers: at its 255 an SM holds eight of its
     one-warp programs, where a chain of shuffles bounds each (sm90_resources at K = 128: 168
     registers spill 80 B and let twelve in, 192 spill 48 B for ten; NOTES.md §30.6, not yet
-    timed). The diagonal blocks are inverted by columns, four side by side; solve_rows=1
-    inverts them by rows one after another as before NOTES.md §35 (``wy_solve.invert``)."""
+    timed)."""
     cap = TILES.get("solve_maxnreg")
     return (row_block_flags(p.flags, SOLVE_KB) | INVERSE_LAUNCH | _solve_precision(p)
-            | dict(BY_ROWS=bool(TILES.get("solve_rows", 0)))
             | (dict(maxnreg=cap) if cap else {}) | p.exact_launch)
 
 

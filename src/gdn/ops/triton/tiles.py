@@ -14,7 +14,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
     known = ("bv", "state_bv", "state_warps", "state_stages", "state_bwd_bv",
              "state_bwd_warps", "state_bwd_stages", "state_f32", "output_f32", "wy_f32",
              "output_stages", "wy_stages", "wy_bv", "obwd_kb", "obwd_bv", "obwd_warps",
-             "obwd_stages", "solve_stages", "solve_kb", "solve_maxnreg", "solve_rows",
+             "obwd_stages", "solve_stages", "solve_kb", "solve_maxnreg",
              "wy_warps",
              "exact_warps", "inline_gates", "fused_output", "fused_warps", "fused_stages",
              "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split",

@@ -34,24 +34,6 @@ BC = 16  # sub-block of the inverse; a tensor-core product needs at least 16 row
 
 
 @triton.jit
-def invert_unit_lower(L_bb, BC: tl.constexpr):
-    """(I + L_bb)⁻¹ of one strictly lower [BC, BC] block held in registers, by forward
-    substitution: row i of the inverse is e_i − Σ_{j<i} L_ij (row j of the inverse). Its rows
-    are taken from registers, so that no load waits inside the chain of dependent rows:
-    0.145 → 0.123 ms at 8x4096-h16 against rows loaded one at a time inside it (NOTES.md
-    §11). Row i of L comes out along X's columns and must be turned along its rows, through
-    shared memory behind a barrier, at every step (GDN_TRITON_TILES=solve_rows=1; the
-    default is ``invert_four_by_columns``)."""
-    o = tl.arange(0, BC)
-    X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    for i in tl.static_range(1, BC):
-        row = tl.sum(tl.where(o[:, None] == i, L_bb, 0.0), axis=0)
-        x_i = tl.where(o == i, 1.0, 0.0) - tl.sum(row[:, None] * X, axis=0)
-        X = tl.where(o[:, None] == i, x_i[None, :], X)
-    return X
-
-
-@triton.jit
 def _elimination_step(L_bb, X, j: tl.constexpr, BC: tl.constexpr):
     """X − L_bb[:, j] X[j, :]: row j of X is final once the steps before j are done, and this
     takes its multiples out of the rows below (L is strictly lower). Column j of L comes out
@@ -68,10 +50,12 @@ def invert_four_by_columns(L0, L1, L2, L3, BC: tl.constexpr):
     column (``_elimination_step``), the four blocks' steps side by side in program order: four
     independent chains of cross-thread sums, so that the warp has another chain's step to
     issue while one waits on its shuffles, and no vector changes layout inside a chain. Row i
-    of the inverse is e_i − Σ_{j<i} L_ij (row j) as by rows, its sum accumulated in order of
-    j rather than as a tree. At 8x4096-h16 on an H200: wy_solve 0.157 → 0.142 ms, its stall
-    on short scoreboard 1.63 → 0.90 cycles per issue; by rows side by side, 0.156 (NOTES.md
-    §35)."""
+    of the inverse is e_i − Σ_{j<i} L_ij (row j), its sum accumulated in order of j rather
+    than as a tree. It replaced a substitution by rows, whose row i of L came out along X's
+    columns and went through shared memory behind a barrier at every step: at 8x4096-h16
+    wy_solve 0.157 → 0.142 ms on an H200, its stall on short scoreboard 1.63 → 0.90 cycles
+    per issue; 0.173 → 0.158 ms on an H100; by rows side by side, 0.156 on the H200 (NOTES.md
+    §35, §36)."""
     o = tl.arange(0, BC)
     X0 = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     X1, X2, X3 = X0, X0, X0
@@ -90,18 +74,11 @@ def _mm(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def invert(L00, L10, L11, L20, L21, L22, L30, L31, L32, L33, PREC: tl.constexpr,
-           BC: tl.constexpr, BY_ROWS: tl.constexpr = False):
+           BC: tl.constexpr):
     """A = (I + L)⁻¹ of one chunk from L's ten lower [BC, BC] blocks (BT = 4·BC), as A's ten
-    lower blocks: the diagonal ones by ``invert_four_by_columns`` (BY_ROWS: one by one,
-    ``invert_unit_lower``), the blocks below them from X_ij = −A_ii Σ_{j≤m<i} L_im X_mj
-    (math.md §2.3)."""
-    if not BY_ROWS:
-        A00, A11, A22, A33 = invert_four_by_columns(L00, L11, L22, L33, BC)
-    else:
-        A00 = invert_unit_lower(L00, BC)
-        A11 = invert_unit_lower(L11, BC)
-        A22 = invert_unit_lower(L22, BC)
-        A33 = invert_unit_lower(L33, BC)
+    lower blocks: the diagonal ones by ``invert_four_by_columns``, the blocks below them from
+    X_ij = −A_ii Σ_{j≤m<i} L_im X_mj (math.md §2.3)."""
+    A00, A11, A22, A33 = invert_four_by_columns(L00, L11, L22, L33, BC)
     A10 = -_mm(A11, _mm(L10, A00, PREC), PREC)
     A21 = -_mm(A22, _mm(L21, A11, PREC), PREC)
     A32 = -_mm(A33, _mm(L32, A22, PREC), PREC)
@@ -168,8 +145,7 @@ def _below(P, upto_r, between, after_c, b, HAS_GATE: tl.constexpr):
 @triton.jit
 def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
                  K: tl.constexpr, KB: tl.constexpr, HAS_GATE: tl.constexpr,
-                 PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr,
-                 BY_ROWS: tl.constexpr = False):
+                 PREC: tl.constexpr, DT: tl.constexpr, BC: tl.constexpr):
     """A = (I + L)⁻¹ of the chunk at t0 as its ten lower [BC, BC] blocks (``invert``), from
     k (``p_k`` at the q/k head), g and β."""
     zero = tl.zeros([BC, BC], dtype=tl.float32)
@@ -211,7 +187,7 @@ def solve_blocks(p_k, g, beta, i_hv, t0, end, H: tl.constexpr, HV: tl.constexpr,
         _below(P31, u3, s2, a1, b3, HAS_GATE),
         _below(P32, u3, 0.0, a2, b3, HAS_GATE),
         _diagonal(P33, g3, b3, HAS_GATE, BC),
-        PREC, BC, BY_ROWS)
+        PREC, BC)
 
 
 @triton.jit
@@ -228,7 +204,7 @@ def wy_solve_kernel(
     chunk_seq, chunk_start, cu,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr, BY_ROWS: tl.constexpr = False,
+    BC: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -236,7 +212,7 @@ def wy_solve_kernel(
         return
     p_k = k + (i_hv // (HV // H)) * K
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = solve_blocks(
-        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC, BY_ROWS)
+        p_k, g, beta, i_hv, t0, end, H, HV, K, KB, HAS_GATE, PREC, DT, BC)
     if a.dtype.element_ty == tl.float32:
         store_blocks(a + i_hv * BT, t0, end, HV * BT, A00, A10, A11, A20, A21, A22, A30, A31,
                      A32, A33, BT, BC)
