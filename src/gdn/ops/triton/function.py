@@ -13,7 +13,8 @@ V] and [B, P, HV, K, K] float32), and when a backward will follow (``save_scores
 scores scale·P for the reverse pass (scores.py). With ``keep`` (``recompute=False`` in
 ``gdn.ops``) it also returns the chunk states and Δ (``launch.Kept``), and the backward
 recomputes nothing; by default (``launch.keeps_delta``) Δ alone, and the backward forms the
-states from it.
+states from it; with GDN_TRITON_TILES=even_states=1 (``launch.keeps_even_states``) Δ and the
+even chunks' states, and output_backward forms the others.
 Letters as in launch.py.
 """
 
@@ -62,10 +63,12 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
     a_shape = launch.a_shape(B * T, HV, lo) if beta is not None else _EMPTY
     starts, transitions = passes.seam_shapes(B, T, HV, q.shape[-1], V, launch.BT, cu_seqlens,
                                              q.device, delta=beta is not None)
+    delta_kept = launch.keeps_delta(keep, save_scores, beta is not None, precise_state,
+                                    keep_delta)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None,
-                              keep=keep, keep_delta=launch.keeps_delta(
-                                  keep, save_scores, beta is not None, precise_state,
-                                  keep_delta))
+                              keep=keep, keep_delta=delta_kept,
+                              keep_even=launch.keeps_even_states(delta_kept, q.shape[-1],
+                                                                 lo != torch.float32))
     scores = (launch.scores_shape(launch.chunk_count(B, T, cu_seqlens, launch.BT), HV)
               if save_scores else _EMPTY)
     return (torch.empty_like(v), q.new_empty(N, HV, q.shape[-1], V, **f32),
@@ -89,7 +92,12 @@ def chunk_backward_op(
     kept = None
     if kept_states.numel():
         delta = beta is not None
-        kept = launch.Kept(kept_states, kept_v_new if delta else None)
+        # The even chunks' states alone (launch.keeps_even_states) are fewer than the chunks
+        # wherever there are two or more; with one, either reading is the same.
+        B, T = v.shape[:2]
+        every = launch.chunk_count(B, T, cu_seqlens, launch.BT)
+        kept = launch.Kept(kept_states, kept_v_new if delta else None,
+                           even=kept_states.shape[0] < every)
     elif kept_v_new.numel():            # Δ alone (launch.keeps_delta)
         kept = launch.Kept(None, kept_v_new)
     grads = launch.chunk_backward(do, dht, q, k, v, g, beta, a if beta is not None else None,

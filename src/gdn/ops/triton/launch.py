@@ -114,6 +114,20 @@ def keeps_delta(keep: bool, save_scores: bool, delta: bool,
             and not state_split(precise_state))
 
 
+def keeps_even_states(delta_kept: bool, K: int, sixteen_bit: bool) -> bool:
+    """Whether a forward that keeps Δ (``keeps_delta``) keeps the even chunks' states too, so
+    that its backward runs no state pass in the forward direction: output_backward takes the
+    chunks in pairs, the first with its kept state, the second with the state formed from it
+    in one step of (3.2) (math.md §4.7). Half the states' memory (K·V bytes per chunk and v
+    head in bf16), held until the backward. Where the forward pass computes the output
+    (``fused_output``), which stores them as it goes, and with 16-bit operands, whose
+    output_backward takes ⟨S, dS′⟩ from its loop of products (a formed state is never in
+    memory for the separate loop float32 operands take). GDN_TRITON_TILES=even_states=1
+    turns it on (read at each call, so that a test can set it)."""
+    return (bool(TILES.get("even_states", 0)) and delta_kept and fused_output(K) and sixteen_bit
+            and bool(TILES.get("obwd_trace", 1)))
+
+
 def fused_output(K: int) -> bool:
     """Whether the forward state pass also computes the output (math.md §3.9) instead of
     storing every chunk-start state for ``output_forward``: up to K = 128, where its tiles
@@ -293,18 +307,22 @@ class Kept:
     the forward state pass: the chunk-start states [NC, HV, K, V] and Δ [TT, HV, V] (v itself
     without the delta term, so None), in the operand dtype. About V·2 bytes per token and v
     head and K·V·2 per chunk and v head for bf16: 402 MB at 8x4096 with 16 heads of 128.
-    With ``keeps_delta`` Δ alone (states None)."""
+    With ``keeps_delta`` Δ alone (states None), and with ``keeps_even_states`` the even
+    chunks' states besides (``even``)."""
 
     states: torch.Tensor | None
     v_new: torch.Tensor | None
+    even: bool = False     # states holds the even chunks' alone, [cdiv(NC, 2), HV, K, V]
 
 
 def kept_shapes(B: int, T: int, HV: int, K: int, V: int, cu_seqlens, *, delta: bool,
-                keep: bool, keep_delta: bool = False) -> tuple[tuple, tuple]:
+                keep: bool, keep_delta: bool = False,
+                keep_even: bool = False) -> tuple[tuple, tuple]:
     """Shapes of ``Kept``'s states and v_new ((0,) for an absent one) for a forward with
-    ``keep`` or ``keep_delta`` (``keeps_delta``)."""
+    ``keep`` or ``keep_delta`` (``keeps_delta``), and ``keep_even`` (``keeps_even_states``)."""
     NC = chunk_count(B, T, cu_seqlens, BT)
-    states = (NC, HV, K, V) if keep else (0,)
+    states = ((NC, HV, K, V) if keep else (passes.even_count(NC), HV, K, V) if keep_even
+              else (0,))
     v_new = (B * T, HV, V) if delta and (keep or keep_delta) else (0,)
     return states, v_new
 
@@ -334,8 +352,9 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
     delta_kept = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
+    even = keeps_even_states(delta_kept, p.K, p.sixteen_bit)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
-                           delta_kept) if fused_output(p.K) else None)
+                           delta_kept, even) if fused_output(p.K) else None)
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
                                                        segs, out=fused)
     if fused is None:
@@ -352,6 +371,8 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
         if spare is not None:
             states.masked_fill_(spare, 0.0)
         kept = Kept(states, v_new if beta is not None else None)
+    elif even:
+        kept = Kept(states, v_new, even=True)
     elif delta_kept:
         kept = Kept(None, v_new)
     if save_scores and spare is not None:
@@ -378,7 +399,9 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     delta = beta is not None
     segs = passes.segments_for(p, BT, cu_seqlens, q.device)
     d_ = _decays(p, g_, b_)
+    even = kept is not None and kept.even
     if kept is not None and kept.states is not None:
+        # All of them, or the even chunks' (output_backward forms the others).
         states = kept.states
         v_new = kept.v_new if delta else v_
     elif kept is not None and (segs is None or seams is not None):
@@ -426,11 +449,16 @@ def chunk_backward(do, dht, q, k, v, g, beta, a, chunk_scores, *, scale: float, 
     o_flags = output_backward_flags(p)
     n_kb = triton.cdiv(K, o_flags["KB"])
     dg_parts = torch.empty(n_kb, TT, HV, **f32) if g is not None else None
+    # With the even chunks' states, one program per pair of chunks, which forms the second's
+    # state from the first's or, where the second opens a sequence, takes h0.
+    h0 = (initial_state.to(torch.float32).contiguous()
+          if even and initial_state is not None else None)
     for i_g in range(G):
-        output.output_backward_kernel[(NC * n_kb, H)](
-            q_, k_, d_, v_new, do_, d_delta, states, d_states, dq, dk, d_bw, group_sum,
-            dk_group_sum, dg_parts, *chunks, scale, TT * HV, TT, i_g, V=V, BV=OUTPUT_BACKWARD_BV,
-            DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1, **o_flags)
+        output.output_backward_kernel[((passes.even_count(NC) if even else NC) * n_kb, H)](
+            q_, k_, d_, v_new, do_, d_delta, states, d_states, h0, dq, dk, d_bw, group_sum,
+            dk_group_sum, dg_parts, *chunks, scale, TT * HV, TT, NC, i_g, V=V,
+            BV=OUTPUT_BACKWARD_BV, DELTA=delta, FIRST=i_g == 0, LAST=i_g == G - 1,
+            EVEN_STATES=even, HAS_H0=h0 is not None, **o_flags)
     dg = None if g is None else dg_parts[0] if n_kb == 1 else dg_parts.sum(0)
     del states, d_states, v_new
     # The wy backward's outputs are allocated only now, in the memory the chunk states held:

@@ -192,7 +192,8 @@ class Output:
     (state.py's OUTPUT, math.md §3.9): q [TT, H, K], o [TT, HV, V] to write, the scale,
     whether it also stores the chunk-start states and Δ for a backward that keeps them
     (``keep``, recompute=False in gdn.ops) or Δ alone (``keep_delta``:
-    ``launch.keeps_delta``), and where it stores each chunk's scale·P for the backward
+    ``launch.keeps_delta``) and the even chunks' states (``keep_even``:
+    ``launch.keeps_even_states``), and where it stores each chunk's scale·P for the backward
     (scores.py; None when no backward follows)."""
 
     q: torch.Tensor
@@ -201,6 +202,12 @@ class Output:
     keep: bool = False
     chunk_scores: torch.Tensor | None = None
     keep_delta: bool = False
+    keep_even: bool = False     # with keep_delta, the even chunks' states too (math.md §4.7)
+
+
+def even_count(num_chunks: int) -> int:
+    """How many of num_chunks chunks are even, the states ``Output.keep_even`` keeps."""
+    return (num_chunks + 1) // 2
 
 
 def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
@@ -219,7 +226,8 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
         scale, V=V, STORE_SCORES=chunk_scores is not None,
         DELTA=a is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and (out is None or out.keep or out.keep_delta),
-        STORE_STATES=out is None or out.keep, U_ZERO=u_zero,
+        STORE_STATES=out is None or out.keep or out.keep_even, U_ZERO=u_zero,
+        STORE_EVEN=out is not None and out.keep_even and not out.keep,
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
 
@@ -327,11 +335,14 @@ def state_forward(p, k_, v_, a, g_, decays, initial_state, segs: Segments | None
     Δ = v); ``decays`` the chunk decays and β (decays.py), None with neither a gate nor the
     delta term. Given the forward's seams, only the last pass runs (the final state is then
     None). Given ``out``, that pass writes the output into ``out.o``, and the states and Δ
-    only with ``out.keep`` (Δ alone with ``out.keep_delta``; else they are None)."""
+    only with ``out.keep`` (Δ alone with ``out.keep_delta``, and the even chunks' states,
+    [cdiv(NC, 2), HV, K, V], with ``out.keep_even``; else they are None)."""
     delta = a is not None
     states = v_new = None
     if out is None or out.keep:
         states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
+    elif out.keep_even:
+        states = torch.empty(even_count(p.table.num_chunks), p.HV, p.K, p.V, **p.lo)
     if out is None or out.keep or out.keep_delta:
         v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else v_
     if seams is not None:

@@ -144,6 +144,20 @@ def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexp
 
 
 @triton.jit
+def _store_kept_state(states, S1, S2, S3, S4, chunk, i_hv, HV: tl.constexpr, K: tl.constexpr,
+                      col0, V: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """The state entering ``chunk`` (its global index) into the kept states: every chunk's, or
+    with EVEN the even chunks' alone, at chunk // 2 (math.md §4.7)."""
+    if EVEN:
+        if chunk % 2 == 0:
+            p_chunk = ((chunk // 2) * HV + i_hv) * K * V
+            _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+    else:
+        _store_blocks(states + (chunk * HV + i_hv) * K * V, S1, S2, S3, S4, K, col0, V, KB, BV)
+
+
+@triton.jit
 def _keys_times_block(Kt, S, acc, DT: tl.constexpr, PREC: tl.constexpr,
                       SPLIT: tl.constexpr):
     """acc + K_b S_b for the [KB, BT] transposed tile Kt = K_bᵀ already loaded (its
@@ -361,6 +375,7 @@ def state_forward_kernel(
     OUTPUT: tl.constexpr = False, ODT: tl.constexpr = None, V_FASTEST: tl.constexpr = False,
     SPLIT: tl.constexpr = False, STORE_SCORES: tl.constexpr = False,
     A_PARTS: tl.constexpr = False, STORE_STATES: tl.constexpr = True,
+    STORE_EVEN: tl.constexpr = False,
 ):
     """(3.2) for one [K, BV] slice of one sequence's state, the writes Δ formed from A and v
     in the step (math.md §3.10; v itself without DELTA). STORE_CHUNKS=False keeps only the
@@ -369,7 +384,9 @@ def state_forward_kernel(
     (3.3)'s output of each chunk from the state in registers (math.md §3.9) and stores o;
     with STORE_CHUNKS as well, the chunk states and Δ for a backward that keeps them (Δ
     alone with STORE_STATES=False: the backward then forms the states from Δ in a pass
-    without the delta term, ``launch.keeps_delta``); with STORE_SCORES, each chunk's
+    without the delta term, ``launch.keeps_delta``; with STORE_EVEN the states of the even
+    chunks alone, chunk c's at c // 2, and the backward forms the others from them, math.md
+    §4.7); with STORE_SCORES, each chunk's
     scale·P for the reverse pass (math.md §4.1). SPLIT (16-bit DT): the products that carry
     the state from chunk to chunk (K S, A X, Kᵀ Δ) take S, X and Δ as two 16-bit parts each
     (NOTES.md §21)."""
@@ -379,8 +396,8 @@ def state_forward_kernel(
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     if STORE_CHUNKS and STORE_STATES and OUTPUT and n_chunks > 0:
-        p_chunk = (first * HV + i_hv) * state_kv
-        _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+        _store_kept_state(states, S1, S2, S3, S4, first, i_hv, HV, K, col0, V, KB, BV,
+                          STORE_EVEN)
     for i in range(0, n_chunks):
         t0 = bos + i * BT
         e_gamma = 1.0
@@ -427,8 +444,8 @@ def state_forward_kernel(
         if K > 3 * KB:
             S4 = _update_tile(Kt4, S4, e_last, d_hi, d_lo, HAS_GATE, DT, PREC, SPLIT)
         if STORE_CHUNKS and STORE_STATES and OUTPUT and i + 1 < n_chunks:
-            p_chunk = ((first + i + 1) * HV + i_hv) * state_kv
-            _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+            _store_kept_state(states, S1, S2, S3, S4, first + i + 1, i_hv, HV, K, col0, V, KB,
+                              BV, STORE_EVEN)
     if STORE_HT:
         _store_blocks(ht + p_state, S1, S2, S3, S4, K, col0, V, KB, BV)
 
