@@ -94,6 +94,7 @@ def test_kept_delta_within_bounds(shape, monkeypatch):
     from gdn.ops.triton import launch
 
     x = random_inputs(**SHAPES[shape], seed=21)
+    monkeypatch.setitem(launch.TILES, "even_states", 0)   # the pass from Δ for every state
     monkeypatch.setattr(launch, "KEEP_DELTA", False)
     recomputed = _errors(x, True, torch.bfloat16)
     monkeypatch.setattr(launch, "KEEP_DELTA", True)
@@ -101,6 +102,25 @@ def test_kept_delta_within_bounds(shape, monkeypatch):
     _assert_within(kept, 5e-3, 2e-2, 1e-2)
     worse = {n: f"{e:.2e} against {recomputed[n]:.2e}" for n, e in kept.items()
              if e > 1.25 * recomputed[n] + 5e-4}
+    assert not worse, worse
+
+
+@pytest.mark.parametrize("shape", ["gated", "gva_odd_dims_varlen", "deltanet"])
+def test_even_chunk_states_within_bounds(shape, monkeypatch):
+    """``launch.keeps_even_states`` (the default for 16-bit operands up to K = 128, NOTES.md
+    §37): the odd chunks' states formed in output_backward from the kept even ones, in pairs
+    (gva_odd_dims_varlen has documents that open at odd chunks, with h0). Within the bf16
+    bounds, and no further from float64 than the states from Δ's pass but for rounding."""
+    from gdn.ops.triton import launch
+
+    x = random_inputs(**SHAPES[shape], seed=23)
+    monkeypatch.setitem(launch.TILES, "even_states", 0)
+    from_delta = _errors(x, True, torch.bfloat16)
+    monkeypatch.setitem(launch.TILES, "even_states", 1)
+    even = _errors(x, True, torch.bfloat16)
+    _assert_within(even, 5e-3, 2e-2, 1e-2)
+    worse = {n: f"{e:.2e} against {from_delta[n]:.2e}" for n, e in even.items()
+             if e > 1.25 * from_delta[n] + 5e-4}
     assert not worse, worse
 
 

@@ -22,6 +22,15 @@ from gdn.testing import forward_backward, random_inputs, rel_error
 pytest.importorskip("triton")
 pytestmark = interpreter_only
 
+
+@pytest.fixture(autouse=True)
+def _states_from_delta(monkeypatch):
+    """The pass from Δ: 16-bit forwards that keep Δ keep the even chunks' states by default
+    and form the others in output_backward (test_triton_even_states.py)."""
+    from gdn.ops.triton import launch
+
+    monkeypatch.setitem(launch.TILES, "even_states", 0)
+
 CASES = {
     "gated": COMMON_CASES["gated"],
     "deltanet": COMMON_CASES["deltanet"],

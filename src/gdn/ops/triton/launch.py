@@ -118,13 +118,16 @@ def keeps_even_states(delta_kept: bool, K: int, sixteen_bit: bool) -> bool:
     """Whether a forward that keeps Δ (``keeps_delta``) keeps the even chunks' states too, so
     that its backward runs no state pass in the forward direction: output_backward takes the
     chunks in pairs, the first with its kept state, the second with the state formed from it
-    in one step of (3.2) (math.md §4.7). Half the states' memory (K·V bytes per chunk and v
+    in one step of (3.2) (math.md §4.8). Half the states' memory (K·V bytes per chunk and v
     head in bf16), held until the backward. Where the forward pass computes the output
     (``fused_output``), which stores them as it goes, and with 16-bit operands, whose
     output_backward takes ⟨S, dS′⟩ from its loop of products (a formed state is never in
-    memory for the separate loop float32 operands take). GDN_TRITON_TILES=even_states=1
-    turns it on (read at each call, so that a test can set it)."""
-    return (bool(TILES.get("even_states", 0)) and delta_kept and fused_output(K) and sixteen_bit
+    memory for the separate loop float32 operands take). On an H100 at 8x4096-h16 the kernels
+    of a forward+backward 2.603 → 2.485 ms in one call (the pass from Δ, ~0.19 ms, gone;
+    output_backward 0.766 → 0.835), ops.py 2.63 → 2.49 ms and peak memory 1,616 → 1,488 MiB
+    (the backward no longer allocates every state), 1x65536-h16 6.47 → 6.23 (NOTES.md §37).
+    GDN_TRITON_TILES=even_states=0 turns it off (read at each call, so that a test can)."""
+    return (bool(TILES.get("even_states", 1)) and delta_kept and fused_output(K) and sixteen_bit
             and bool(TILES.get("obwd_trace", 1)))
 
 
@@ -372,6 +375,8 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
             states.masked_fill_(spare, 0.0)
         kept = Kept(states, v_new if beta is not None else None)
     elif even:
+        if spare is not None:   # slot s is spare where chunk 2s is
+            states.masked_fill_(spare[::2], 0.0)
         kept = Kept(states, v_new, even=True)
     elif delta_kept:
         kept = Kept(None, v_new)

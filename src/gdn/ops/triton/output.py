@@ -137,7 +137,7 @@ def _formed_state(states, p_slot, h0, p_h0, k, v_new, decays, i_h, i_hv, TT, t0p
                   DT: tl.constexpr, BT: tl.constexpr):
     """Block (col0 … +KB, i_v·BV … +BV) of the state entering an odd chunk, which the forward
     did not keep (``EVEN_STATES``): one step of (3.2) from the kept state of the chunk before,
-    S = e^{Γ_C} S_prev + K̃ᵀ Δ_prev (math.md §4.7), or h0 (zero without one) where the chunk
+    S = e^{Γ_C} S_prev + K̃ᵀ Δ_prev (math.md §4.8), or h0 (zero without one) where the chunk
     opens its sequence. Float32 sums from the stored S_prev, rounded to DT once, as the
     stored states are."""
     S = load_matrix_stored(states + p_slot, col0, K, i_v * BV, V, V, KB, BV).to(tl.float32)
@@ -314,7 +314,7 @@ def output_backward_kernel(
 
     EVEN_STATES: the forward kept the states of the even chunks alone (``launch.Kept``), and
     each program takes a pair of chunks, 2p and 2p + 1: the first with its kept state, the
-    second with its state formed from that one (math.md §4.7). The pair's second chunk reads
+    second with its state formed from that one (math.md §4.8). The pair's second chunk reads
     the first's k, Δ and state again, from L2. Needs SDS_TRACE with a gate (a formed state
     is never in memory for ``_state_inner_product``).
     """

@@ -202,7 +202,7 @@ class Output:
     keep: bool = False
     chunk_scores: torch.Tensor | None = None
     keep_delta: bool = False
-    keep_even: bool = False     # with keep_delta, the even chunks' states too (math.md §4.7)
+    keep_even: bool = False     # with keep_delta, the even chunks' states too (math.md §4.8)
 
 
 def even_count(num_chunks: int) -> int:

@@ -148,7 +148,7 @@ def _store_kept_state(states, S1, S2, S3, S4, chunk, i_hv, HV: tl.constexpr, K: 
                       col0, V: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
                       EVEN: tl.constexpr):
     """The state entering ``chunk`` (its global index) into the kept states: every chunk's, or
-    with EVEN the even chunks' alone, at chunk // 2 (math.md §4.7)."""
+    with EVEN the even chunks' alone, at chunk // 2 (math.md §4.8)."""
     if EVEN:
         if chunk % 2 == 0:
             p_chunk = ((chunk // 2) * HV + i_hv) * K * V
@@ -386,7 +386,7 @@ def state_forward_kernel(
     alone with STORE_STATES=False: the backward then forms the states from Δ in a pass
     without the delta term, ``launch.keeps_delta``; with STORE_EVEN the states of the even
     chunks alone, chunk c's at c // 2, and the backward forms the others from them, math.md
-    §4.7); with STORE_SCORES, each chunk's
+    §4.8); with STORE_SCORES, each chunk's
     scale·P for the reverse pass (math.md §4.1). SPLIT (16-bit DT): the products that carry
     the state from chunk to chunk (K S, A X, Kᵀ Δ) take S, X and Δ as two 16-bit parts each
     (NOTES.md §21)."""
