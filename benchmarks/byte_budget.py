@@ -24,7 +24,7 @@ HBM3_PEAK_TBS = 3.35    # H100 SXM's HBM3 (NVIDIA's figure)
 
 
 def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool,
-                 element: int = 2) -> dict[str, float]:
+                 element: int = 2, even_states: bool = False) -> dict[str, float]:
     """Bytes each kernel reads and writes in one forward+backward (all its calls), for 16-bit
     inputs (``element`` bytes) and the default launches: the state passes form the writes
     from A and v (math.md §3.10), reading A's hi part only; the training forward keeps Δ and
@@ -36,7 +36,10 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     NOTES.md §31.7 the reverse pass writes dv and hands on dB_u = Aᵀ dΔ in dΔ's place, where
     wy_backward wrote dv. Before 722ccfe the backward recomputed Δ as well: k, A's hi part,
     v and the rows with β read, Δ and the states written, where now k, Δ and the gate's
-    rows are read and the states written.)"""
+    rows are read and the states written.) ``even_states`` (the default since f4edcdc where
+    the forward's pass computes the output, math.md §4.8): the forward writes the even
+    chunks' states as well, there is no pass from Δ, and output_backward reads the kept half
+    (each odd chunk reads its pair's kept state, k and Δ again, from L2: not counted)."""
     TT = B * T
     qk = TT * H * K * element                  # q or k (or dq, dk: one per q/k head)
     w = TT * HV * K * element                  # dw, dk's output part (per v head)
@@ -57,6 +60,11 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
     forward_pass = qk + a_hi + v + forward_rows + (qk + v + scores + v if fused
                                                    else states + v)
     recompute = qk + v + (2 if gated else 0) * row + states     # k, Δ, e^Γ rows → states
+    even = even_states and fused
+    if even:
+        forward_pass += states // 2
+        recompute = 0
+    backward_states = states // 2 if even else states          # what output_backward reads
     return {
         "wy_solve_kernel": qk + gate + beta + a,
         "chunk_decays_kernel": 2 * (gate + beta + (5 if gated else 1) * row),  # two calls
@@ -64,7 +72,7 @@ def kernel_bytes(B: int, T: int, H: int, HV: int, K: int, V: int, *, gated: bool
         "output_forward_kernel": 0 if fused else qk + qk + gate + v + states + v + scores,
         # reads q, k, A's hi part, the table, dO, the scores; writes dS, dB_u and dv
         "state_backward_kernel": qk + qk + a_hi + reverse_rows + v + scores + states + v + v,
-        "output_backward_kernel": (qk + qk + gate + v + v + v + 2 * states
+        "output_backward_kernel": (qk + qk + gate + v + v + v + backward_states + states
                                    + qk + w + w + dg_parts),
         "wy_backward_kernel": (qk + v + gate + beta + a + w + v + w + qk
                                + 2 * TT * HV * 4 * gated + TT * HV * 4),
@@ -78,7 +86,9 @@ def budget(result: dict, bandwidth_tbs: float) -> dict:
         raise SystemExit(f"{result['case']}: byte_budget counts 16-bit forward+backward runs")
     if result["variant"] not in ("gated_delta_rule", "deltanet"):
         raise SystemExit(f"{result['variant']}: byte_budget counts the delta rule only")
-    counted = kernel_bytes(B, T, H, HV, K, V, gated=result["variant"] == "gated_delta_rule")
+    tiles = result["header"].get("gdn_env", {}).get("GDN_TRITON_TILES", "")
+    counted = kernel_bytes(B, T, H, HV, K, V, gated=result["variant"] == "gated_delta_rule",
+                           even_states="even_states=1" in tiles)
     measured = result["ms_per_fwd_bwd"]
     rows = []
     for name, n_bytes in counted.items():

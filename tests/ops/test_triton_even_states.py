@@ -25,6 +25,11 @@ CASES = {
     # Three chunks a row: the pairs (0, 1), (2, 3), (4, 5) with chunk 3 opening row 2.
     "odd_chunk_count": (dict(B=2, T=190, H=1, HV=2, K=48, V=40, initial_state=True), True,
                         False),
+    # Above K = 128 output_forward reads the forward pass's states from two tensors, the even
+    # chunks' (kept) and the odd ones'; K = 200 in two output_backward blocks, one ragged.
+    "wide_k": (dict(B=1, T=190, H=1, HV=2, K=200, V=40, initial_state=True), True, False),
+    "wide_k_varlen": (dict(T=150, H=1, HV=2, K=136, V=24, initial_state=True,
+                           doc_lengths=[1, 70, 0, 14, 65]), True, False),
     # Segments of two chunks: the forward's last pass keeps the states segment by segment.
     "gated_segmented": (dict(B=2, T=300, H=1, HV=2, K=16, V=20, initial_state=True), True,
                         True),
@@ -55,7 +60,7 @@ def test_the_even_chunks_states_give_the_default_gradients(case, monkeypatch):
             assert rel_error(g1[name], grad) <= 1e-3, name
 
 
-@pytest.mark.parametrize("case", ["gated", "gva_varlen", "odd_chunk_count"])
+@pytest.mark.parametrize("case", ["gated", "gva_varlen", "odd_chunk_count", "wide_k_varlen"])
 def test_the_even_chunks_states_match_the_reference(case, monkeypatch):
     """Against the float64 token loop on the float16-rounded inputs, at the float16 bound of
     test_triton.py."""
@@ -66,6 +71,7 @@ def test_the_even_chunks_states_match_the_reference(case, monkeypatch):
                            backend="reference")
     got = forward_backward(op_for(delta), x.to(torch.float16, requires_grad=True), seed=8,
                            backend="triton")
+    assert rel_error(got[0], ref[0]) <= 2e-3 and rel_error(got[1], ref[1]) <= 2e-3
     for name, want in ref[2].items():
         assert rel_error(got[2][name], want) <= 2e-3, name
 
@@ -130,15 +136,14 @@ def test_which_forwards_keep_the_even_states(monkeypatch):
     from gdn.ops.triton import launch
 
     _even(monkeypatch, True)
-    assert launch.keeps_even_states(True, 128, True)
-    assert not launch.keeps_even_states(False, 128, True)    # Δ not kept: no backward follows
-    assert not launch.keeps_even_states(True, 136, True)     # output_forward's path
-    assert not launch.keeps_even_states(True, 128, False)    # float32 operands
-    monkeypatch.setitem(launch.TILES, "obwd_trace", 0)       # ⟨S, dS′⟩ read from memory
-    assert not launch.keeps_even_states(True, 128, True)
+    assert launch.keeps_even_states(True, True)
+    assert not launch.keeps_even_states(False, True)    # Δ not kept: no backward follows
+    assert not launch.keeps_even_states(True, False)    # float32 operands
+    monkeypatch.setitem(launch.TILES, "obwd_trace", 0)  # ⟨S, dS′⟩ read from memory
+    assert not launch.keeps_even_states(True, True)
     monkeypatch.setitem(launch.TILES, "obwd_trace", 1)
     _even(monkeypatch, False)
-    assert not launch.keeps_even_states(True, 128, True)
+    assert not launch.keeps_even_states(True, True)
     # float32 inputs never take it: their backward forms the states from Δ as before.
     _even(monkeypatch, True)
     x = random_inputs(B=1, T=130, H=1, K=16, V=16, seed=75).to(torch.float32)

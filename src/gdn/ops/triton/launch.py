@@ -114,20 +114,24 @@ def keeps_delta(keep: bool, save_scores: bool, delta: bool,
             and not state_split(precise_state))
 
 
-def keeps_even_states(delta_kept: bool, K: int, sixteen_bit: bool) -> bool:
+def keeps_even_states(delta_kept: bool, sixteen_bit: bool) -> bool:
     """Whether a forward that keeps Δ (``keeps_delta``) keeps the even chunks' states too, so
     that its backward runs no state pass in the forward direction: output_backward takes the
     chunks in pairs, the first with its kept state, the second with the state formed from it
     in one step of (3.2) (math.md §4.8). Half the states' memory (K·V bytes per chunk and v
-    head in bf16), held until the backward. Where the forward pass computes the output
-    (``fused_output``), which stores them as it goes, and with 16-bit operands, whose
-    output_backward takes ⟨S, dS′⟩ from its loop of products (a formed state is never in
-    memory for the separate loop float32 operands take). On an H100 at 8x4096-h16 the kernels
-    of a forward+backward 2.603 → 2.485 ms in one call (the pass from Δ, ~0.19 ms, gone;
-    output_backward 0.766 → 0.835), ops.py 2.63 → 2.49 ms and peak memory 1,616 → 1,488 MiB
-    (the backward no longer allocates every state), 1x65536-h16 6.47 → 6.23 (NOTES.md §37).
-    GDN_TRITON_TILES=even_states=0 turns it off (read at each call, so that a test can)."""
-    return (bool(TILES.get("even_states", 1)) and delta_kept and fused_output(K) and sixteen_bit
+    head in bf16), held until the backward. With 16-bit operands, whose output_backward takes
+    ⟨S, dS′⟩ from its loop of products (a formed state is never in memory for the separate
+    loop that float32 operands take). Up to K = 128 the forward's pass, which computes the
+    output, stores the even states as it goes; above, it stores the states for
+    output_forward in two tensors, the even chunks' and the odd ones'
+    (``passes.state_forward``'s split_even), and the odd ones die after output_forward.
+
+    On an H100 at 8x4096-h16 the kernels of a forward+backward 2.603 → 2.485 ms in one call
+    (the pass from Δ, ~0.19 ms, gone; output_backward 0.766 → 0.835), ops.py 2.63 → 2.49 ms
+    and peak memory 1,616 → 1,488 MiB (the backward no longer allocates every state),
+    1x65536-h16 6.47 → 6.23 (NOTES.md §37). GDN_TRITON_TILES=even_states=0 turns it off
+    (read at each call, so that a test can)."""
+    return (bool(TILES.get("even_states", 1)) and delta_kept and sixteen_bit
             and bool(TILES.get("obwd_trace", 1)))
 
 
@@ -355,17 +359,22 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
     delta_kept = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
-    even = keeps_even_states(delta_kept, p.K, p.sixteen_bit)
+    even = keeps_even_states(delta_kept, p.sixteen_bit)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
                            delta_kept, even) if fused_output(p.K) else None)
+    split = even and fused is None
     states, v_new, final, seams = passes.state_forward(p, k_, v_, a, g_, d_, initial_state,
-                                                       segs, out=fused)
+                                                       segs, out=fused, split_even=split)
     if fused is None:
+        # Split, the even chunks' states outlive the call and the odd ones' die here.
+        states, odd_states = states if split else (states, None)
         output.output_forward_kernel[grid](
-            q_, k_, v_new, d_, states, o, chunk_scores, *p.chunks, scale, p.TT, V=p.V,
-            BV=p.BV, STORE_SCORES=save_scores, **(p.flags | OUTPUT_LAUNCH
+            q_, k_, v_new, d_, states, odd_states, o, chunk_scores, *p.chunks, scale, p.TT,
+            V=p.V, BV=p.BV, STORE_SCORES=save_scores, EVEN_STATES=split,
+            **(p.flags | OUTPUT_LAUNCH
                | loop_stages(p.sixteen_bit and not OUTPUT_LAUNCH, "output_stages")
                | p.exact_launch))
+        del odd_states
     # The varlen grid's spare chunks (indexing) are never written; zeroed so that the op's
     # outputs do not depend on what the allocator left there.
     spare = (p.table.seq < 0)[:, None, None, None] if cu_seqlens is not None else None

@@ -32,13 +32,16 @@ from gdn.ops.triton.scores import store_scores
 def output_forward_kernel(
     q, k, v_new, decays,   # [TT, H, K], [TT, H, K], [TT, HV, V] the writes Δ, the decay
                            # table (decays.py) or None without a gate
-    states,                # [NC, HV, K, V] state at each chunk's start
+    states,                # [NC, HV, K, V] state at each chunk's start, or with EVEN_STATES
+    odd_states,            # the even chunks' [cdiv(NC, 2), …] and the odd ones' [NC // 2, …]
+                           # (chunk c at c // 2 of either: passes.state_forward's split_even)
     o,                     # out: [TT, HV, V]
     chunk_scores,          # out, STORE_SCORES only: [NC, HV, BT, BT] scale·P (scores.py)
     chunk_seq, chunk_start, cu, scale, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
     DT: tl.constexpr, BT: tl.constexpr, STORE_SCORES: tl.constexpr = False,
+    EVEN_STATES: tl.constexpr = False,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_n, t0, end = chunk_bounds(chunk_seq, chunk_start, cu, i_c)
@@ -62,7 +65,12 @@ def output_forward_kernel(
     if STORE_SCORES:
         store_scores(chunk_scores, P * scale, i_c, i_hv, HV, BT)
     P = P.to(DT)
-    p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
+    if EVEN_STATES:
+        p_state = states + ((i_c // 2).to(tl.int64) * HV + i_hv) * K * V
+        if i_c % 2 == 1:
+            p_state = odd_states + ((i_c // 2).to(tl.int64) * HV + i_hv) * K * V
+    else:
+        p_state = states + (i_c.to(tl.int64) * HV + i_hv) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         S = load_matrix_stored(p_state, 0, K, i_v * BV, V, V, BK, BV)
         delta = load_rows_stored(v_new + i_hv * V, t0, end, HV * V, i_v * BV, V, BT, BV)

@@ -211,7 +211,8 @@ def even_count(num_chunks: int) -> int:
 
 
 def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets, n_seqs, *,
-                    V=None, store_chunks=True, u_zero=False, out: Output | None = None):
+                    V=None, store_chunks=True, u_zero=False, out: Output | None = None,
+                    odd_states=None):
     V = p.V if V is None else V
     flags = _state_flags(p, "forward")
     q_, o, scale = (None, None, 1.0) if out is None else (out.q, out.o, out.scale)
@@ -222,12 +223,14 @@ def _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, cu, offsets,
         flags |= _delta_free_launch(flags)
     grid = _state_grid(n_seqs * p.HV, triton.cdiv(V, flags["BV"]))
     state.state_forward_kernel[grid](
-        k_, v_, a, decays, h0, states, v_new, final, q_, o, chunk_scores, cu, offsets, p.TT,
+        k_, v_, a, decays, h0, states, odd_states, v_new, final, q_, o, chunk_scores, cu,
+        offsets, p.TT,
         scale, V=V, STORE_SCORES=chunk_scores is not None,
         DELTA=a is not None, HAS_H0=h0 is not None, STORE_HT=final is not None,
         STORE_CHUNKS=store_chunks and (out is None or out.keep or out.keep_delta),
         STORE_STATES=out is None or out.keep or out.keep_even, U_ZERO=u_zero,
-        STORE_EVEN=out is not None and out.keep_even and not out.keep,
+        STORE_EVEN=odd_states is not None or (out is not None and out.keep_even
+                                             and not out.keep),
         OUTPUT=out is not None, V_FASTEST=V_FASTEST, **flags)
 
 
@@ -329,32 +332,41 @@ class Seams:
 
 
 def state_forward(p, k_, v_, a, g_, decays, initial_state, segs: Segments | None,
-                  seams: Seams | None = None, out: Output | None = None):
+                  seams: Seams | None = None, out: Output | None = None,
+                  split_even: bool = False):
     """Chunk-start states [NC, HV, K, V], writes Δ [TT, HV, V], final state [N, HV, K, V] and,
     when segmented, the ``Seams``. ``a`` is wy_solve's A (None without the delta term, where
     Δ = v); ``decays`` the chunk decays and β (decays.py), None with neither a gate nor the
     delta term. Given the forward's seams, only the last pass runs (the final state is then
     None). Given ``out``, that pass writes the output into ``out.o``, and the states and Δ
     only with ``out.keep`` (Δ alone with ``out.keep_delta``, and the even chunks' states,
-    [cdiv(NC, 2), HV, K, V], with ``out.keep_even``; else they are None)."""
+    [cdiv(NC, 2), HV, K, V], with ``out.keep_even``; else they are None). ``split_even``
+    (without ``out``): the states as two tensors, the even chunks' and the odd ones' (chunk c
+    at c // 2 of either), so that the even ones can outlive the others (math.md §4.8)."""
     delta = a is not None
     states = v_new = None
-    if out is None or out.keep:
+    odd = None
+    if split_even:
+        NC = p.table.num_chunks
+        states = torch.empty(even_count(NC), p.HV, p.K, p.V, **p.lo)
+        odd = torch.empty(NC - even_count(NC), p.HV, p.K, p.V, **p.lo)
+    elif out is None or out.keep:
         states = torch.empty(p.table.num_chunks, p.HV, p.K, p.V, **p.lo)
     elif out.keep_even:
         states = torch.empty(even_count(p.table.num_chunks), p.HV, p.K, p.V, **p.lo)
+    chunk_states = (states, odd) if split_even else states
     if out is None or out.keep or out.keep_delta:
         v_new = torch.empty(p.TT, p.HV, p.V, **p.lo) if delta else v_
     if seams is not None:
         _forward_kernel(p, k_, v_, a, decays, seams.starts, states, v_new, None, segs.cu,
-                        segs.offsets, p.B * segs.P, out=out)
-        return states, v_new, None, seams
+                        segs.offsets, p.B * segs.P, out=out, odd_states=odd)
+        return chunk_states, v_new, None, seams
     final = torch.empty(p.table.num_seqs, p.HV, p.K, p.V, **p.f32)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if segs is None:
         _forward_kernel(p, k_, v_, a, decays, h0, states, v_new, final, p.table.cu,
-                        p.table.offsets, p.table.num_seqs, out=out)
-        return states, v_new, final, None
+                        p.table.offsets, p.table.num_seqs, out=out, odd_states=odd)
+        return chunk_states, v_new, final, None
     n_segs = p.B * segs.P
     own = torch.empty(n_segs, p.HV, p.K, p.V, **p.f32)          # from a zero state
     _forward_kernel(p, k_, v_, a, decays, None, states, v_new, own, segs.cu, segs.offsets,
@@ -364,8 +376,8 @@ def state_forward(p, k_, v_, a, g_, decays, initial_state, segs: Segments | None
                                       h0, reverse=False, exact=p.prec == "ieee")
     final.copy_(S)
     _forward_kernel(p, k_, v_, a, decays, start_states, states, v_new, None, segs.cu,
-                    segs.offsets, n_segs, out=out)
-    return states, v_new, final, Seams(start_states, transitions)
+                    segs.offsets, n_segs, out=out, odd_states=odd)
+    return chunk_states, v_new, final, Seams(start_states, transitions)
 
 
 def _transitions(p, k_, a, g_, decays, segs: Segments) -> torch.Tensor:

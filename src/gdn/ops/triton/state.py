@@ -146,13 +146,16 @@ def _store_blocks(ptr, S1, S2, S3, S4, K: tl.constexpr, col0, V, KB: tl.constexp
 @triton.jit
 def _store_kept_state(states, S1, S2, S3, S4, chunk, i_hv, HV: tl.constexpr, K: tl.constexpr,
                       col0, V: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
-                      EVEN: tl.constexpr):
+                      EVEN: tl.constexpr, odd_states=None):
     """The state entering ``chunk`` (its global index) into the kept states: every chunk's, or
-    with EVEN the even chunks' alone, at chunk // 2 (math.md §4.8)."""
+    with EVEN the even chunks' alone, at chunk // 2 (math.md §4.8), and the odd ones' at
+    chunk // 2 of ``odd_states`` where it is given (for output_forward, which reads both)."""
     if EVEN:
+        p_chunk = ((chunk // 2) * HV + i_hv) * K * V
         if chunk % 2 == 0:
-            p_chunk = ((chunk // 2) * HV + i_hv) * K * V
             _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+        elif odd_states is not None:
+            _store_blocks(odd_states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
     else:
         _store_blocks(states + (chunk * HV + i_hv) * K * V, S1, S2, S3, S4, K, col0, V, KB, BV)
 
@@ -364,6 +367,8 @@ def state_forward_kernel(
     k, v, a,               # [TT, H, K], [TT, HV, V], [TT, HV, BT] float32 A (DELTA only)
     decays, h0,            # [HV, ROWS, TT] float32 (decays.py), [N, HV, K, V] float32
     states,                # out: [NC, HV, K, V], the state at the start of every chunk
+    odd_states,            # out, STORE_EVEN without OUTPUT: the odd chunks' [NC // 2, …],
+                           # states then the even ones' [cdiv(NC, 2), …] (c at c // 2)
     v_new, ht,             # out: [TT, HV, V] the writes Δ = u − w S; [N, HV, K, V] final
     q, o,                  # OUTPUT only: [TT, H, K], out [TT, HV, V]
     chunk_scores,          # out, STORE_SCORES only: [NC, HV, BT, BT] scale·(QKᵀ ⊙ D)
@@ -392,7 +397,6 @@ def state_forward_kernel(
     (NOTES.md §21)."""
     i_hv, i_h, bos, end, first, col0, p_state = _program_slice(cu, offsets, H, HV, K, V, BV,
                                                                V_FASTEST)
-    state_kv = K * V
     S1, S2, S3, S4 = _load_blocks(h0, p_state, HAS_H0, K, col0, V, KB, BV)
     n_chunks = tl.cdiv(end - bos, BT)
     if STORE_CHUNKS and STORE_STATES and OUTPUT and n_chunks > 0:
@@ -405,8 +409,8 @@ def state_forward_kernel(
         if HAS_GATE:
             e_gamma, to_end, e_last = load_chunk_decays(decays, i_hv, TT, t0, end, BT)
         if STORE_CHUNKS and not OUTPUT:
-            p_chunk = ((first + i) * HV + i_hv) * state_kv
-            _store_blocks(states + p_chunk, S1, S2, S3, S4, K, col0, V, KB, BV)
+            _store_kept_state(states, S1, S2, S3, S4, first + i, i_hv, HV, K, col0, V, KB, BV,
+                              STORE_EVEN, odd_states)
         # k's tiles serve K S, QKᵀ and the update: read once.
         Kt1, Kt2, Kt3, Kt4 = _key_tiles(k + i_h * K, t0, end, H * K, K, BT, KB, True)
         if DELTA:
