@@ -247,26 +247,29 @@ def test_custom_ops_pass_opcheck(segmented, keep, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [{}, dict(use_qk_l2norm_in_kernel=True),
-                                     dict(recompute=False), "keep_delta",
+                                     dict(recompute=False), "keep_delta", "even_states",
                                      dict(recompute="all"), dict(precise_state=True)],
-                         ids=["plain", "l2norm", "keep", "keep-delta", "recompute-all",
-                              "precise"])
+                         ids=["plain", "l2norm", "keep", "keep-delta", "even-states",
+                              "recompute-all", "precise"])
 def test_torch_compile_fullgraph_traces_the_op(options, monkeypatch):
     """The custom ops' fake kernels let dynamo and AOT autograd trace without a graph break
     (aot_eager: the same graphs as inductor, without a C++ compiler); with the in-op L2 norm,
-    its two ops too (triton/l2norm.py), with recompute=False the kept tensors, and with
-    ``launch.keeps_delta`` the kept Δ alone."""
+    its two ops too (triton/l2norm.py), with recompute=False the kept tensors, with
+    ``launch.keeps_delta`` the kept Δ alone, and in float16 with ``launch.keeps_even_states``
+    Δ and the even chunks' states (one of the two chunks' here)."""
     from gdn.ops.triton import launch
 
-    monkeypatch.setattr(launch, "KEEP_DELTA", options in ("keep_delta", dict(recompute="all")))
-    options = {} if options == "keep_delta" else options
+    monkeypatch.setattr(launch, "KEEP_DELTA", options in ("keep_delta", "even_states",
+                                                          dict(recompute="all")))
+    dtype = torch.float16 if options == "even_states" else torch.float32
+    options = {} if options in ("keep_delta", "even_states") else options
     x = random_inputs(T=70, H=1, HV=2, K=16, V=16, initial_state=True,
-                      seed=17).to(torch.float32, requires_grad=True)
+                      seed=17).to(dtype, requires_grad=True)
 
     def loss(q, k, v, g, beta, h0):
         o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
                                       output_final_state=True, backend="triton", **options)
-        return o.square().sum() + s.sum()
+        return o.float().square().sum() + s.sum()
 
     args = (x.q, x.k, x.v, x.g, x.beta, x.initial_state)
     eager = loss(*args)
