@@ -37,9 +37,11 @@ CASES = {
 
 
 def _even(monkeypatch, on: bool):
+    """The even states on or off, above K = 128 too (even_states_wide, opt-in there)."""
     from gdn.ops.triton import launch
 
     monkeypatch.setitem(launch.TILES, "even_states", int(on))
+    monkeypatch.setitem(launch.TILES, "even_states_wide", int(on))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -136,14 +138,18 @@ def test_which_forwards_keep_the_even_states(monkeypatch):
     from gdn.ops.triton import launch
 
     _even(monkeypatch, True)
-    assert launch.keeps_even_states(True, True)
-    assert not launch.keeps_even_states(False, True)    # Δ not kept: no backward follows
-    assert not launch.keeps_even_states(True, False)    # float32 operands
-    monkeypatch.setitem(launch.TILES, "obwd_trace", 0)  # ⟨S, dS′⟩ read from memory
-    assert not launch.keeps_even_states(True, True)
+    monkeypatch.setitem(launch.TILES, "even_states_wide", 0)
+    assert launch.keeps_even_states(True, 128, True)
+    assert not launch.keeps_even_states(False, 128, True)    # Δ not kept: no backward follows
+    assert not launch.keeps_even_states(True, 128, False)    # float32 operands
+    assert not launch.keeps_even_states(True, 136, True)     # output_forward's: opt-in
+    monkeypatch.setitem(launch.TILES, "even_states_wide", 1)
+    assert launch.keeps_even_states(True, 136, True)
+    monkeypatch.setitem(launch.TILES, "obwd_trace", 0)       # ⟨S, dS′⟩ read from memory
+    assert not launch.keeps_even_states(True, 128, True)
     monkeypatch.setitem(launch.TILES, "obwd_trace", 1)
     _even(monkeypatch, False)
-    assert not launch.keeps_even_states(True, True)
+    assert not launch.keeps_even_states(True, 128, True)
     # float32 inputs never take it: their backward forms the states from Δ as before.
     _even(monkeypatch, True)
     x = random_inputs(B=1, T=130, H=1, K=16, V=16, seed=75).to(torch.float32)

@@ -67,7 +67,7 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, exact, keep, precise_s
                                     keep_delta)
     kept = launch.kept_shapes(B, T, HV, q.shape[-1], V, cu_seqlens, delta=beta is not None,
                               keep=keep, keep_delta=delta_kept,
-                              keep_even=launch.keeps_even_states(delta_kept,
+                              keep_even=launch.keeps_even_states(delta_kept, q.shape[-1],
                                                                  lo != torch.float32))
     scores = (launch.scores_shape(launch.chunk_count(B, T, cu_seqlens, launch.BT), HV)
               if save_scores else _EMPTY)

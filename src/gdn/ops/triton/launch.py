@@ -114,7 +114,7 @@ def keeps_delta(keep: bool, save_scores: bool, delta: bool,
             and not state_split(precise_state))
 
 
-def keeps_even_states(delta_kept: bool, sixteen_bit: bool) -> bool:
+def keeps_even_states(delta_kept: bool, K: int, sixteen_bit: bool) -> bool:
     """Whether a forward that keeps Δ (``keeps_delta``) keeps the even chunks' states too, so
     that its backward runs no state pass in the forward direction: output_backward takes the
     chunks in pairs, the first with its kept state, the second with the state formed from it
@@ -124,7 +124,9 @@ def keeps_even_states(delta_kept: bool, sixteen_bit: bool) -> bool:
     loop that float32 operands take). Up to K = 128 the forward's pass, which computes the
     output, stores the even states as it goes; above, it stores the states for
     output_forward in two tensors, the even chunks' and the odd ones'
-    (``passes.state_forward``'s split_even), and the odd ones die after output_forward.
+    (``passes.state_forward``'s split_even), and the odd ones die after output_forward: that
+    form has run in the interpreter only, so it waits behind GDN_TRITON_TILES=
+    even_states_wide=1 until a GPU has checked and timed it (NOTES.md §37.4).
 
     On an H100 at 8x4096-h16 the kernels of a forward+backward 2.603 → 2.485 ms in one call
     (the pass from Δ, ~0.19 ms, gone; output_backward 0.766 → 0.835), ops.py 2.63 → 2.49 ms
@@ -132,7 +134,8 @@ def keeps_even_states(delta_kept: bool, sixteen_bit: bool) -> bool:
     1x65536-h16 6.47 → 6.23 (NOTES.md §37). GDN_TRITON_TILES=even_states=0 turns it off
     (read at each call, so that a test can)."""
     return (bool(TILES.get("even_states", 1)) and delta_kept and sixteen_bit
-            and bool(TILES.get("obwd_trace", 1)))
+            and bool(TILES.get("obwd_trace", 1))
+            and (fused_output(K) or bool(TILES.get("even_states_wide", 0))))
 
 
 def fused_output(K: int) -> bool:
@@ -359,7 +362,7 @@ def chunk_forward(q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, 
     # The state pass computes the output itself (and with keep also stores the chunk states
     # and Δ for the backward) up to K = 128; above, output_forward reads the stored states.
     delta_kept = keeps_delta(keep, save_scores, beta is not None, precise_state, keep_delta)
-    even = keeps_even_states(delta_kept, p.sixteen_bit)
+    even = keeps_even_states(delta_kept, p.K, p.sixteen_bit)
     fused = (passes.Output(q_, o, scale, keep, chunk_scores if save_scores else None,
                            delta_kept, even) if fused_output(p.K) else None)
     split = even and fused is None

@@ -20,7 +20,7 @@ def _tile_overrides(text: str) -> dict[str, int]:
              "fused_f32", "fused_bv", "v_fastest", "state_x3", "solve_x3", "state_split",
              "obwd_sds", "obwd_trace", "obwd_trace_v", "wy_maxnreg", "state_a_parts",
              "keep_delta", "nodelta_bv", "nodelta_warps", "fwd_kb", "rev_kb",
-             "even_states")
+             "even_states", "even_states_wide")
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
