@@ -13,8 +13,8 @@ V] and [B, P, HV, K, K] float32), and when a backward will follow (``save_scores
 scores scale·P for the reverse pass (scores.py). With ``keep`` (``recompute=False`` in
 ``gdn.ops``) it also returns the chunk states and Δ (``launch.Kept``), and the backward
 recomputes nothing; by default (``launch.keeps_delta``) Δ alone, and the backward forms the
-states from it; with GDN_TRITON_TILES=even_states=1 (``launch.keeps_even_states``) Δ and the
-even chunks' states, and output_backward forms the others.
+states from it, or with 16-bit operands (``launch.keeps_even_states``, the default up to
+K = 128) Δ and the even chunks' states, and output_backward forms the others.
 Letters as in launch.py.
 """
 
